@@ -79,10 +79,14 @@ class GradientEstimator(NamedTuple):
         init: ``params -> state``; the state any baseline or learned part carries.
         surrogate: ``(key, params, state, problem) -> (s [N], (new_state, info))``
             under the contract of this module.
+        config: the factory's name and settings (e.g. ``{"name": "score_function",
+            "baseline": ...}``), read by :mod:`mcgrad.inference` to apply the same
+            estimator to one sample site of a NumPyro program.
     """
 
     init: Callable[[Params], EstimatorState]
     surrogate: SurrogateFn
+    config: dict | None = None
 
 
 class EmptyState(NamedTuple):

@@ -146,4 +146,6 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
         info = EstimatorInfo(jax.lax.stop_gradient(costs), num_evaluations)
         return costs + surrogate_terms, (state, info)
 
-    return GradientEstimator(init_empty_state, surrogate)
+    return GradientEstimator(
+        init_empty_state, surrogate, {"name": "measure_valued", "coupling": coupling, "batch_size": batch_size}
+    )

@@ -54,4 +54,4 @@ def pathwise() -> GradientEstimator:
         info = EstimatorInfo(jax.lax.stop_gradient(costs), problem.num_samples)
         return costs, (state, info)
 
-    return GradientEstimator(init_empty_state, surrogate)
+    return GradientEstimator(init_empty_state, surrogate, {"name": "pathwise"})

@@ -72,7 +72,7 @@ def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEs
         info = EstimatorInfo(jax.lax.stop_gradient(costs), problem.num_samples)
         return s, (new_state, info)
 
-    return GradientEstimator(baseline.init, surrogate)
+    return GradientEstimator(baseline.init, surrogate, {"name": "score_function", "baseline": baseline})
 
 
 def _broadcast_mul(signal: jax.Array, scores: jax.Array) -> jax.Array:
