@@ -36,6 +36,95 @@ def _broadcast_parameter(value: jax.Array, base: dist.Distribution, value_shape:
     return jnp.broadcast_to(value, value_shape + tuple(extra))
 
 
+def check_registered(distribution: dist.Distribution, site: str) -> None:
+    """Raise a clear error unless ``distribution`` has registered weak derivatives."""
+    base = unwrap(distribution)
+    if weak_derivative_for(base) is None:
+        raise ValueError(
+            f"measure_valued() has no weak derivative for {describe(distribution)} at site "
+            f"'{site}'. Registered families: {', '.join(registered_families())}. "
+            "Register one with mg.register_weak_derivative(...), or use mg.pathwise() "
+            "(if it has rsample) or mg.score_function()."
+        )
+    if base.event_shape != ():
+        raise ValueError(
+            f"measure_valued() needs a family with scalar events at site '{site}', "
+            f"got {describe(distribution)} with event shape {base.event_shape}."
+        )
+
+
+def weak_derivative_terms(
+    key: jax.Array,
+    distribution: dist.Distribution,
+    samples: jax.Array,
+    costs: jax.Array,
+    cost_fn,
+    *,
+    coupling: bool = True,
+    batch_size: int | None = None,
+) -> tuple[jax.Array, int]:
+    """The measure-valued surrogate terms for given samples: zero in value, the estimate in gradient.
+
+    ``samples`` (``[N, *value_shape]``, no gradient) were drawn from ``distribution`` and
+    cost ``costs``. Returns ``[N]`` terms ``Σ_d (η_d − sg η_d)·sg(c_d (f(x^{d+}) − f(x^{d−})))``
+    (plus the score-function fallback for uncovered parameters) and the number of extra
+    evaluations of ``cost_fn``.
+    """
+    base = unwrap(distribution)
+    entry = weak_derivative_for(base)
+    num_samples = samples.shape[0]
+    value_shape = tuple(distribution.batch_shape) + tuple(distribution.event_shape)
+    num_coordinates = math.prod(value_shape)
+    flat_samples = jnp.reshape(samples, (num_samples, num_coordinates))
+    parameters = {
+        name: _broadcast_parameter(value, base, value_shape) for name, value in entry.parameters(base).items()
+    }
+    frozen = jax.lax.stop_gradient(parameters)
+
+    def replaced_cost(row, coordinate, value):
+        row = row.at[coordinate].set(value.astype(row.dtype))
+        return cost_fn(jnp.reshape(row, value_shape))
+
+    terms = jnp.zeros((num_samples,), costs.dtype)
+    num_evaluations = 0
+    for index, (name, sampler) in enumerate(entry.samplers.items()):
+        constant, positive, negative = sampler(jax.random.fold_in(key, index), frozen, num_samples, coupling)
+        parameter_shape = jnp.shape(parameters[name])
+        size = math.prod(parameter_shape)
+        # The sample coordinate each parameter element governs (static).
+        coordinate_of = np.broadcast_to(
+            np.arange(num_coordinates).reshape(value_shape + (1,) * (len(parameter_shape) - len(value_shape))),
+            parameter_shape,
+        ).ravel()
+
+        def evaluate_row(row_and_values, coordinate_of=coordinate_of):
+            row, plus, minus = row_and_values
+            both = jax.vmap(replaced_cost, in_axes=(None, 0, 0))
+            return both(row, coordinate_of, plus), both(row, coordinate_of, minus)
+
+        inputs = (
+            flat_samples,
+            jnp.reshape(positive, (num_samples, size)),
+            jnp.reshape(negative, (num_samples, size)),
+        )
+        if batch_size is None:
+            cost_plus, cost_minus = jax.vmap(evaluate_row)(inputs)
+        else:
+            cost_plus, cost_minus = jax.lax.map(evaluate_row, inputs, batch_size=batch_size)
+        weak_gradient = jax.lax.stop_gradient(jnp.reshape(constant, (1, size)) * (cost_plus - cost_minus))
+        direction = jnp.reshape(gradient_only(parameters[name]), (1, size))
+        terms = terms + jnp.sum(direction * weak_gradient, axis=1)
+        num_evaluations += 2 * size * num_samples
+
+    if entry.stop_covered is not None:  # uncovered parameters: score function, leave-one-out
+        signal = jax.lax.stop_gradient(costs)
+        if num_samples > 1:
+            signal = signal - (jnp.sum(signal) - signal) / (num_samples - 1)
+        log_probs = sample_log_probs(entry.stop_covered(base), samples)
+        terms = terms + signal * gradient_only(log_probs)
+    return terms, num_evaluations
+
+
 def measure_valued(coupling: bool = True, batch_size: int | None = None) -> GradientEstimator:
     r"""Measure-valued (weak-derivative) gradient estimator.
 
@@ -69,82 +158,16 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     """
 
     def surrogate(key: jax.Array, params, state, problem: Problem):
-        num_samples = problem.num_samples
         distribution = problem.dist_fn(params)
-        base = unwrap(distribution)
-        entry = weak_derivative_for(base)
-        if entry is None:
-            raise ValueError(
-                f"measure_valued() has no weak derivative for {describe(distribution)} at site "
-                f"'{problem.site}'. Registered families: {', '.join(registered_families())}. "
-                "Register one with mg.register_weak_derivative(...), or use mg.pathwise() "
-                "(if it has rsample) or mg.score_function()."
-            )
-        if base.event_shape != ():
-            raise ValueError(
-                f"measure_valued() needs a family with scalar events at site '{problem.site}', "
-                f"got {describe(distribution)} with event shape {base.event_shape}."
-            )
-        value_shape = tuple(distribution.batch_shape) + tuple(distribution.event_shape)
-        num_coordinates = math.prod(value_shape)
-
+        check_registered(distribution, problem.site)
         key_sample, key_derivative = jax.random.split(key)
-        samples = jax.lax.stop_gradient(distribution.sample(key_sample, (num_samples,)))
+        samples = jax.lax.stop_gradient(distribution.sample(key_sample, (problem.num_samples,)))
         costs = evaluate_costs(problem.cost_fn, samples, problem.site)
-        flat_samples = jnp.reshape(samples, (num_samples, num_coordinates))
-
-        parameters = {
-            name: _broadcast_parameter(value, base, value_shape) for name, value in entry.parameters(base).items()
-        }
-        frozen = jax.lax.stop_gradient(parameters)
-
-        def replaced_cost(row, coordinate, value):
-            row = row.at[coordinate].set(value.astype(row.dtype))
-            return problem.cost_fn(jnp.reshape(row, value_shape))
-
-        surrogate_terms = jnp.zeros_like(costs)
-        num_evaluations = num_samples
-        for index, (name, sampler) in enumerate(entry.samplers.items()):
-            constant, positive, negative = sampler(
-                jax.random.fold_in(key_derivative, index), frozen, num_samples, coupling
-            )
-            parameter_shape = jnp.shape(parameters[name])
-            size = math.prod(parameter_shape)
-            # The sample coordinate each parameter element governs (static).
-            coordinate_of = np.broadcast_to(
-                np.arange(num_coordinates).reshape(value_shape + (1,) * (len(parameter_shape) - len(value_shape))),
-                parameter_shape,
-            ).ravel()
-
-            def evaluate_row(row_and_values, coordinate_of=coordinate_of):
-                row, plus, minus = row_and_values
-                both = jax.vmap(replaced_cost, in_axes=(None, 0, 0))
-                return both(row, coordinate_of, plus), both(row, coordinate_of, minus)
-
-            inputs = (
-                flat_samples,
-                jnp.reshape(positive, (num_samples, size)),
-                jnp.reshape(negative, (num_samples, size)),
-            )
-            if batch_size is None:
-                cost_plus, cost_minus = jax.vmap(evaluate_row)(inputs)
-            else:
-                cost_plus, cost_minus = jax.lax.map(evaluate_row, inputs, batch_size=batch_size)
-            weak_gradient = jnp.reshape(constant, (1, size)) * (cost_plus - cost_minus)
-            weak_gradient = jax.lax.stop_gradient(weak_gradient)
-            direction = jnp.reshape(gradient_only(parameters[name]), (1, size))
-            surrogate_terms = surrogate_terms + jnp.sum(direction * weak_gradient, axis=1)
-            num_evaluations += 2 * size * num_samples
-
-        if entry.stop_covered is not None:  # uncovered parameters: score function, leave-one-out
-            signal = jax.lax.stop_gradient(costs)
-            if num_samples > 1:
-                signal = signal - (jnp.sum(signal) - signal) / (num_samples - 1)
-            log_probs = sample_log_probs(entry.stop_covered(base), samples)
-            surrogate_terms = surrogate_terms + signal * gradient_only(log_probs)
-
-        info = EstimatorInfo(jax.lax.stop_gradient(costs), num_evaluations)
-        return costs + surrogate_terms, (state, info)
+        terms, num_evaluations = weak_derivative_terms(
+            key_derivative, distribution, samples, costs, problem.cost_fn, coupling=coupling, batch_size=batch_size
+        )
+        info = EstimatorInfo(jax.lax.stop_gradient(costs), problem.num_samples + num_evaluations)
+        return costs + terms, (state, info)
 
     return GradientEstimator(
         init_empty_state, surrogate, {"name": "measure_valued", "coupling": coupling, "batch_size": batch_size}
