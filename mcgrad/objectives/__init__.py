@@ -1,0 +1,8 @@
+"""Objectives: what expectation is minimised. The estimators say how its gradient is estimated."""
+
+from mcgrad.objectives.adversarial import AdversarialState, adversarial
+from mcgrad.objectives.base import Objective, ObjectiveSetup
+from mcgrad.objectives.elbo import elbo, iwae
+from mcgrad.objectives.likelihood import maximum_likelihood
+
+__all__ = ["AdversarialState", "Objective", "ObjectiveSetup", "adversarial", "elbo", "iwae", "maximum_likelihood"]

@@ -1,0 +1,59 @@
+"""The objective type: what expectation is minimised, independent of how its gradient is estimated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mcgrad.inference import ParamInfo
+
+Array = jax.Array
+
+
+def identity_shard(keys: Array) -> Array:
+    return keys
+
+
+class ObjectiveSetup(NamedTuple):
+    """An objective bound to one model (and guide).
+
+    Attributes:
+        params: initial unconstrained ``numpyro.param`` values and their constraints.
+        init_state: the objective's initial state (baseline states, a critic and its
+            optimizer, …).
+        surrogate: ``(params, state, key, args, kwargs, shard) -> (s [M], (state, losses [M]))``
+            with *constrained* params; ``mean(s)`` has the Monte Carlo loss as value and
+            the estimated gradient as gradient; ``shard`` places particle keys on devices.
+        estimators: the estimator chosen for each latent site (empty when there are none).
+    """
+
+    params: ParamInfo
+    init_state: Any
+    surrogate: Callable[..., tuple[Array, tuple[Any, Array]]]
+    estimators: dict
+
+
+class Objective(NamedTuple):
+    """A loss to minimise over a NumPyro model: ``setup(model, guide, args, kwargs, estimators, key)``.
+
+    ELBO-type objectives also work as the ``loss`` of ``numpyro.infer.SVI``.
+    """
+
+    name: str
+    num_particles: int
+    setup: Callable[..., ObjectiveSetup]
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """The ``numpyro.infer.SVI`` loss protocol: value is the loss, gradient is mcgrad's estimate."""
+        bound = self.setup(model, guide, args, kwargs, None, rng_key)
+        surrogate, _ = bound.surrogate(param_map, bound.init_state, rng_key, args, kwargs, identity_shard)
+        return {"loss": jnp.mean(surrogate), "mutable_state": None}
+
+    def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """The Monte Carlo loss at ``param_map`` (the ``numpyro.infer.SVI.evaluate`` protocol)."""
+        return jax.lax.stop_gradient(
+            self.loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)["loss"]
+        )
