@@ -3,8 +3,18 @@
     import mcgrad as mg
 """
 
-from mcgrad import baselines, control_variates
+from mcgrad import baselines, control_variates, diagnostics
 from mcgrad.control_variates import delta_method, with_control_variate
+from mcgrad.diagnostics import (
+    Comparison,
+    Diagnostics,
+    GradientStatistics,
+    compare,
+    count_evaluations,
+    diagnose,
+    gradient_statistics,
+    variance_sweep,
+)
 from mcgrad.estimators import (
     EmptyState,
     Estimate,
@@ -24,25 +34,60 @@ from mcgrad.estimators import (
     weak_derivative_for,
 )
 
+from mcgrad.fit import FitResult, FitState, NonFiniteError, fit, load_checkpoint, save_checkpoint
+from mcgrad.objectives import Objective, adversarial, elbo, iwae, maximum_likelihood
+
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # mg.plotting imports matplotlib on first use only.
+    if name == "plotting":
+        import importlib
+
+        return importlib.import_module("mcgrad.plotting")
+    raise AttributeError(f"module 'mcgrad' has no attribute '{name}'")
+
+
 __all__ = [
+    "Comparison",
+    "Diagnostics",
+    "GradientStatistics",
+    "compare",
+    "count_evaluations",
+    "diagnose",
+    "diagnostics",
+    "gradient_statistics",
+    "plotting",
+    "variance_sweep",
     "EmptyState",
     "Estimate",
     "EstimatorInfo",
+    "FitResult",
+    "FitState",
+    "NonFiniteError",
+    "Objective",
     "GradientEstimator",
     "Problem",
     "WeakDerivative",
+    "adversarial",
     "baselines",
     "control_variates",
     "delta_method",
+    "elbo",
     "estimate",
+    "fit",
+    "iwae",
+    "load_checkpoint",
+    "maximum_likelihood",
+    "parallel",
     "grad",
     "measure_valued",
     "pathwise",
     "per_sample_grads",
     "register_weak_derivative",
     "registered_families",
+    "save_checkpoint",
     "score_function",
     "value_and_grad",
     "weak_derivative_for",
