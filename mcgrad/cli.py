@@ -1,0 +1,243 @@
+r"""The ``mcgrad`` command.
+
+Subcommands live in :data:`COMMANDS`, a registry of :class:`Command` values; ``main``
+builds one argparse subparser per entry. Adding a subcommand is one
+:func:`register_command` call::
+
+    register_command(Command("compare", "compare estimators on a model", add_arguments, run))
+
+``mcgrad study`` reproduces the paper's variance study (Mohamed et al. 2020, §3, Figure
+2): ``x ~ N(μ=1, σ=1)``, costs ``(x−k)²``, ``exp(−k x²)`` and ``cos(k x)`` over a grid
+of ``k``, per-sample variance of the gradient w.r.t. ``μ`` and ``σ`` for the score
+function, the score function with a leave-one-out baseline, pathwise and coupled
+measure-valued estimators.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pandas as pd
+
+import mcgrad as mg
+
+
+class Command(NamedTuple):
+    """A subcommand of ``mcgrad``.
+
+    Attributes:
+        name: what follows ``mcgrad`` on the command line.
+        help: one line for ``mcgrad --help``.
+        add_arguments: ``parser -> None``, adds the subcommand's options (may add its own
+            subparsers, e.g. ``mcgrad compare blr``).
+        run: ``args -> exit code``.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(command: Command) -> Command:
+    """Add (or replace) a subcommand of ``mcgrad``."""
+    COMMANDS[command.name] = command
+    return command
+
+
+# --------------------------------------------------------------------------- study
+
+STUDY_COSTS = {
+    "quadratic": ("(x−k)²", lambda x, k: (x - k) ** 2),
+    "exponential": ("exp(−k x²)", lambda x, k: jnp.exp(-k * x**2)),
+    "cosine": ("cos(k x)", lambda x, k: jnp.cos(k * x)),
+}
+STUDY_PARAMETERS = {"loc": "μ", "scale": "σ"}
+
+
+def study_grids(num_points: int = 21) -> dict:
+    """The ``k`` grids: linear on [−3, 3] for the quadratic, log on [0.1, 10] otherwise."""
+    return {
+        "quadratic": np.linspace(-3.0, 3.0, num_points),
+        "exponential": np.geomspace(0.1, 10.0, num_points),
+        "cosine": np.geomspace(0.1, 10.0, num_points),
+    }
+
+
+def study_estimators() -> dict:
+    """The four estimators of the study (all stateless, so per-sample variance is theirs)."""
+    return {
+        "score function": mg.score_function(),
+        "score function + leave-one-out": mg.score_function(baseline=mg.baselines.leave_one_out()),
+        "pathwise": mg.pathwise(),
+        "measure-valued (coupled)": mg.measure_valued(coupling=True),
+    }
+
+
+def quadratic_exact_variance(estimator: str, parameter: str, k, loc: float = 1.0, scale: float = 1.0):
+    """Exact single-sample variance for the quadratic cost (REFERENCE.md, Mohamed et al.
+    §3); leave-one-out uses the ``b = E f`` row, its large-``N`` limit."""
+    a, s2 = loc - k, scale**2
+    table = {
+        "score function": (a**4 / s2 + 14 * a**2 + 15 * s2, 2 * a**4 / s2 + 60 * a**2 + 74 * s2),
+        "score function + leave-one-out": (8 * a**2 + 10 * s2, 40 * a**2 + 56 * s2),
+        "pathwise": (4 * s2 + 0 * a, 4 * a**2 + 8 * s2),
+        "measure-valued (coupled)": ((16 / np.pi - 4) * a**2, 4 * a**2 + 4 * s2),
+    }
+    return table[estimator][0 if parameter == "loc" else 1]
+
+
+def run_study(*, num_samples: int, seed: int, num_points: int = 21):
+    """The study's long table (see :func:`mcgrad.variance_sweep`) plus ``exact_variance``
+    (quadratic cost only; NaN elsewhere).
+
+    Example:
+        >>> from mcgrad.cli import run_study
+        >>> table = run_study(num_samples=200, seed=0, num_points=3)
+        >>> sorted(table["estimator"].unique())[:2], len(table)   # 4 estimators × 3 costs × 3 k × 2
+        (['measure-valued (coupled)', 'pathwise'], 72)
+    """
+    table = mg.variance_sweep(
+        {name: cost for name, (_, cost) in STUDY_COSTS.items()},
+        lambda p: dist.Normal(p["loc"], p["scale"]),
+        study_estimators(),
+        {"loc": 1.0, "scale": 1.0},
+        study_grids(num_points),
+        key=jax.random.key(seed),
+        num_samples=num_samples,
+    )
+    exact = [
+        quadratic_exact_variance(row.estimator, row.parameter, row.k) if row.cost == "quadratic" else np.nan
+        for row in table.itertuples()
+    ]
+    return table.assign(exact_variance=exact)
+
+
+def contiguous_runs(ks: Sequence[float], labels: Sequence[str]) -> list[tuple[str, float, float]]:
+    """Compress per-``k`` labels into ``(label, k_first, k_last)`` runs.
+
+    Example:
+        >>> contiguous_runs([0, 1, 2, 3], ["a", "a", "b", "a"])
+        [('a', 0, 1), ('b', 2, 2), ('a', 3, 3)]
+    """
+    runs: list[tuple[str, float, float]] = []
+    for k, label in zip(ks, labels, strict=True):
+        if runs and runs[-1][0] == label:
+            runs[-1] = (label, runs[-1][1], k)
+        else:
+            runs.append((label, k, k))
+    return runs
+
+
+def study_winners(table: pd.DataFrame, column: str = "variance", tie_tolerance: float = 0.05) -> pd.DataFrame:
+    """Per (cost, parameter), the estimator with the lowest ``column`` over ranges of k.
+
+    Estimators within a factor ``1 + tie_tolerance`` of the lowest tie (joined by " ≈ "),
+    so that Monte Carlo noise in the variance estimates does not flip the winner.
+
+    Returns:
+        A DataFrame with columns ``cost, parameter, estimator, k_from, k_to``.
+    """
+    rows = []
+    for (cost, parameter), panel in table.groupby(["cost", "parameter"], sort=False):
+        ks, labels = [], []
+        for k, at_k in panel.groupby("k", sort=True):
+            lowest = at_k[column].min()
+            winners = at_k.loc[at_k[column] <= lowest * (1 + tie_tolerance), "estimator"]
+            ks.append(k)
+            labels.append(" ≈ ".join(winners))
+        for estimator, k_from, k_to in contiguous_runs(ks, labels):
+            rows.append({"cost": cost, "parameter": parameter, "estimator": estimator, "k_from": k_from, "k_to": k_to})
+    return pd.DataFrame(rows)
+
+
+def _format_winners(winners) -> str:
+    lines = []
+    for (cost, parameter), group in winners.groupby(["cost", "parameter"], sort=False):
+        label = f"{STUDY_COSTS[cost][0]}, ∂/∂{STUDY_PARAMETERS.get(parameter, parameter)}"
+        ranges = "; ".join(
+            f"{row.estimator} for k in [{row.k_from:.3g}, {row.k_to:.3g}]" for row in group.itertuples()
+        )
+        lines.append(f"  {label:<22} {ranges}")
+    return "\n".join(lines)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", type=Path, default=Path("mcgrad-study"), help="where the PNG and CSV go")
+    parser.add_argument(
+        "--num-samples", type=int, default=100_000, help="per-sample gradients per (estimator, cost, k)"
+    )
+    parser.add_argument("--num-points", type=int, default=21, help="values of k per cost")
+    parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from mcgrad import plotting  # matplotlib, only when a figure is drawn
+
+    start = time.perf_counter()
+    table = run_study(num_samples=args.num_samples, seed=args.seed, num_points=args.num_points)
+    seconds = time.perf_counter() - start
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = output_dir / "variance_study.csv", output_dir / "variance_study.png"
+    winners_path = output_dir / "winners.csv"
+    table.to_csv(csv_path, index=False)
+    labels = {name: label for name, (label, _) in STUDY_COSTS.items()}
+    plotting.sweep_figure(table, cost_labels=labels, parameter_labels=STUDY_PARAMETERS).savefig(png_path, dpi=120)
+    winners = study_winners(table, "variance")
+    winners_cost = study_winners(table, "variance_x_evaluations")
+    winners.assign(criterion="variance").pipe(
+        lambda w: pd.concat([w, winners_cost.assign(criterion="variance_x_evaluations")])
+    ).to_csv(winners_path, index=False)
+
+    step = max(1, args.num_points // 5)  # print about five k per cost; the CSV has them all
+    shown_k = {cost: sorted(panel["k"].unique())[::step] for cost, panel in table.groupby("cost")}
+    shown = table[[k in shown_k[cost] for cost, k in zip(table["cost"], table["k"], strict=True)]]
+    pivot = shown.pivot_table(index=["cost", "parameter", "k"], columns="estimator", values="variance", sort=False)
+    print(f"Per-sample gradient variance, x ~ N(1, 1), N = {args.num_samples} (every k in {csv_path}):\n")
+    print(pivot.to_string(float_format=lambda v: f"{v:.3g}"))
+    print("\nLowest variance:")
+    print(_format_winners(winners))
+    print("\nLowest variance × evaluations per sample (measure-valued spends 5, the others 1):")
+    print(_format_winners(winners_cost))
+    print(f"\nWrote {csv_path}, {png_path}, {winners_path} ({seconds:.1f} s including compilation).")
+    return 0
+
+
+register_command(Command("study", "the paper's variance study (Gaussian, three costs)", add_study_arguments, run_study_command))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mcgrad`` parser, one subparser per registered command."""
+    parser = argparse.ArgumentParser(prog="mcgrad", description="Monte Carlo gradient estimation.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in COMMANDS.values():
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mcgrad`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
