@@ -35,7 +35,7 @@ from mcgrad.estimators import (
 )
 
 from mcgrad.fit import FitResult, FitState, NonFiniteError, fit, load_checkpoint, save_checkpoint
-from mcgrad.objectives import Objective, adversarial, elbo, iwae, maximum_likelihood
+from mcgrad.objectives import Objective, adversarial, elbo, expectation, iwae, maximum_likelihood
 
 __version__ = "0.1.0"
 
@@ -76,6 +76,7 @@ __all__ = [
     "delta_method",
     "elbo",
     "estimate",
+    "expectation",
     "fit",
     "iwae",
     "load_checkpoint",

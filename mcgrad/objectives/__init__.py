@@ -3,6 +3,7 @@
 from mcgrad.objectives.adversarial import AdversarialState, adversarial
 from mcgrad.objectives.base import Objective, ObjectiveSetup
 from mcgrad.objectives.elbo import elbo, iwae
+from mcgrad.objectives.expectation import expectation
 from mcgrad.objectives.likelihood import maximum_likelihood
 
-__all__ = ["AdversarialState", "Objective", "ObjectiveSetup", "adversarial", "elbo", "iwae", "maximum_likelihood"]
+__all__ = ["AdversarialState", "Objective", "ObjectiveSetup", "adversarial", "elbo", "expectation", "iwae", "maximum_likelihood"]
