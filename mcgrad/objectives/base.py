@@ -53,7 +53,9 @@ class Objective(NamedTuple):
         return {"loss": jnp.mean(surrogate), "mutable_state": None}
 
     def loss(self, rng_key, param_map, model, guide, *args, **kwargs):
-        """The Monte Carlo loss at ``param_map`` (the ``numpyro.infer.SVI.evaluate`` protocol)."""
-        return jax.lax.stop_gradient(
-            self.loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)["loss"]
-        )
+        """The ``numpyro.infer.SVI`` loss: value is the Monte Carlo loss, gradient mcgrad's estimate.
+
+        ``SVI.update`` differentiates this (it calls ``loss_with_mutable_state`` only when
+        the model has mutable state), and ``SVI.evaluate`` reads its value.
+        """
+        return self.loss_with_mutable_state(rng_key, param_map, model, guide, *args, **kwargs)["loss"]
