@@ -3,7 +3,7 @@
     import mcgrad as mg
 """
 
-from mcgrad import baselines, control_variates, diagnostics
+from mcgrad import baselines, control_variates, diagnostics, evaluation
 from mcgrad.control_variates import delta_method, with_control_variate
 from mcgrad.diagnostics import (
     Comparison,
@@ -75,6 +75,7 @@ __all__ = [
     "control_variates",
     "delta_method",
     "elbo",
+    "evaluation",
     "estimate",
     "expectation",
     "fit",
