@@ -294,7 +294,7 @@ def median_bandwidth(samples: Array) -> Array:
     """The median heuristic: the median pairwise Euclidean distance of ``samples`` ``[N, D]``."""
     squared = _squared_distances(samples, samples)
     upper = jnp.triu_indices(samples.shape[0], k=1)
-    return jnp.sqrt(jnp.median(squared[upper]))
+    return jnp.median(jnp.sqrt(squared[upper]))
 
 
 def _squared_distances(a: Array, b: Array) -> Array:
@@ -352,21 +352,27 @@ def mmd(
     num_x, num_y = x.shape[0], y.shape[0]
     if num_x < 2 or num_y < 2:
         raise ValueError(f"mmd() needs at least 2 samples on each side, got {num_x} and {num_y}.")
+    if num_permutations > 0 and key is None:
+        raise ValueError("mmd(num_permutations=...) needs a key.")
+    median = bandwidth == "median"
+    sigma = jnp.zeros(()) if median else jnp.asarray(bandwidth, jnp.float32)
+    keys = jax.random.split(key, num_permutations) if num_permutations > 0 else None
+    statistic, sigma, p_value = _mmd(x, y, sigma, keys, median)
+    return MMD(statistic, sigma, p_value)
+
+
+@jax.jit(static_argnames="median")
+def _mmd(x: Array, y: Array, sigma: Array, keys: Array | None, median: bool) -> tuple[Array, Array, Array]:
+    num_x, num_y = x.shape[0], y.shape[0]
     pooled = jnp.concatenate([x, y], axis=0)
-    sigma = median_bandwidth(pooled) if bandwidth == "median" else jnp.asarray(bandwidth, jnp.float32)
+    sigma = median_bandwidth(pooled) if median else sigma
     kernel = jnp.exp(-_squared_distances(pooled, pooled) / (2.0 * sigma**2))
     is_x = jnp.arange(num_x + num_y) < num_x
     statistic = _unbiased_mmd2(kernel, is_x, num_x, num_y)
-    p_value = jnp.asarray(jnp.nan)
-    if num_permutations > 0:
-        if key is None:
-            raise ValueError("mmd(num_permutations=...) needs a key.")
-        keys = jax.random.split(key, num_permutations)
-        permuted = jax.lax.map(
-            lambda k: _unbiased_mmd2(kernel, jax.random.permutation(k, is_x), num_x, num_y), keys
-        )
-        p_value = (1.0 + jnp.sum(permuted >= statistic)) / (1.0 + num_permutations)
-    return MMD(statistic, sigma, p_value)
+    if keys is None:
+        return statistic, sigma, jnp.asarray(jnp.nan)
+    permuted = jax.lax.map(lambda k: _unbiased_mmd2(kernel, jax.random.permutation(k, is_x), num_x, num_y), keys)
+    return statistic, sigma, (1.0 + jnp.sum(permuted >= statistic)) / (1.0 + keys.shape[0])
 
 
 class ClassifierTest(NamedTuple):
