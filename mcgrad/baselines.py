@@ -92,7 +92,7 @@ def leave_one_out() -> Baseline:
         n = signal.shape[0]
         if n < 2:
             raise ValueError("leave_one_out() needs at least 2 samples (num_samples >= 2).")
-        return signal - (jnp.sum(signal, axis=0) - signal) / (n - 1)
+        return signal - (jnp.sum(signal, axis=0, keepdims=True) - signal) / (n - 1)
 
     return _stateless(center)
 
