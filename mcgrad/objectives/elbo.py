@@ -52,9 +52,13 @@ def _bind(model, guide, args, kwargs, estimators, key, num_particles, sticking_t
     model_fn = handlers.substitute(handlers.replay(handlers.seed(model, key), trace=guide_trace), data=params)
     model_trace = handlers.trace(model_fn).get_trace(*args, **kwargs)
     check_model_and_guide(model_trace, guide_trace)
+    # replay copies the guide's `infer` onto the model's sites, so read the model's own
+    # `infer={"estimator": ...}` annotations from a trace that substitutes the guide's draws.
+    guide_values = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    own_fn = handlers.substitute(handlers.seed(model, key), data={**params, **guide_values})
     annotated = {
         name: site["infer"]["estimator"]
-        for name, site in model_trace.items()
+        for name, site in handlers.trace(own_fn).get_trace(*args, **kwargs).items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
     chosen = inference.resolve_estimators(guide_trace, annotated, estimators, num_particles)
