@@ -1,0 +1,410 @@
+r"""mcgrad's estimators against hand-written pure-JAX versions of the same estimators.
+
+Problem: ``x ~ N(loc, diag(exp(log_scale))²)`` in ``D`` dimensions (``params = {"loc": [D],
+"log_scale": [D]}``, so ``2·D`` distribution parameters), cost
+``f(x) = log(1 + ‖x − ½‖²)`` (cheap, smooth, not separable), ``N`` samples per estimate.
+
+For every ``D`` in {1, 10, 100} and ``N`` in {10, 100, 1000} and every estimator
+(pathwise, score function, score function with a leave-one-out baseline, coupled
+measure-valued), the time of one ``jit``-compiled ``mg.grad`` estimate against a
+``jit``-compiled reference written with ``jax.random`` and ``jnp`` only (no mcgrad, no
+NumPyro). The references draw the same random numbers as mcgrad, so both give the same
+gradient (``max_abs_difference`` checks it). Targets: mcgrad / reference ≤ 1.1, and
+measure-valued / (``2·(2D)·N`` vmapped evaluations of the cost) ≤ 1.5.
+
+Timing: everything is compiled before timing; each call is blocked until ready; the
+functions of one comparison are interleaved (their order rotating) so machine noise hits
+all of them; each timing sample repeats a call enough times to last a few milliseconds;
+the reported time is the median over samples. Dispatch is synchronous
+(``jax_cpu_enable_async_dispatch=False``, for mcgrad and references alike): on a loaded
+CPU the hand-off to XLA's worker thread otherwise adds tens of microseconds of noise to
+every small call. Memory: XLA's compiled
+``memory_analysis()`` (temporary buffers, arguments and outputs of the compiled
+program), which is what the program needs at peak besides the runtime itself.
+
+    python benchmarks/estimators.py                  # full run, writes benchmarks/results/
+    python benchmarks/estimators.py --update-docs    # ... and the table in docs/benchmarks.md
+    python benchmarks/estimators.py --quick          # smoke mode (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import mcgrad as mg
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+RATIO_TARGET = 1.1
+EVALUATIONS_TARGET = 1.5
+DOCS_START = "<!-- estimators benchmark table: start -->"
+DOCS_END = "<!-- estimators benchmark table: end -->"
+
+
+# --------------------------------------------------------------------------- problem
+
+
+def cost(x: jax.Array) -> jax.Array:
+    """``log(1 + ‖x − ½‖²)`` for one sample ``x`` of shape ``[D]``."""
+    return jnp.log1p(jnp.sum((x - 0.5) ** 2))
+
+
+def normal(params):
+    import numpyro.distributions as dist
+
+    return dist.Normal(params["loc"], jnp.exp(params["log_scale"])).to_event(1)
+
+
+def initial_params(dimension: int) -> dict[str, jax.Array]:
+    return {"loc": jnp.linspace(-1.0, 1.0, dimension), "log_scale": jnp.full((dimension,), -0.5)}
+
+
+MCGRAD_ESTIMATORS: dict[str, Callable[[], mg.GradientEstimator]] = {
+    "pathwise": mg.pathwise,
+    "score_function": mg.score_function,
+    "score_function_loo": lambda: mg.score_function(baseline=mg.baselines.leave_one_out()),
+    "measure_valued": lambda: mg.measure_valued(coupling=True),
+}
+
+
+# --------------------------------------------------------------------------- references (pure JAX)
+
+
+def _log_normal_density(x, loc, log_scale):
+    """``log N(x; loc, exp(log_scale)²)`` summed over the last axis: ``[N]``."""
+    scale = jnp.exp(log_scale)
+    terms = -0.5 * ((x - loc[None, :]) / scale[None, :]) ** 2 - log_scale[None, :] - 0.5 * math.log(2 * math.pi)
+    return jnp.sum(terms, axis=1)
+
+
+def reference_pathwise(num_samples: int):
+    def grad_fn(params, key):
+        def loss(p):
+            epsilon = jax.random.normal(key, (num_samples, p["loc"].shape[0]))
+            x = p["loc"][None, :] + epsilon * jnp.exp(p["log_scale"])[None, :]
+            return jnp.mean(jax.vmap(cost)(x))
+
+        return jax.grad(loss)(params)
+
+    return grad_fn
+
+
+def _reference_score_function(num_samples: int, leave_one_out: bool):
+    def grad_fn(params, key):
+        loc, log_scale = params["loc"], params["log_scale"]
+        epsilon = jax.random.normal(key, (num_samples, loc.shape[0]))
+        x = loc[None, :] + epsilon * jnp.exp(log_scale)[None, :]
+        signal = jax.vmap(cost)(x)
+        if leave_one_out:
+            signal = signal - (jnp.sum(signal) - signal) / (num_samples - 1)
+
+        def surrogate(p):
+            return jnp.mean(signal * _log_normal_density(x, p["loc"], p["log_scale"]))
+
+        return jax.grad(surrogate)(params)
+
+    return grad_fn
+
+
+def reference_score_function(num_samples: int):
+    return _reference_score_function(num_samples, leave_one_out=False)
+
+
+def reference_score_function_loo(num_samples: int):
+    return _reference_score_function(num_samples, leave_one_out=True)
+
+
+def replaced_costs(x: jax.Array, values: jax.Array) -> jax.Array:
+    """``[N, D]`` costs ``f(x_n with coordinate d set to values[n, d])``.
+
+    Rows are built arithmetically (``x + e_d·(v − x)``): XLA:CPU fuses this into the
+    cost's reduction, where a ``jnp.where``/scatter row is materialised first (≈6× slower
+    for a cheap cost, see docs/benchmarks.md).
+    """
+    dimension = x.shape[1]
+    one_hot = jnp.eye(dimension, dtype=x.dtype)
+    rows = x[:, None, :] + one_hot[None, :, :] * (values - x)[:, :, None]
+    return jax.vmap(jax.vmap(cost))(rows)
+
+
+def reference_measure_valued(num_samples: int):
+    """Coupled weak derivatives of the Normal (the paper's Table 1), pulled back to
+    ``log_scale`` by the chain rule; random numbers drawn as mcgrad draws them."""
+
+    def grad_fn(params, key):
+        loc, log_scale = params["loc"], params["log_scale"]
+        scale = jnp.exp(log_scale)
+        shape = (num_samples, loc.shape[0])
+        key_sample, key_derivative = jax.random.split(key)
+        x = loc[None, :] + jax.random.normal(key_sample, shape) * scale[None, :]
+
+        # ∂/∂loc: c = 1/(σ√(2π)), x± = loc ± σ·W, W ~ Rayleigh (one W for both sides).
+        key_plus, _ = jax.random.split(jax.random.fold_in(key_derivative, 0))
+        rayleigh = jnp.sqrt(2.0 * jax.random.exponential(key_plus, shape))
+        loc_row, scale_row = loc[None, :], scale[None, :]
+        plus, minus = loc_row + scale_row * rayleigh, loc_row - scale_row * rayleigh
+        grad_loc = jnp.mean(replaced_costs(x, plus) - replaced_costs(x, minus), axis=0) / (scale * math.sqrt(2 * math.pi))
+
+        # ∂/∂σ: c = 1/σ, x⁺ = loc + σ·M (double-sided Maxwell), x⁻ = loc + σ·U·M.
+        key_maxwell, key_sign, key_uniform = jax.random.split(jax.random.fold_in(key_derivative, 1), 3)
+        magnitude = jnp.linalg.norm(jax.random.normal(key_maxwell, shape + (3,)), axis=-1)
+        maxwell = jnp.where(jax.random.bernoulli(key_sign, 0.5, shape), magnitude, -magnitude)
+        gaussian = jax.random.uniform(key_uniform, shape) * maxwell
+        plus, minus = loc_row + scale_row * maxwell, loc_row + scale_row * gaussian
+        grad_scale = jnp.mean(replaced_costs(x, plus) - replaced_costs(x, minus), axis=0) / scale
+
+        return {"loc": grad_loc, "log_scale": grad_scale * scale}  # ∂/∂log σ = σ·∂/∂σ
+
+    return grad_fn
+
+
+REFERENCES: dict[str, Callable[[int], Callable]] = {
+    "pathwise": reference_pathwise,
+    "score_function": reference_score_function,
+    "score_function_loo": reference_score_function_loo,
+    "measure_valued": reference_measure_valued,
+}
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def compile_fn(fn: Callable, *args) -> Any:
+    return jax.jit(fn).lower(*args).compile()
+
+
+def memory_bytes(compiled) -> dict[str, int] | None:
+    """Temporary, argument and output bytes of a compiled program (None if unavailable)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+    if stats is None:
+        return None
+    return {
+        "temp": int(stats.temp_size_in_bytes),
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+    }
+
+
+def calls_per_sample(fn: Callable[[], Any], min_sample_seconds: float) -> int:
+    """How many calls make one timing sample last at least ``min_sample_seconds``."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    single = max(time.perf_counter() - start, 1e-7)
+    return max(1, math.ceil(min_sample_seconds / single))
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], *, num_samples: int, min_sample_seconds: float
+) -> dict[str, float]:
+    """Median seconds per call of each (already compiled) function, timed interleaved."""
+    for fn in fns.values():  # warm up
+        jax.block_until_ready(fn())
+    calls = {name: calls_per_sample(fn, min_sample_seconds) for name, fn in fns.items()}
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for index in range(num_samples):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:  # rotate the order every round
+            fn, count = fns[name], calls[name]
+            start = time.perf_counter()
+            for _ in range(count):
+                jax.block_until_ready(fn())
+            samples[name].append((time.perf_counter() - start) / count)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def max_abs_difference(a, b) -> float:
+    return float(max(jnp.max(jnp.abs(x - y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)))
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark_case(
+    estimator_name: str, dimension: int, num_samples: int, *, timing_samples: int, min_sample_seconds: float
+) -> list[dict[str, Any]]:
+    """Rows for one (estimator, D, N): mcgrad vs reference, and for measure-valued also vs
+    ``2·(2D)·N`` vmapped evaluations of the cost."""
+    params, key = initial_params(dimension), jax.random.key(0)
+    estimator = MCGRAD_ESTIMATORS[estimator_name]()
+    checked = compile_fn(mg.grad(cost, normal, estimator=estimator, num_samples=num_samples), params, key)
+    unchecked = compile_fn(
+        mg.grad(cost, normal, estimator=estimator, num_samples=num_samples, check_finite=False), params, key
+    )
+    reference = compile_fn(REFERENCES[estimator_name](num_samples), params, key)
+    fns = {
+        "mcgrad": lambda: checked(params, key),
+        "mcgrad_unchecked": lambda: unchecked(params, key),
+        "reference": lambda: reference(params, key),
+    }
+    num_evaluations = mg.count_evaluations(cost, normal, estimator, params, num_samples=num_samples)
+    if estimator_name == "measure_valued":
+        num_floor = 2 * (2 * dimension) * num_samples
+        points = jax.random.normal(jax.random.key(1), (num_floor, dimension))
+        floor = compile_fn(jax.vmap(cost), points)
+        fns["evaluations"] = lambda: floor(points)
+    seconds = time_interleaved(fns, num_samples=timing_samples, min_sample_seconds=min_sample_seconds)
+    base = {
+        "estimator": estimator_name,
+        "D": dimension,
+        "N": num_samples,
+        "num_evaluations": num_evaluations,
+        "mcgrad_seconds": seconds["mcgrad"],
+        "mcgrad_unchecked_seconds": seconds["mcgrad_unchecked"],
+        "mcgrad_memory_bytes": memory_bytes(checked),
+    }
+    rows = [
+        base
+        | {
+            "baseline": "reference",
+            "baseline_seconds": seconds["reference"],
+            "baseline_memory_bytes": memory_bytes(reference),
+            "ratio": seconds["mcgrad"] / seconds["reference"],
+            "ratio_unchecked": seconds["mcgrad_unchecked"] / seconds["reference"],
+            "target": RATIO_TARGET,
+            "max_abs_difference": max_abs_difference(checked(params, key), reference(params, key)),
+        }
+    ]
+    if "evaluations" in seconds:
+        rows.append(
+            base
+            | {
+                "baseline": f"{num_floor} vmapped cost evaluations",
+                "baseline_seconds": seconds["evaluations"],
+                "baseline_memory_bytes": memory_bytes(floor),
+                "ratio": seconds["mcgrad"] / seconds["evaluations"],
+                "ratio_unchecked": seconds["mcgrad_unchecked"] / seconds["evaluations"],
+                "target": EVALUATIONS_TARGET,
+                "max_abs_difference": None,
+            }
+        )
+    for row in rows:
+        row["within_target"] = bool(row["ratio"] <= row["target"])
+    return rows
+
+
+def run(
+    dimensions: Sequence[int],
+    sample_sizes: Sequence[int],
+    estimators: Sequence[str],
+    *,
+    timing_samples: int,
+    min_sample_seconds: float,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    rows = []
+    for dimension in dimensions:
+        for num_samples in sample_sizes:
+            for name in estimators:
+                new = benchmark_case(
+                    name, dimension, num_samples, timing_samples=timing_samples, min_sample_seconds=min_sample_seconds
+                )
+                for row in new:
+                    log(
+                        f"D={dimension:<4} N={num_samples:<5} {name:<19} vs {row['baseline']:<32} "
+                        f"{row['mcgrad_seconds'] * 1e6:10.1f} µs / {row['baseline_seconds'] * 1e6:10.1f} µs "
+                        f"= {row['ratio']:.2f} (target {row['target']})"
+                    )
+                rows.extend(new)
+    return rows
+
+
+def environment(quick: bool, timing_samples: int) -> dict[str, Any]:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "quick": quick,
+        "jax": jax.__version__,
+        "mcgrad": mg.__version__,
+        "python": platform.python_version(),
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "cpu_count": os.cpu_count(),
+        "timing_samples": timing_samples,
+        "async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cost": "log(1 + ||x - 0.5||^2)",
+        "distribution": "Normal(loc, exp(log_scale)).to_event(1), D dimensions, 2·D parameters",
+    }
+
+
+def _format_bytes(memory: dict[str, int] | None) -> str:
+    if memory is None:
+        return "n/a"
+    return f"{memory['temp'] / 2**20:.2f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Run {meta['date']} on {meta['backend']} ({meta['device']}, {meta['cpu_count']} cores), "
+        f"jax {meta['jax']}{' — quick mode' if meta['quick'] else ''}. Times are medians of "
+        f"{meta['timing_samples']} interleaved samples; memory is XLA's temporary buffers of the compiled program.",
+        "",
+        "| estimator | D | N | compared with | mcgrad µs | baseline µs | ratio | ratio, no finite check "
+        "| target | mcgrad temp MiB | baseline temp MiB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        mark = "" if row["within_target"] else " ✗"
+        lines.append(
+            f"| {row['estimator']} | {row['D']} | {row['N']} | {row['baseline']} "
+            f"| {row['mcgrad_seconds'] * 1e6:.1f} | {row['baseline_seconds'] * 1e6:.1f} "
+            f"| {row['ratio']:.2f}{mark} | {row['ratio_unchecked']:.2f} | ≤ {row['target']} "
+            f"| {_format_bytes(row['mcgrad_memory_bytes'])} | {_format_bytes(row['baseline_memory_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(path: Path, table: str) -> None:
+    """Replace the table between the markers in ``path``."""
+    text = path.read_text()
+    start, end = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
+    path.write_text(text[:start] + "\n\n" + table + "\n" + text[end:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke mode: one small case, few timing samples")
+    parser.add_argument("--output-dir", type=Path, default=REPOSITORY / "benchmarks" / "results")
+    parser.add_argument("--update-docs", action="store_true", help="also write the table into docs/benchmarks.md")
+    parser.add_argument("--estimators", nargs="+", default=list(MCGRAD_ESTIMATORS), choices=list(MCGRAD_ESTIMATORS))
+    args = parser.parse_args(argv)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+    if args.quick:
+        dimensions, sample_sizes, timing_samples, min_sample_seconds = (2,), (10,), 3, 2e-4
+    else:
+        dimensions, sample_sizes, timing_samples, min_sample_seconds = (1, 10, 100), (10, 100, 1000), 15, 5e-3
+    rows = run(
+        dimensions, sample_sizes, args.estimators, timing_samples=timing_samples, min_sample_seconds=min_sample_seconds
+    )
+    meta = environment(args.quick, timing_samples)
+    table = markdown_table(rows, meta)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "estimators.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    (args.output_dir / "estimators.md").write_text("# Estimators: mcgrad vs hand-written JAX\n\n" + table)
+    if args.update_docs:
+        update_docs(REPOSITORY / "docs" / "benchmarks.md", table)
+    print(f"\nWrote {args.output_dir / 'estimators.json'} and {args.output_dir / 'estimators.md'}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

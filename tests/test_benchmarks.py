@@ -1,0 +1,82 @@
+"""benchmarks/estimators.py in --quick mode: the JSON and markdown it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark_estimators", ROOT / "benchmarks" / "estimators.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(benchmark_module, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("benchmarks")
+    async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
+    try:
+        with jax.numpy_rank_promotion("allow"):  # NumPyro broadcasts batch shapes implicitly
+            assert benchmark_module.main(["--quick", "--output-dir", str(output_dir)]) == 0
+    finally:
+        jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
+    return json.loads((output_dir / "estimators.json").read_text()), output_dir
+
+
+def test_json_structure(results, benchmark_module):
+    data, _ = results
+    assert set(data) == {"meta", "results"}
+    assert data["meta"]["quick"] is True
+    for key in ["jax", "backend", "device", "cpu_count", "timing_samples", "cost", "date"]:
+        assert key in data["meta"], key
+    rows = data["results"]
+    assert {row["estimator"] for row in rows} == set(benchmark_module.MCGRAD_ESTIMATORS)
+    for row in rows:
+        for key in [
+            "estimator",
+            "D",
+            "N",
+            "baseline",
+            "num_evaluations",
+            "mcgrad_seconds",
+            "mcgrad_unchecked_seconds",
+            "baseline_seconds",
+            "ratio",
+            "ratio_unchecked",
+            "target",
+            "within_target",
+            "mcgrad_memory_bytes",
+            "baseline_memory_bytes",
+        ]:
+            assert key in row, key
+        assert row["mcgrad_seconds"] > 0 and row["baseline_seconds"] > 0
+        assert math.isclose(row["ratio"], row["mcgrad_seconds"] / row["baseline_seconds"])
+        assert isinstance(row["within_target"], bool)
+    measure_valued = [row for row in rows if row["estimator"] == "measure_valued"]
+    assert [row["target"] for row in measure_valued] == [1.1, 1.5]
+    assert measure_valued[0]["num_evaluations"] == measure_valued[0]["N"] * (1 + 2 * 2 * measure_valued[0]["D"])
+
+
+def test_references_compute_the_same_estimator(results):
+    """The hand-written references draw the same random numbers as mcgrad: same gradient."""
+    data, _ = results
+    for row in data["results"]:
+        if row["baseline"] == "reference":
+            assert row["max_abs_difference"] < 1e-4, row["estimator"]
+
+
+def test_markdown_table(results):
+    _, output_dir = results
+    text = (output_dir / "estimators.md").read_text(encoding="utf-8")
+    assert "| estimator | D | N |" in text
+    assert text.count("| measure_valued |") == 2

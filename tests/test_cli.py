@@ -1,0 +1,119 @@
+"""The ``mcgrad`` command: the variance study end to end, and the subcommand registry."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mcgrad import cli
+
+NUM_SAMPLES = 2000
+NUM_POINTS = 5
+ESTIMATORS = ["score function", "score function + leave-one-out", "pathwise", "measure-valued (coupled)"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("study")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(
+            ["study", "--output-dir", str(output_dir), "--num-samples", str(NUM_SAMPLES), "--num-points", str(NUM_POINTS)]
+        )
+    return code, output_dir, printed.getvalue()
+
+
+def test_study_writes_figure_and_tables(study):
+    code, output_dir, _ = study
+    assert code == 0
+    png = output_dir / "variance_study.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = pd.read_csv(output_dir / "variance_study.csv")
+    for column in [
+        "cost",
+        "k",
+        "estimator",
+        "parameter",
+        "mean",
+        "variance",
+        "evaluations_per_sample",
+        "variance_x_evaluations",
+        "exact_variance",
+    ]:
+        assert column in table.columns, column
+    assert len(table) == len(ESTIMATORS) * 3 * NUM_POINTS * 2
+    assert sorted(table["estimator"].unique()) == sorted(ESTIMATORS)
+    assert sorted(table["cost"].unique()) == ["cosine", "exponential", "quadratic"]
+    assert sorted(table["parameter"].unique()) == ["loc", "scale"]
+    assert (table["variance"] > 0).all()
+    winners = pd.read_csv(output_dir / "winners.csv")
+    assert set(winners["criterion"]) == {"variance", "variance_x_evaluations"}
+
+
+def test_pathwise_beats_score_function_on_the_quadratic(study):
+    _, output_dir, _ = study
+    table = pd.read_csv(output_dir / "variance_study.csv")
+    quadratic = table[table["cost"] == "quadratic"].pivot_table(
+        index=["parameter", "k"], columns="estimator", values="variance"
+    )
+    assert (quadratic["pathwise"] < quadratic["score function"]).all()
+    assert (quadratic["score function + leave-one-out"] < quadratic["score function"]).all()
+
+
+def test_quadratic_matches_the_paper(study):
+    """Pathwise ∂μ of (x − k)² is 2(x − k): variance exactly 4, standard error 4·sqrt(2/N)."""
+    _, output_dir, _ = study
+    table = pd.read_csv(output_dir / "variance_study.csv")
+    rows = table[(table["cost"] == "quadratic") & (table["estimator"] == "pathwise") & (table["parameter"] == "loc")]
+    np.testing.assert_allclose(rows["variance"], 4.0, atol=5 * 4.0 * math.sqrt(2.0 / NUM_SAMPLES))
+    np.testing.assert_allclose(rows["exact_variance"], 4.0)
+    assert table.loc[table["cost"] != "quadratic", "exact_variance"].isna().all()
+
+
+def test_study_prints_table_and_winners(study):
+    _, _, out = study
+    assert "Per-sample gradient variance" in out
+    assert "Lowest variance:" in out and "Lowest variance × evaluations" in out
+    assert "(x−k)², ∂/∂μ" in out
+
+
+def test_contiguous_runs_and_winners():
+    assert cli.contiguous_runs([1, 2, 3], ["a", "b", "b"]) == [("a", 1, 1), ("b", 2, 3)]
+    table = pd.DataFrame(
+        {
+            "cost": ["c"] * 6,
+            "parameter": ["loc"] * 6,
+            "k": [0.0, 0.0, 1.0, 1.0, 2.0, 2.0],
+            "estimator": ["a", "b"] * 3,
+            "variance": [1.0, 2.0, 2.0, 1.0, 1.0, 1.01],
+        }
+    )
+    winners = cli.study_winners(table)
+    assert winners["estimator"].tolist() == ["a", "b", "a ≈ b"]
+
+
+def test_register_a_subcommand(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--name", default="world")
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"hello {args.name}")
+        return 3
+
+    cli.register_command(cli.Command("hello", "say hello", add_arguments, run))
+    assert cli.main(["hello", "--name", "you"]) == 3
+    assert "hello you" in capsys.readouterr().out
+    assert "study" in cli.COMMANDS
+
+
+def test_no_subcommand_is_an_error():
+    with pytest.raises(SystemExit):
+        cli.main([])
