@@ -237,6 +237,12 @@ def run_particle(
     data = {**params, **(substitutions or {})}
     program = handlers.substitute(handlers.seed(program, key), data=data)
     program_trace = handlers.trace(program).get_trace(*args, **kwargs)
+    # numpyro post-processes the outermost handler first, so `trace` records each site
+    # before _SiteSampling stops its gradient: stop it in the record too, or the model's
+    # terms (and log q) would differentiate through non-pathwise draws.
+    for site in latent_sites(program_trace):
+        if site["name"] not in pathwise_sites:
+            site["value"] = jax.lax.stop_gradient(site["value"])
     terms = _program_terms(program_trace, setup.sticking_the_landing, pathwise_sites) if setup.program_log_prob else []
     terms += setup.cost_terms(program_trace, params, jax.random.fold_in(key, 1))
     return program_trace, terms
