@@ -132,19 +132,21 @@ def make_step(
     def surrogate(params, objective_state, key, args, kwargs):
         return bound.surrogate(inference.constrain(params, constraints), objective_state, key, args, kwargs, shard)
 
-    def mean_surrogate(params, objective_state, key, args, kwargs):
-        s, (new_objective_state, losses) = surrogate(params, objective_state, key, args, kwargs)
-        return jnp.mean(s), (new_objective_state, losses)
-
     def nan_statistics(params):
         nan = jnp.full((), jnp.nan)
         return {name: nan for name in params}, {name: nan for name in params}
 
     def step(state: FitState, args: tuple, kwargs: dict) -> tuple[FitState, StepInfo]:
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        (loss, (objective_state, _)), grads = jax.value_and_grad(mean_surrogate, has_aux=True)(
-            state.params, state.objective_state, step_key, args, kwargs
-        )
+
+        def per_particle(params):
+            s, (new_objective_state, _) = surrogate(params, state.objective_state, step_key, args, kwargs)
+            return s, new_objective_state
+
+        # One forward pass serves the gradient and, every few steps, the per-particle gradients.
+        s, pullback, objective_state = jax.vjp(per_particle, state.params, has_aux=True)
+        loss = jnp.mean(s)
+        (grads,) = pullback(jnp.full_like(s, 1.0 / s.shape[0]))
         finite = jnp.isfinite(loss) & jnp.all(
             jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         )
@@ -158,10 +160,8 @@ def make_step(
         if diagnostics_every and num_particles > 1:
 
             def record(_):
-                jacobian = jax.jacrev(lambda p: surrogate(p, state.objective_state, step_key, args, kwargs)[0])(
-                    state.params
-                )
-                return _gradient_statistics(jacobian, num_particles)
+                (jacobian,) = jax.vmap(pullback)(jnp.eye(s.shape[0], dtype=s.dtype))
+                return _gradient_statistics(jacobian, s.shape[0])
 
             variance, snr = jax.lax.cond(
                 state.step % diagnostics_every == 0, record, lambda _: nan_statistics(state.params), None
