@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +139,11 @@ def log_likelihood(model: Callable, params: dict, *args, plate: str | None = Non
         (-0.9189, -3.6758)
     """
     key = jax.random.key(0) if key is None else key
+    return _log_likelihood(model, params, args, kwargs, key, plate)
+
+
+@eqx.filter_jit
+def _log_likelihood(model, params, args, kwargs, key, plate) -> LogLikelihood:
     trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=params)).get_trace(*args, **kwargs)
     sample_sites = [s for s in trace.values() if s["type"] == "sample"]
     latent = [s["name"] for s in sample_sites if not s["is_observed"]]
@@ -221,6 +227,11 @@ def iwae_bound(
         >>> bool(jnp.allclose(bound.per_datum, exact, atol=1e-5))
         True
     """
+    return _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, batch_size or num_samples)
+
+
+@eqx.filter_jit
+def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, batch_size) -> IWAEBound:
     trace_key = jax.random.key(0)
     guide_trace = handlers.trace(handlers.substitute(handlers.seed(guide, trace_key), data=params)).get_trace(*args, **kwargs)
     model_trace = handlers.trace(
@@ -255,7 +266,7 @@ def iwae_bound(
         return local, shared
 
     keys = jax.random.split(key, num_samples)
-    local, shared = jax.jit(lambda ks: jax.lax.map(log_weights, ks, batch_size=batch_size or num_samples))(keys)
+    local, shared = jax.lax.map(log_weights, keys, batch_size=batch_size)
     log_k = jnp.log(num_samples)
     latent_outside_plate = any(
         s["type"] == "sample" and jnp.size(_log_prob(s)) > 0 and not _is_local(s, data_plate, num_data)
