@@ -51,12 +51,13 @@ def estimator_from_name(name: str | None):
     raise ValueError(f"unknown estimator '{name}'; choose one of {ESTIMATOR_NAMES}.")
 
 
-def parser(description: str | None, num_steps: int, seed: int = 0, estimators: bool = False) -> argparse.ArgumentParser:
+def parser(description: str | None, num_steps: int | None, seed: int = 0, estimators: bool = False) -> argparse.ArgumentParser:
     """The shared command line: ``--num-steps``, ``--seed``, ``--output-dir``, ``--no-progress``
     (and ``--estimator`` for models with latent sites). Add model-specific flags to it."""
     first_line = (description or "").strip().splitlines()[0] if description else None
     p = argparse.ArgumentParser(description=first_line)
-    p.add_argument("--num-steps", type=int, default=num_steps, help=f"optimizer steps (default {num_steps})")
+    steps_help = f"optimizer steps (default {num_steps})" if num_steps is not None else "optimizer steps (default: the model's)"
+    p.add_argument("--num-steps", type=int, default=num_steps, help=steps_help)
     p.add_argument("--seed", type=int, default=seed, help=f"random seed (default {seed})")
     p.add_argument(
         "--output-dir", default=DEFAULT_OUTPUT_DIR, help=f"where the PNG goes (default ./{DEFAULT_OUTPUT_DIR})"
@@ -123,6 +124,7 @@ def save_figure(figure, output_dir: str | Path, name: str) -> str:
 
     path = Path(output_dir) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
     figure.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(figure)
     return str(path)

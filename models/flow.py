@@ -121,14 +121,16 @@ class DequantizedBernoulliQuantile(Transform):
 
 def coupling_networks(dimension: int, num_couplings: int, width: int, depth: int, key: jax.Array) -> list[eqx.nn.MLP]:
     """One MLP ``ℝ^D → ℝ^{2D}`` per coupling, its last layer zero so every coupling starts as the identity."""
-    networks = []
-    for k in jax.random.split(key, num_couplings):
-        net = eqx.nn.MLP(dimension, 2 * dimension, width, depth, activation=jax.nn.gelu, key=k)
-        last = net.layers[-1]
-        net = eqx.tree_at(lambda n: (n.layers[-1].weight, n.layers[-1].bias), net,
-                          (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
-        networks.append(net)
-    return networks
+    return [_identity_network(dimension, width, depth, k) for k in jax.random.split(key, num_couplings)]
+
+
+@eqx.filter_jit
+def _identity_network(dimension: int, width: int, depth: int, key: jax.Array) -> eqx.nn.MLP:
+    net = eqx.nn.MLP(dimension, 2 * dimension, width, depth, activation=jax.nn.gelu, key=key)
+    last = net.layers[-1]
+    return eqx.tree_at(
+        lambda n: (n.layers[-1].weight, n.layers[-1].bias), net, (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias))
+    )
 
 
 def coupling_masks(dimension: int, num_couplings: int) -> jax.Array:
@@ -238,27 +240,29 @@ def _run_moons(num_steps, seed, num_couplings, width, batch_size, learning_rate,
         data="two moons (2-D)", num_couplings=num_couplings, num_steps=num_steps,
     )
     if output_dir is not None:
-        flow = _bound_moons_flow(result.params, masks, networks, loc, scale)
-        metrics["figure"] = common.save_figure(_moons_figure(flow, test, jax.random.key(seed + 1)), output_dir, "flow_moons")
+        density_and_samples = eqx.filter_jit(_moons_density_and_samples)
+        figure = _moons_figure(*density_and_samples(result.params, masks, networks, loc, scale, jax.random.key(seed + 1)), test)
+        metrics["figure"] = common.save_figure(figure, output_dir, "flow_moons")
     return metrics
 
 
-def _bound_moons_flow(params, masks, networks, loc, scale):
+MOONS_GRID = np.meshgrid(np.linspace(-1.5, 2.5, 150), np.linspace(-1.0, 1.5, 120))
+
+
+def _moons_density_and_samples(params, masks, networks, loc, scale, key):
     def build():
         transforms = couplings(masks, networks) + [IndependentTransform(AffineTransform(loc, scale), 1)]
         return dist.TransformedDistribution(dist.Normal(jnp.zeros(2), 1.0).to_event(1), transforms)
 
-    return numpyro.handlers.substitute(build, data=params)()
+    flow = numpyro.handlers.substitute(build, data=params)()
+    points = jnp.asarray(np.stack([MOONS_GRID[0].ravel(), MOONS_GRID[1].ravel()], 1), jnp.float32)
+    return jnp.exp(flow.log_prob(points)).reshape(MOONS_GRID[0].shape), flow.sample(key, (1000,))
 
 
-def _moons_figure(flow, test, key):
-    grid = np.linspace(-1.5, 2.5, 150), np.linspace(-1.0, 1.5, 120)
-    xx, yy = np.meshgrid(*grid)
-    points = jnp.asarray(np.stack([xx.ravel(), yy.ravel()], 1), jnp.float32)
-    density = np.exp(np.asarray(flow.log_prob(points))).reshape(xx.shape)
-    samples = np.asarray(flow.sample(key, (1000,)))
+def _moons_figure(density, samples, test):
+    density, samples = np.asarray(density), np.asarray(samples)
     figure, axes = common.new_figure(2, 1, size=3.8)
-    axes[0, 0].pcolormesh(xx, yy, density, shading="auto", cmap="magma")
+    axes[0, 0].pcolormesh(*MOONS_GRID, density, shading="auto", cmap="magma")
     axes[0, 0].set_title("flow density")
     axes[0, 1].scatter(test[:, 0], test[:, 1], s=3, alpha=0.4, label="held-out data")
     axes[0, 1].scatter(samples[:, 0], samples[:, 1], s=3, alpha=0.4, label="flow samples")
@@ -292,10 +296,15 @@ def _run_digits(num_steps, seed, num_couplings, width, batch_size, learning_rate
         num_couplings=num_couplings, num_steps=num_steps,
     )
     if output_dir is not None:
-        flow = numpyro.handlers.substitute(lambda: digits_flow(masks, networks, result.params["probs_zero"]), data=result.params)()
-        samples = np.floor(np.asarray(flow.sample(jax.random.key(seed + 1), (40,))))
+        samples = np.floor(np.asarray(_digits_samples(result.params, masks, networks, jax.random.key(seed + 1))))
         metrics["figure"] = common.save_figure(_digits_figure(split.test[:40], samples), output_dir, "flow_digits")
     return metrics
+
+
+@eqx.filter_jit
+def _digits_samples(params, masks, networks, key, num_samples: int = 40):
+    build = lambda: digits_flow(masks, networks, params["probs_zero"])  # noqa: E731
+    return numpyro.handlers.substitute(build, data=params)().sample(key, (num_samples,))
 
 
 def _digits_figure(real, samples):

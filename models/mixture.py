@@ -116,6 +116,13 @@ def run(
 def _figure(features, species, clusters, params):
     from sklearn.decomposition import PCA
 
+    from scipy.optimize import linear_sum_assignment
+
+    # colour each cluster like the species it overlaps most (labels are exchangeable)
+    overlap = np.array([[np.sum((clusters == k) & (species == s)) for s in range(3)] for k in range(clusters.max() + 1)])
+    cluster_rows, species_cols = linear_sum_assignment(-overlap)
+    colour_of = dict(zip(cluster_rows, species_cols))
+    clusters = np.array([colour_of.get(k, k) for k in clusters])
     pca = PCA(2).fit(features)
     projected = pca.transform(features)
     locs = pca.transform(np.asarray(params["locs"]))
