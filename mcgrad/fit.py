@@ -218,6 +218,20 @@ def load_checkpoint(path: str | Path) -> tuple[FitState, np.ndarray, list]:
 # --------------------------------------------------------------------------- fit
 
 
+def _strongly_typed(tree: Any) -> Any:
+    """Python scalars and weakly typed arrays (``numpyro.param("loc", 0.0)``) as strongly
+    typed arrays: a step returns strong types, so weak ones in the initial state would
+    change the chunk's input types and recompile it for the second chunk."""
+
+    def strong(leaf):
+        if isinstance(leaf, (bool, int, float, complex)) or getattr(leaf, "weak_type", False):
+            array = jnp.asarray(leaf)
+            return jnp.asarray(array, dtype=array.dtype)
+        return leaf
+
+    return jax.tree.map(strong, tree)
+
+
 def check_data(args: tuple, kwargs: dict) -> None:
     """Raise a clear error for model arguments that contain NaN."""
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword '{k}'", v) for k, v in kwargs.items()]
@@ -322,11 +336,11 @@ def fit(
     static_inputs = _Static(static_inputs)
 
     if resume_from is None:
-        params = bound.params.unconstrained
+        params = _strongly_typed(bound.params.unconstrained)
         state = FitState(
             params,
             optimizer.init(params),
-            bound.init_state,
+            _strongly_typed(bound.init_state),
             jax.random.key_data(key_run),
             jnp.zeros((), jnp.int32),
             jnp.zeros((), jnp.int32),
