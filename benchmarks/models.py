@@ -41,6 +41,7 @@ def model_run(module: str, **overrides) -> Callable[[], dict]:
         model = importlib.import_module(f"models.{module}")
         return model.run(output_dir=str(FIGURE_DIR), progress_bar=False, **overrides)
 
+    run.module = f"models.{module}"
     return run
 
 

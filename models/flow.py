@@ -200,7 +200,7 @@ def run(
     num_couplings: int | None = None,
     width: int | None = None,
     batch_size: int = 100,
-    learning_rate: float = 1e-3,
+    learning_rate: float | None = None,
     output_dir=None,
     progress_bar: bool = False,
     **kwargs,
@@ -210,9 +210,13 @@ def run(
     if kwargs:
         raise TypeError(f"unexpected arguments {sorted(kwargs)}")
     if data_name == "moons":
-        return _run_moons(num_steps or 2000, seed, num_couplings or 8, width or 64, batch_size, learning_rate, output_dir, progress_bar)
+        return _run_moons(
+            num_steps or 2000, seed, num_couplings or 8, width or 64, batch_size, learning_rate or 3e-3, output_dir, progress_bar
+        )
     if data_name == "digits":
-        return _run_digits(num_steps or 3000, seed, num_couplings or 6, width or 256, batch_size, learning_rate, output_dir, progress_bar)
+        return _run_digits(
+            num_steps or 3000, seed, num_couplings or 6, width or 256, batch_size, learning_rate or 1e-3, output_dir, progress_bar
+        )
     raise ValueError(f"unknown data '{data_name}': use 'digits' or 'moons'.")
 
 
@@ -322,7 +326,7 @@ def main(argv=None):
     parser.add_argument("--num-couplings", type=int, default=None, help="default 6 (digits) / 8 (moons)")
     parser.add_argument("--width", type=int, default=None, help="hidden width, default 256 (digits) / 64 (moons)")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (digits) / 3e-3 (moons)")
     args = parser.parse_args(argv)
     kwargs = common.run_kwargs(args)
     kwargs["data_name"] = kwargs.pop("data")
