@@ -49,9 +49,12 @@ def test_json_structure(results, benchmark_module):
             "baseline",
             "num_evaluations",
             "mcgrad_seconds",
+            "mcgrad_cpu_seconds",
             "mcgrad_unchecked_seconds",
             "baseline_seconds",
+            "baseline_cpu_seconds",
             "ratio",
+            "ratio_cpu",
             "ratio_unchecked",
             "target",
             "within_target",
@@ -62,9 +65,11 @@ def test_json_structure(results, benchmark_module):
         assert row["mcgrad_seconds"] > 0 and row["baseline_seconds"] > 0
         assert math.isclose(row["ratio"], row["mcgrad_seconds"] / row["baseline_seconds"])
         assert isinstance(row["within_target"], bool)
-    measure_valued = [row for row in rows if row["estimator"] == "measure_valued"]
-    assert [row["target"] for row in measure_valued] == [1.1, 1.5]
-    assert measure_valued[0]["num_evaluations"] == measure_valued[0]["N"] * (1 + 2 * 2 * measure_valued[0]["D"])
+    for name in ("measure_valued", "measure_valued_batch1"):
+        measure_valued = [row for row in rows if row["estimator"] == name]
+        assert [row["target"] for row in measure_valued] == [1.1, 1.5]
+        first = measure_valued[0]
+        assert first["num_evaluations"] == first["N"] * (1 + 2 * 2 * first["D"])  # N + 2·(2D)·N
 
 
 def test_references_compute_the_same_estimator(results):
@@ -80,3 +85,4 @@ def test_markdown_table(results):
     text = (output_dir / "estimators.md").read_text(encoding="utf-8")
     assert "| estimator | D | N |" in text
     assert text.count("| measure_valued |") == 2
+    assert text.count("| measure_valued_batch1 |") == 2
