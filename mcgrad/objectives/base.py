@@ -46,6 +46,10 @@ class Objective(NamedTuple):
     num_particles: int
     setup: Callable[..., ObjectiveSetup]
 
+    # numpyro.infer.SVI asks its loss this before accepting discrete latent sites; mcgrad
+    # estimates their gradients (score function, measure-valued), so it can.
+    can_infer_discrete = True
+
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         """The ``numpyro.infer.SVI`` loss protocol: value is the loss, gradient is mcgrad's estimate."""
         bound = self.setup(model, guide, args, kwargs, None, rng_key)
