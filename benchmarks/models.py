@@ -73,7 +73,8 @@ def markdown_table(results: dict[str, dict]) -> str:
 
 
 def run_benchmarks(names: list[str]) -> dict[str, dict]:
-    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    """Run ``names``; return their metrics."""
+    results = {}
     for name in names:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
@@ -87,6 +88,14 @@ def run_benchmarks(names: list[str]) -> dict[str, dict]:
             metrics["figure"] = str(Path(metrics["figure"]).resolve().relative_to(ROOT))
         results[name] = metrics
         print(json.dumps(metrics, indent=2, default=str), flush=True)
+    return results
+
+
+def merge_results(new: dict[str, dict]) -> dict[str, dict]:
+    """The saved results with ``new`` replacing their entries (read just before writing, so
+    runs of different models do not drop each other's rows), in registry order."""
+    results = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+    results.update(new)
     ordered = {n: results[n] for n in BENCHMARKS if n in results}
     ordered.update({n: r for n, r in results.items() if n not in ordered})
     return ordered
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown models {unknown}; registered: {list(BENCHMARKS)}")
-    results = run_benchmarks(args.names or list(BENCHMARKS))
+    results = merge_results(run_benchmarks(args.names or list(BENCHMARKS)))
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(results, indent=2, default=str) + "\n")
     RESULTS_MARKDOWN.write_text(markdown_table(results))

@@ -215,7 +215,7 @@ def run(
         )
     if data_name == "digits":
         return _run_digits(
-            num_steps or 3000, seed, num_couplings or 6, width or 256, batch_size, learning_rate or 1e-3, output_dir, progress_bar
+            num_steps or 3000, seed, num_couplings or 8, width or 256, batch_size, learning_rate or 1e-3, output_dir, progress_bar
         )
     raise ValueError(f"unknown data '{data_name}': use 'digits' or 'moons'.")
 
@@ -323,7 +323,7 @@ def _digits_figure(real, samples):
 def main(argv=None):
     parser = common.parser(__doc__, num_steps=None)
     parser.add_argument("--data", choices=["digits", "moons"], default="digits")
-    parser.add_argument("--num-couplings", type=int, default=None, help="default 6 (digits) / 8 (moons)")
+    parser.add_argument("--num-couplings", type=int, default=None, help="default 8")
     parser.add_argument("--width", type=int, default=None, help="hidden width, default 256 (digits) / 64 (moons)")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--learning-rate", type=float, default=None, help="default 1e-3 (digits) / 3e-3 (moons)")
