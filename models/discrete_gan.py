@@ -7,13 +7,15 @@ pixels, inside a plate over the batch::
 
 ``x`` is a *sample* site without ``rsample``: no pathwise gradient exists through it, and
 ``mg.adversarial`` gets the generator's gradient from the site's default estimator, the
-score function with a leave-one-out baseline over the particles. Inside the plate each
-sample's learning signal is its own critic score (Rao-Blackwellized):
+score function with a leave-one-out baseline over the ``M`` particles (with one particle:
+a moving average, and a visibly worse fit). Inside the plate each sample's learning
+signal is its own critic score (Rao-Blackwellized):
 
     ∇θ ≈ (1/M) Σ_m Σ_i (ℓ(x_mi) − b_mi) ∇θ log p_θ(x_mi | ε_mi),
     ℓ(x) = −log σ(D(x))  (non-saturating).
 
-``--estimator measure_valued`` replaces it with Bernoulli weak derivatives (each pixel
+The critic judges packs of 4 samples (PacGAN, as in :mod:`models.gan`), which halves the
+pixel-mean error against an unpacked critic. ``--estimator measure_valued`` replaces it with Bernoulli weak derivatives (each pixel
 flipped to 1 and to 0: ``2·64·B`` critic evaluations per particle — slow).
 
 Evaluation against the 360 held-out binarized digits: the mean absolute error between
@@ -67,12 +69,13 @@ class DiscreteGenerator(eqx.Module):
         return jax.random.bernoulli(key_pixels, probs).astype(jnp.float32)
 
 
-def make_networks(noise_dim: int, hidden: int, key: jax.Array) -> tuple[DiscreteGenerator, Critic]:
-    """Two-hidden-layer MLPs: generator ``noise_dim → 64`` logits, critic ``64 → 1``."""
+def make_networks(noise_dim: int, hidden: int, key: jax.Array, pack: int = 1) -> tuple[DiscreteGenerator, Critic]:
+    """Two-hidden-layer MLPs: generator ``noise_dim → 64`` logits, critic ``pack·64 → 1``
+    (``pack`` samples per critic input, as in :class:`models.gan.Critic`)."""
     key_generator, key_critic = jax.random.split(key)
     generator = eqx.nn.MLP(noise_dim, NUM_PIXELS, hidden, 2, activation=jax.nn.relu, key=key_generator)
-    critic = eqx.nn.MLP(NUM_PIXELS, 1, hidden, 2, activation=jax.nn.leaky_relu, key=key_critic)
-    return DiscreteGenerator(generator, noise_dim), Critic(critic)
+    critic = eqx.nn.MLP(pack * NUM_PIXELS, 1, hidden, 2, activation=jax.nn.leaky_relu, key=key_critic)
+    return DiscreteGenerator(generator, noise_dim), Critic(critic, pack)
 
 
 def initial_params(generator: DiscreteGenerator) -> dict:
@@ -117,6 +120,7 @@ def run(
     learning_rate: float = 1e-3,
     critic_learning_rate: float = 1e-3,
     critic_steps: int = 1,
+    pack: int = 4,
     num_eval_samples: int = 2000,
 ) -> dict:
     """Fit the discrete generator with ``mg.adversarial`` (score function on ``x`` by default).
@@ -128,7 +132,7 @@ def run(
     """
     split = data.binarized_digits()
     key_init, key_fit, key_sample = jax.random.split(jax.random.key(seed), 3)
-    generator, critic = make_networks(noise_dim, hidden, key_init)
+    generator, critic = make_networks(noise_dim, hidden, key_init, pack)
     initial = pixel_mean_error(np.asarray(generator.sample(initial_params(generator), key_sample, num_eval_samples)), split.test)
     site_estimator = common.estimator_from_name(estimator)
     objective = mg.adversarial(
@@ -179,6 +183,7 @@ def main(argv=None):
     parser = common.parser(__doc__, num_steps=2000, estimators=True)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-particles", type=int, default=4)
+    parser.add_argument("--pack", type=int, default=4, help="samples per critic input (PacGAN; 1 = none)")
     args = parser.parse_args(argv)
     common.report("discrete_gan", run(**common.run_kwargs(args)))
 

@@ -1,0 +1,30 @@
+import pytest
+
+from models import wgan
+from tests.models._helpers import check_metrics
+
+
+def test_smoke(tmp_path):
+    metrics = wgan.run(num_steps=3, critic_steps=2, batch_size=32, hidden=16, num_eval_samples=200, output_dir=tmp_path)
+    check_metrics(metrics, tmp_path)
+    assert metrics["objective"] == "adversarial(wasserstein)"
+    assert metrics["figure"].endswith("wgan.png")
+
+
+def test_cli_passes_its_flags_to_run(monkeypatch, capsys):
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return {"metric_name": "m", "metric": 8, "fit_seconds": 0.0}
+
+    monkeypatch.setattr(wgan, "run", fake_run)
+    wgan.main(["--critic-steps", "2", "--num-steps", "4"])
+    assert seen["critic_steps"] == 2 and seen["num_steps"] == 4 and seen["data"] == "ring"
+
+
+@pytest.mark.slow
+def test_covers_the_ring():
+    metrics = wgan.run(num_steps=1000)
+    assert metrics["modes_covered"] >= 7, metrics
+    assert metrics["mmd2"] < 0.01
