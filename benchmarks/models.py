@@ -53,6 +53,15 @@ BENCHMARKS: dict[str, Callable[[], dict]] = {
     "autoregressive": model_run("autoregressive"),
     "flow": model_run("flow"),
     "flow_moons": model_run("flow", data="moons"),
+    "vae": model_run("vae"),
+    "discrete_vae": model_run("discrete_vae"),
+    "discrete_vae_measure_valued": model_run("discrete_vae", estimator="measure_valued", variance_estimators=None),
+    "gan": model_run("gan"),
+    "gan_digits": model_run("gan", data="digits"),
+    "wgan": model_run("wgan"),
+    "wgan_digits": model_run("wgan", data="digits"),
+    "discrete_gan": model_run("discrete_gan"),
+    "blr": model_run("blr"),
 }
 
 

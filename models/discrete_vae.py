@@ -271,7 +271,8 @@ def run(
             metrics[f"seconds_{name}"] = float(row["seconds_per_estimate"])
     if output_dir is not None:
         fig = figure(vae, result.params, split.test, result.losses / split.train.shape[0], key_figure)
-        metrics["figure"] = common.save_figure(fig, output_dir, "discrete_vae")
+        name = "discrete_vae" if estimator == "score_function" else f"discrete_vae_{estimator}"
+        metrics["figure"] = common.save_figure(fig, output_dir, name)
     return metrics
 
 
