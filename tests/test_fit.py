@@ -1,0 +1,192 @@
+"""``mg.fit``: the two drivers agree, checkpoints resume bit for bit, the non-finite guard
+skips bad steps and stops with the last finite state, the step keeps its state's
+structure and does not recompile between chunks, and the result feeds ArviZ."""
+
+import importlib
+
+import arviz as az
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+
+import mcgrad as mg
+
+fit_module = importlib.import_module("mcgrad.fit")  # mg.fit is the function
+
+X = jnp.array([0.6, 1.7, 1.1])
+
+
+def model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", x.shape[0]):
+        b = numpyro.sample("b", dist.Bernoulli(0.3))
+        numpyro.sample("x", dist.Normal(z + b, 1.0), obs=x)
+
+
+def guide(x):
+    loc = numpyro.param("loc", 0.0)
+    scale = numpyro.param("scale", 1.0, constraint=dist.constraints.positive)
+    logits = numpyro.param("logits", jnp.full(x.shape[0], 0.3))
+    numpyro.sample("z", dist.Normal(loc, scale))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("b", dist.Bernoulli(logits=logits))
+
+
+# A moving-average baseline puts estimator state in the FitState, which checkpoints must carry.
+ESTIMATORS = {"b": mg.score_function(baseline=mg.baselines.moving_average(0.9))}
+
+
+def run(num_steps=100, **kwargs):
+    settings = dict(key=jax.random.key(0), num_steps=num_steps, optimizer=optax.adam(0.05),
+                    objective=mg.elbo(4), estimators=ESTIMATORS, progress_bar=False)
+    settings.update(kwargs)
+    return mg.fit(model, guide, X, **settings)
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """100 steps in one scan."""
+    return run()
+
+
+def types(tree):
+    return [(x.shape, x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
+
+
+def test_progress_bar_and_scan_drivers_give_the_same_result_without_recompiling(reference):
+    before = fit_module._run_chunk._cache_size()
+    with_bar = run(progress_bar=True, chunk_size=25)  # four chunks of 25 steps
+    assert fit_module._run_chunk._cache_size() - before == 1  # compiled once, reused by chunks 2-4
+    np.testing.assert_array_equal(with_bar.losses, reference.losses)
+    assert_trees_equal(with_bar.params, reference.params)
+    assert_trees_equal(with_bar.state, reference.state)
+    np.testing.assert_array_equal(with_bar.diagnostics.steps, reference.diagnostics.steps)
+    for name in reference.diagnostics.variance:
+        np.testing.assert_array_equal(with_bar.diagnostics.variance[name], reference.diagnostics.variance[name])
+
+
+def test_steps_keep_the_state_structure_and_types(reference):
+    initial = run(num_steps=0).state  # the state fit starts from (no step taken)
+    assert int(initial.step) == 0 and int(reference.state.step) == 100
+    assert jax.tree.structure(reference.state) == jax.tree.structure(initial)
+    assert types(reference.state) == types(initial)  # weak types too: a change would recompile
+
+
+def test_checkpoint_resume_is_exact(reference, tmp_path):
+    path = tmp_path / "fit.ckpt"
+    first = run(num_steps=50, checkpoint_path=path)
+    assert int(first.state.step) == 50 and path.exists()
+    state, losses, _ = mg.load_checkpoint(path)
+    assert_trees_equal(state, first.state)
+    np.testing.assert_array_equal(losses, first.losses)
+    resumed = run(num_steps=100, resume_from=path)
+    np.testing.assert_array_equal(resumed.losses, reference.losses)  # the checkpoint carries the history
+    assert_trees_equal(resumed.params, reference.params)
+    assert_trees_equal(resumed.state, reference.state)
+    # Resuming from a FitState in memory follows the same trajectory.
+    from_state = run(num_steps=100, resume_from=first.state)
+    np.testing.assert_array_equal(from_state.losses, reference.losses[50:])
+    assert_trees_equal(from_state.params, reference.params)
+
+
+def test_diagnostics_are_recorded_with_several_particles(reference):
+    diagnostics = reference.diagnostics
+    assert diagnostics.steps.size == 50 and diagnostics.steps[1] - diagnostics.steps[0] == 2  # every 100 // 50
+    for name in ("loc", "scale", "logits"):
+        assert np.all(np.isfinite(diagnostics.variance[name])) and np.all(diagnostics.variance[name] > 0)
+        assert np.all(np.isfinite(diagnostics.snr[name])) and np.all(diagnostics.snr[name] > 0)
+    assert diagnostics.num_nonfinite == 0
+
+
+def test_to_inference_data_works_with_arviz(reference):
+    idata = reference.to_inference_data(num_samples=200, key=jax.random.key(1))
+    assert idata.posterior["z"].shape == (1, 200)
+    assert idata.posterior["b"].shape == (1, 200, 3)
+    assert idata.log_likelihood["x"].shape == (1, 200, 3)
+    np.testing.assert_array_equal(idata.observed_data["x"], X)
+    np.testing.assert_array_equal(idata.fit["loss"], reference.losses)
+    summary = az.summary(idata, var_names=["z"], kind="stats")
+    # The guide's Normal(loc, scale): the summary's mean and sd match it within sampling error.
+    loc, scale = float(reference.params["loc"]), float(reference.params["scale"])
+    assert abs(summary.loc["z", "mean"] - loc) < 5 * scale / np.sqrt(200)
+    assert abs(summary.loc["z", "sd"] / scale - 1) < 5 * np.sqrt(1 / (2 * 199))
+    loo = az.loo(idata)
+    assert np.isfinite(loo.elpd_loo) and loo.n_data_points == 3
+
+
+def test_maximum_likelihood_result_to_inference_data():
+    def gaussian(x):
+        loc = numpyro.param("loc", 0.0)
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+    result = mg.fit(gaussian, None, X, key=jax.random.key(0), num_steps=20, optimizer=optax.adam(0.1),
+                    objective=mg.maximum_likelihood(), progress_bar=False)
+    idata = result.to_inference_data()
+    assert idata.posterior["loc"].shape == (1, 1)
+    np.testing.assert_allclose(idata.log_likelihood["x"].values[0, 0], dist.Normal(result.params["loc"], 1.0).log_prob(X), rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- the non-finite guard
+
+DATA = 5.0 + jax.random.normal(jax.random.key(2), (50,))
+
+
+def barrier_model(x):
+    """The likelihood pulls loc to 5; the factor is NaN once loc passes 3."""
+    loc = numpyro.param("loc", 0.0)
+    numpyro.factor("barrier", 0.01 * jnp.sqrt(3.0 - loc))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def fit_barrier(num_steps, **kwargs):
+    return mg.fit(barrier_model, None, DATA, key=jax.random.key(0), num_steps=num_steps, optimizer=optax.adam(0.1),
+                  objective=mg.maximum_likelihood(), progress_bar=False, **kwargs)
+
+
+def test_nonfinite_run_stops_with_the_last_finite_state():
+    with pytest.raises(mg.NonFiniteError) as error:
+        fit_barrier(100, max_nonfinite=5)
+    losses = error.value.losses
+    first_bad = int(np.argmax(~np.isfinite(losses)))
+    assert 0 < first_bad < 95 and np.all(np.isfinite(losses[:first_bad])) and np.all(np.isnan(losses[first_bad:]))
+    state = error.value.state
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state))
+    assert int(state.num_nonfinite) == 100 - first_bad
+    # The skipped steps changed nothing: params and optimizer are those after the last finite step.
+    last_finite = fit_barrier(first_bad).state
+    assert_trees_equal(state.params, last_finite.params)
+    assert_trees_equal(state.optimizer_state, last_finite.optimizer_state)
+    assert float(state.params["loc"]) > 3.0  # the step that crossed the barrier was finite; the next was not
+    message = str(error.value)
+    assert "non-finite loss or gradient" in message and "max_nonfinite=5" in message
+    assert "error.state" in message and "last finite state" in message and f"{100 - first_bad} steps" in message
+
+
+def test_occasional_nonfinite_steps_are_skipped_and_counted():
+    """A minibatch containing a negative value gives LogNormal a NaN log-density: those
+    steps are skipped (NaN loss, params unchanged) and the fit carries on."""
+    data = jnp.abs(DATA).at[3].set(-1.0)
+
+    def log_normal(x):
+        loc = numpyro.param("loc", 0.0)
+        with numpyro.plate("data", x.shape[0], subsample_size=10) as index:
+            numpyro.sample("x", dist.LogNormal(loc, 1.0), obs=x[index])
+
+    result = mg.fit(log_normal, None, data, key=jax.random.key(0), num_steps=60, optimizer=optax.adam(0.05),
+                    objective=mg.maximum_likelihood(), progress_bar=False, max_nonfinite=60)
+    skipped = ~np.isfinite(result.losses)
+    assert 0 < skipped.sum() < 60
+    assert int(result.state.num_nonfinite) == skipped.sum() == result.diagnostics.num_nonfinite
+    assert np.isfinite(float(result.params["loc"]))
