@@ -23,6 +23,7 @@ measures per-sample variance over a grid of cost parameters (the paper's Figure 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -237,7 +238,8 @@ def diagnose(
     seconds = median_seconds(lambda: batched(params, keys), num_timing_runs) / num_repeats
     stats = jax.jit(gradient_statistics)(gradients, exact)
     num_evaluations = count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
-    efficiency = 1.0 / (float(stats.total_variance) * seconds)
+    variance_times_seconds = float(stats.total_variance) * seconds
+    efficiency = 1.0 / variance_times_seconds if variance_times_seconds > 0 else math.inf  # a noiseless estimator
     return Diagnostics(*stats, num_evaluations, seconds, efficiency, num_samples, num_repeats)
 
 

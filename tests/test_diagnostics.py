@@ -209,3 +209,14 @@ def test_coordinate_names():
     params = {"w": jnp.zeros((2, 2)), "b": 0.0}
     assert mg.diagnostics.coordinate_names(params) == ["b", "w[0,0]", "w[0,1]", "w[1,0]", "w[1,1]"]
     assert mg.diagnostics.coordinate_names(1.0) == ["params"]
+
+
+def test_noiseless_estimator_has_infinite_efficiency():
+    """The delta method (coefficient 1) makes the score function exact on a quadratic:
+    zero variance up to float rounding."""
+    estimator = mg.with_control_variate(mg.score_function(), mg.control_variates.delta_method(), coefficient=1.0)
+    result = mg.diagnose(
+        cost, normal, estimator, PARAMS, key=jax.random.key(4), num_samples=5, num_repeats=4, num_timing_runs=1
+    )
+    assert float(result.total_variance) < 1e-8
+    assert result.efficiency > 1e6
