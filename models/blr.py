@@ -118,7 +118,7 @@ def run(
     metrics = common.metrics(
         "elbo",
         estimator or "default",
-        "max |mean_guide − mean_nuts| / sd_nuts",
+        "max abs(mean_guide − mean_nuts) / sd_nuts",
         table["mean_deviation"].max(),
         seconds,
         median_mean_deviation=float(table["mean_deviation"].median()),

@@ -162,7 +162,7 @@ def run(
     metrics = common.metrics(
         "adversarial(non_saturating)",
         estimator or "default",
-        "pixel-mean error (mean |Δ|)",
+        "pixel-mean error (mean abs)",
         error,
         seconds,
         baseline=pixel_mean_error(split.train, split.test),

@@ -10,7 +10,7 @@ A critic ``D_ψ`` (an equinox MLP) is trained by ``mg.adversarial`` to tell data
 ``x``; the generator minimises ``−E log σ(D(G(ε)))`` (non-saturating, Goodfellow et al.
 2014), its gradient going pathwise through the noise site. The critic judges packs of 4
 samples (PacGAN, Lin et al. 2018; ``--pack 1`` turns it off): without packing this GAN
-collapses onto 1–4 of the ring's 8 modes, with it it covers all 8. :mod:`models.wgan`
+collapses onto at most 4 of the ring's 8 modes, with it it covers all 8. :mod:`models.wgan`
 is the same generator with the Wasserstein loss and a gradient penalty.
 
 ``--estimator`` names the noise site's estimator; that distribution has no parameters,

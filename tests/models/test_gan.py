@@ -43,7 +43,7 @@ def test_wasserstein_penalty_rejects_a_packed_critic():
 
 @pytest.mark.slow
 def test_covers_the_ring():
-    # Without the packed critic this GAN collapses onto 1-4 modes; with it, all 8.
+    # Without the packed critic this GAN collapses onto at most 4 modes; with it, all 8.
     metrics = gan.run()
     assert metrics["modes_covered"] >= 7, metrics
     assert metrics["high_quality_fraction"] > 0.5
