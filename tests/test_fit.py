@@ -41,8 +41,8 @@ ESTIMATORS = {"b": mg.score_function(baseline=mg.baselines.moving_average(0.9))}
 
 
 def run(num_steps=100, **kwargs):
-    settings = dict(key=jax.random.key(0), num_steps=num_steps, optimizer=optax.adam(0.05),
-                    objective=mg.elbo(4), estimators=ESTIMATORS, progress_bar=False)
+    settings = {"key": jax.random.key(0), "num_steps": num_steps, "optimizer": optax.adam(0.05),
+                "objective": mg.elbo(4), "estimators": ESTIMATORS, "progress_bar": False}
     settings.update(kwargs)
     return mg.fit(model, guide, X, **settings)
 

@@ -41,10 +41,14 @@ LINEAR = {"w": jnp.zeros((1, 1)), "b": jnp.zeros(1)}
 # penalty keep the circle small. The generator starts 4 data standard deviations away;
 # "learns the mean" is: ends within half a standard deviation of it.
 LOSSES = {
-    "minimax": dict(critic=quadratic_critic, critic_params=QUADRATIC, critic_optimizer=optax.adam(0.02, b1=0.5)),
-    "non_saturating": dict(critic=quadratic_critic, critic_params=QUADRATIC, critic_optimizer=optax.adam(0.02, b1=0.5)),
-    "wasserstein": dict(critic=linear_critic, critic_params=LINEAR, critic_optimizer=optax.adam(0.2, b1=0.5),
-                        critic_steps=5, gradient_penalty=0.1),
+    "minimax": {"critic": quadratic_critic, "critic_params": QUADRATIC, "critic_optimizer": optax.adam(0.02, b1=0.5)},
+    "non_saturating": {
+        "critic": quadratic_critic, "critic_params": QUADRATIC, "critic_optimizer": optax.adam(0.02, b1=0.5),
+    },
+    "wasserstein": {
+        "critic": linear_critic, "critic_params": LINEAR, "critic_optimizer": optax.adam(0.2, b1=0.5),
+        "critic_steps": 5, "gradient_penalty": 0.1,
+    },
 }
 
 

@@ -134,12 +134,12 @@ def test_bound_between_elbo_and_log_evidence_and_tightens_with_k():
     for k, objective in [(1, mg.elbo(1)), (2, mg.iwae(2)), (8, mg.iwae(8)), (64, mg.iwae(64))]:
         bound = objective.setup(model, guide, (X,), {}, None, jax.random.key(0))
         values = jax.jit(
-            jax.vmap(lambda key: jnp.mean(bound.surrogate(PARAMS, bound.init_state, key, (X,), {})[0])),
+            jax.vmap(lambda key, bound=bound: jnp.mean(bound.surrogate(PARAMS, bound.init_state, key, (X,), {})[0])),
             compiler_options=FAST_COMPILE,
         )(jax.random.split(jax.random.key(10 + k), num_repeats))
         bounds[k] = mean_se(-np.asarray(values, np.float64))
     ks = sorted(bounds)
-    for small, large in zip(ks, ks[1:]):
+    for small, large in itertools.pairwise(ks):
         (a, se_a), (b, se_b) = bounds[small], bounds[large]
         assert b - a > NUM_SE * np.hypot(se_a, se_b), (small, large, bounds)
     value, se = bounds[64]

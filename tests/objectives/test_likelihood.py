@@ -36,8 +36,8 @@ def test_full_data_fit_reaches_the_closed_form_mle():
         optimizer=optax.adam(optax.exponential_decay(0.1, 500, 0.01)),
         objective=mg.maximum_likelihood(), progress_bar=False,
     )
-    for name in MLE:  # deterministic gradients: converged to float precision
-        np.testing.assert_allclose(result.params[name], MLE[name], rtol=1e-5)
+    for name, value in MLE.items():  # deterministic gradients: converged to float precision
+        np.testing.assert_allclose(result.params[name], value, rtol=1e-5)
     np.testing.assert_allclose(result.losses[-1], negative_log_likelihood(MLE), rtol=1e-6)
 
 
@@ -65,8 +65,8 @@ def test_minibatch_fit_reaches_the_mle_within_a_fraction_of_its_standard_error()
         objective=mg.maximum_likelihood(), progress_bar=False,
     )
     # The optimisation error is small next to the statistical error of the MLE itself.
-    for name in MLE:
-        assert abs(float(result.params[name]) - MLE[name]) < 0.25 * MLE_SE, (name, result.params, MLE)
+    for name, value in MLE.items():
+        assert abs(float(result.params[name]) - value) < 0.25 * MLE_SE, (name, result.params, MLE)
 
 
 # --------------------------------------------------------------------------- a mixture
