@@ -21,20 +21,17 @@ def benchmark_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def results(benchmark_module, tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("benchmarks")
+def test_quick_benchmark(benchmark_module, tmp_path):
+    """One --quick run (one test, so that xdist runs it once): the JSON and the table."""
     async_dispatch = jax.config.read("jax_cpu_enable_async_dispatch")
     try:
         with jax.numpy_rank_promotion("allow"):  # NumPyro broadcasts batch shapes implicitly
-            assert benchmark_module.main(["--quick", "--output-dir", str(output_dir)]) == 0
+            assert benchmark_module.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     finally:
         jax.config.update("jax_cpu_enable_async_dispatch", async_dispatch)
-    return json.loads((output_dir / "estimators.json").read_text()), output_dir
+    data = json.loads((tmp_path / "estimators.json").read_text())
 
-
-def test_json_structure(results, benchmark_module):
-    data, _ = results
+    # Structure.
     assert set(data) == {"meta", "results"}
     assert data["meta"]["quick"] is True
     for key in ["jax", "backend", "device", "cpu_count", "timing_samples", "cost", "date"]:
@@ -72,18 +69,13 @@ def test_json_structure(results, benchmark_module):
         first = measure_valued[0]
         assert first["num_evaluations"] == first["N"] * (1 + 2 * 2 * first["D"])  # N + 2·(2D)·N
 
-
-def test_references_compute_the_same_estimator(results):
-    """The hand-written references draw the same random numbers as mcgrad: same gradient."""
-    data, _ = results
-    for row in data["results"]:
+    # The hand-written references draw the same random numbers as mcgrad: same gradient.
+    for row in rows:
         if row["baseline"] == "reference":
             assert row["max_abs_difference"] < 1e-4, row["estimator"]
 
-
-def test_markdown_table(results):
-    _, output_dir = results
-    text = (output_dir / "estimators.md").read_text(encoding="utf-8")
+    # The markdown table.
+    text = (tmp_path / "estimators.md").read_text(encoding="utf-8")
     assert "| estimator | D | N |" in text
     assert text.count("| measure_valued |") == 2
     assert text.count("| measure_valued_batch1 |") == 2

@@ -18,23 +18,19 @@ NUM_POINTS = 5
 ESTIMATORS = ["score function", "score function + leave-one-out", "pathwise", "measure-valued (coupled)"]
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    output_dir = tmp_path_factory.mktemp("study")
+def test_study_end_to_end(tmp_path):
+    """One run of ``mcgrad study`` (one test, so that xdist runs it once)."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = cli.main(
-            ["study", "--output-dir", str(output_dir), "--num-samples", str(NUM_SAMPLES), "--num-points", str(NUM_POINTS)]
+            ["study", "--output-dir", str(tmp_path), "--num-samples", str(NUM_SAMPLES), "--num-points", str(NUM_POINTS)]
         )
-    return code, output_dir, printed.getvalue()
-
-
-def test_study_writes_figure_and_tables(study):
-    code, output_dir, _ = study
     assert code == 0
-    png = output_dir / "variance_study.png"
+
+    # The figure and the tables.
+    png = tmp_path / "variance_study.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = pd.read_csv(output_dir / "variance_study.csv")
+    table = pd.read_csv(tmp_path / "variance_study.csv")
     for column in [
         "cost",
         "k",
@@ -52,32 +48,25 @@ def test_study_writes_figure_and_tables(study):
     assert sorted(table["cost"].unique()) == ["cosine", "exponential", "quadratic"]
     assert sorted(table["parameter"].unique()) == ["loc", "scale"]
     assert (table["variance"] > 0).all()
-    winners = pd.read_csv(output_dir / "winners.csv")
+    winners = pd.read_csv(tmp_path / "winners.csv")
     assert set(winners["criterion"]) == {"variance", "variance_x_evaluations"}
 
-
-def test_pathwise_beats_score_function_on_the_quadratic(study):
-    _, output_dir, _ = study
-    table = pd.read_csv(output_dir / "variance_study.csv")
+    # Pathwise beats the score function on the quadratic, and leave-one-out helps there.
     quadratic = table[table["cost"] == "quadratic"].pivot_table(
         index=["parameter", "k"], columns="estimator", values="variance"
     )
     assert (quadratic["pathwise"] < quadratic["score function"]).all()
     assert (quadratic["score function + leave-one-out"] < quadratic["score function"]).all()
 
-
-def test_quadratic_matches_the_paper(study):
-    """Pathwise ∂μ of (x − k)² is 2(x − k): variance exactly 4, standard error 4·sqrt(2/N)."""
-    _, output_dir, _ = study
-    table = pd.read_csv(output_dir / "variance_study.csv")
+    # The paper's closed form: pathwise ∂μ of (x − k)² is 2(x − k), variance exactly 4
+    # with standard error 4·sqrt(2/N).
     rows = table[(table["cost"] == "quadratic") & (table["estimator"] == "pathwise") & (table["parameter"] == "loc")]
     np.testing.assert_allclose(rows["variance"], 4.0, atol=5 * 4.0 * math.sqrt(2.0 / NUM_SAMPLES))
     np.testing.assert_allclose(rows["exact_variance"], 4.0)
     assert table.loc[table["cost"] != "quadratic", "exact_variance"].isna().all()
 
-
-def test_study_prints_table_and_winners(study):
-    _, _, out = study
+    # What it prints.
+    out = printed.getvalue()
     assert "Per-sample gradient variance" in out
     assert "Lowest variance:" in out and "Lowest variance × evaluations" in out
     assert "(x−k)², ∂/∂μ" in out

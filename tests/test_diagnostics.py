@@ -52,9 +52,10 @@ def variance_standard_error(samples: np.ndarray) -> float:
     return float(np.sqrt((fourth - variance**2) / len(samples)))
 
 
-@pytest.fixture(scope="module", params=list(ESTIMATORS))
-def diagnosed(request):
-    name = request.param
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_diagnose_against_exact(name):
+    """Variance, bias, SNR and cost of one estimator (one test per estimator, so that
+    xdist computes its estimates once)."""
     estimator = ESTIMATORS[name]()
     result = mg.diagnose(
         cost,
@@ -68,36 +69,30 @@ def diagnosed(request):
         num_timing_runs=2,
     )
     grad_fn = mg.grad(cost, normal, estimator=estimator, num_samples=NUM_SAMPLES)
-    independent = jax.jit(jax.vmap(grad_fn, in_axes=(None, 0)))(PARAMS, jax.random.split(jax.random.key(1), NUM_REPEATS))
-    return name, result, jax.tree.map(np.asarray, independent)
+    keys = jax.random.split(jax.random.key(1), NUM_REPEATS)
+    independent = jax.tree.map(np.asarray, jax.jit(jax.vmap(grad_fn, in_axes=(None, 0)))(PARAMS, keys))
 
-
-def test_variance_matches_exact(diagnosed):
-    name, result, independent = diagnosed
+    # Variance against the exact single-sample variance / N.
     for index, parameter in enumerate(["loc", "scale"]):
         exact = EXACT_VARIANCE[name][index] / NUM_SAMPLES
         tolerance = 5 * variance_standard_error(independent[parameter])
         assert abs(float(result.variance[parameter]) - exact) < tolerance, (name, parameter)
-    total = sum(EXACT_VARIANCE[name]) / NUM_SAMPLES
     assert float(result.total_variance) == pytest.approx(
         float(result.variance["loc"] + result.variance["scale"]), rel=1e-6
     )
+    total = sum(EXACT_VARIANCE[name]) / NUM_SAMPLES
     assert abs(float(result.total_variance) - total) < 5 * math.hypot(
         *(variance_standard_error(independent[p]) for p in ("loc", "scale"))
     )
 
-
-def test_unbiased_within_standard_error(diagnosed):
-    name, result, _ = diagnosed
+    # Unbiased within 5 standard errors, and the standard error is sqrt(V / R).
     for parameter in ("loc", "scale"):
         standard_error = float(result.bias_standard_error[parameter])
         assert standard_error == pytest.approx(math.sqrt(float(result.variance[parameter]) / NUM_REPEATS), rel=1e-5)
         assert abs(float(result.bias[parameter])) < 5 * standard_error, (name, parameter)
         assert float(result.mean[parameter]) == pytest.approx(2.0 + float(result.bias[parameter]), abs=1e-5)
 
-
-def test_snr_and_cost(diagnosed):
-    name, result, _ = diagnosed
+    # SNR and cost.
     for parameter in ("loc", "scale"):
         expected = abs(float(result.mean[parameter])) / math.sqrt(float(result.variance[parameter]))
         assert float(result.snr[parameter]) == pytest.approx(expected, rel=1e-5)
