@@ -155,8 +155,8 @@ def optimal_constant() -> Baseline:
             n = score.shape[0]
             sig = jnp.reshape(signal, (n,) + (1,) * (score.ndim - 1))
             weight = score**2
-            numerator = jnp.sum(sig * weight, axis=0) - sig * weight
-            denominator = jnp.sum(weight, axis=0) - weight
+            numerator = jnp.sum(sig * weight, axis=0, keepdims=True) - sig * weight
+            denominator = jnp.sum(weight, axis=0, keepdims=True) - weight
             b = jnp.where(denominator > 0, numerator / jnp.where(denominator > 0, denominator, 1.0), 0.0)
             return sig - b
 
@@ -201,7 +201,9 @@ def learned(
     baseline_fn = baseline_fn if baseline_fn is not None else (lambda p: p)
 
     def init(params):
-        init_value = jax.tree.map(jnp.asarray, init_params)
+        # Strongly typed (a Python float would give a weak-typed leaf that the first
+        # update makes strong, so a jitted step retraces on its own returned state).
+        init_value = jax.tree.map(lambda v: jnp.asarray(v, dtype=jnp.asarray(v).dtype), init_params)
         return LearnedState(init_value, optimizer.init(init_value))
 
     def update(signal, state, context):

@@ -40,18 +40,37 @@ class ControlVariate(NamedTuple):
     build: Callable[[Callable, dist.Distribution], tuple[Callable, Callable[[dist.Distribution], jax.Array]]]
 
 
+def _independent_coordinates(distribution: dist.Distribution) -> bool:
+    """Whether the coordinates of one draw are independent: a family with scalar events,
+    possibly inside ``expand`` / ``to_event`` wrappers."""
+    inner = distribution
+    while isinstance(inner, (dist.Independent, dist.ExpandedDistribution)):
+        inner = inner.base_dist
+    return inner.event_shape == ()
+
+
 def _moments(distribution: dist.Distribution, site: str) -> tuple[jax.Array, jax.Array, bool]:
     """Mean and covariance (or variance, for independent coordinates), flattened."""
     try:
         mean = jnp.ravel(distribution.mean)
         if isinstance(distribution, dist.MultivariateNormal):
             return mean, distribution.covariance_matrix, True
-        return mean, jnp.ravel(distribution.variance), False
+        variance = jnp.ravel(distribution.variance)
     except (NotImplementedError, AttributeError) as error:
         raise ValueError(
             f"delta_method() needs the mean and variance of the distribution at site '{site}', "
             f"but {describe(distribution)} does not provide them ({error})."
         ) from error
+    if not _independent_coordinates(distribution):
+        # Its coordinates are correlated (Dirichlet, say): E[h] from the variances alone
+        # would miss the cross terms of the Hessian and bias the estimate.
+        raise ValueError(
+            f"delta_method() needs the covariance of the distribution at site '{site}', but "
+            f"{describe(distribution)} has correlated coordinates within an event and no "
+            "covariance_matrix; only MultivariateNormal and families with scalar events "
+            "(expand / to_event included) are supported."
+        )
+    return mean, variance, False
 
 
 def delta_method(order: int = 2, site: str = "x") -> ControlVariate:
@@ -92,6 +111,12 @@ def delta_method(order: int = 2, site: str = "x") -> ControlVariate:
             return cost_fn(jnp.reshape(v, shape))
 
         value = flat_cost(mean)
+        if jnp.shape(value) != ():  # before jax.grad's own, less helpful, TypeError
+            raise ValueError(
+                f"cost_fn must return a scalar for one sample of site '{site}', but for a sample "
+                f"of shape {shape} it returned shape {jnp.shape(value)}. Reduce it to a scalar, "
+                "e.g. `jnp.sum(...)`."
+            )
         gradient = jax.grad(flat_cost)(mean)
         hessian = jax.hessian(flat_cost)(mean) if order == 2 else None
         value, gradient, hessian = jax.lax.stop_gradient((value, gradient, hessian))
@@ -121,10 +146,10 @@ def _leave_one_out_coefficient(gradients_f: jax.Array, gradients_h: jax.Array) -
     """``c_i = Cov(g_f, g_h) / Var(g_h)`` per coordinate, from all samples but ``i``."""
     n = gradients_f.shape[0]
     m = n - 1
-    sum_f = jnp.sum(gradients_f, axis=0) - gradients_f
-    sum_h = jnp.sum(gradients_h, axis=0) - gradients_h
-    sum_fh = jnp.sum(gradients_f * gradients_h, axis=0) - gradients_f * gradients_h
-    sum_hh = jnp.sum(gradients_h**2, axis=0) - gradients_h**2
+    sum_f = jnp.sum(gradients_f, axis=0, keepdims=True) - gradients_f
+    sum_h = jnp.sum(gradients_h, axis=0, keepdims=True) - gradients_h
+    sum_fh = jnp.sum(gradients_f * gradients_h, axis=0, keepdims=True) - gradients_f * gradients_h
+    sum_hh = jnp.sum(gradients_h**2, axis=0, keepdims=True) - gradients_h**2
     covariance = sum_fh - sum_f * sum_h / m
     variance = sum_hh - sum_h**2 / m
     tiny = jnp.finfo(variance.dtype).tiny
@@ -175,7 +200,7 @@ def with_control_variate(
 
         def combine(g_f, g_h, e_h):
             c = _leave_one_out_coefficient(g_f, g_h) if coefficient == "optimal" else coefficient
-            return g_f - c * (g_h - e_h)
+            return g_f - c * (g_h - jnp.expand_dims(e_h, 0))
 
         per_sample = jax.tree.map(combine, gradients_f, gradients_h, exact_h)
         s = linear_surrogate(jax.lax.stop_gradient(s_f), params, per_sample)

@@ -88,6 +88,12 @@ def _shape(parameters: dict[str, Array], name: str, num_samples: int) -> tuple[i
     return (num_samples,) + jnp.shape(parameters[name])
 
 
+def _lead(value: Array) -> Array:
+    """``value`` with a leading axis of 1, to combine with ``[N, *shape]`` draws without
+    implicit rank promotion."""
+    return jnp.expand_dims(value, 0)
+
+
 def _normal_loc(key, parameters, num_samples, coupling):
     loc, scale = parameters["loc"], parameters["scale"]
     shape = _shape(parameters, "loc", num_samples)
@@ -96,7 +102,7 @@ def _normal_loc(key, parameters, num_samples, coupling):
     w_plus = jnp.sqrt(2.0 * jax.random.exponential(key_plus, shape))
     w_minus = w_plus if coupling else jnp.sqrt(2.0 * jax.random.exponential(key_minus, shape))
     constant = 1.0 / (scale * math.sqrt(2.0 * math.pi))
-    return constant, loc + scale * w_plus, loc - scale * w_minus
+    return constant, _lead(loc) + _lead(scale) * w_plus, _lead(loc) - _lead(scale) * w_minus
 
 
 def _normal_scale(key, parameters, num_samples, coupling):
@@ -110,7 +116,7 @@ def _normal_scale(key, parameters, num_samples, coupling):
         gaussian = jax.random.uniform(key_minus, shape) * maxwell
     else:
         gaussian = jax.random.normal(key_minus, shape)
-    return 1.0 / scale, loc + scale * maxwell, loc + scale * gaussian
+    return 1.0 / scale, _lead(loc) + _lead(scale) * maxwell, _lead(loc) + _lead(scale) * gaussian
 
 
 def _bernoulli_probs(key, parameters, num_samples, coupling):
@@ -152,7 +158,7 @@ def _exponential_rate(key, parameters, num_samples, coupling):
     second = jax.random.exponential(key_b, shape)
     # p⁺ = Exp(θ), p⁻ = Erlang(2)/θ; coupled by sharing the first exponential draw.
     start = first if coupling else jax.random.exponential(key_c, shape)
-    return 1.0 / rate, first / rate, (start + second) / rate
+    return 1.0 / rate, first / _lead(rate), (start + second) / _lead(rate)
 
 
 def _gamma_rate(key, parameters, num_samples, coupling):
@@ -162,7 +168,7 @@ def _gamma_rate(key, parameters, num_samples, coupling):
     gamma = jax.random.gamma(key_a, jax.lax.stop_gradient(concentration), shape)
     extra = jax.random.exponential(key_b, shape)  # Gamma(a) + Exp(1) = Gamma(a + 1)
     start = gamma if coupling else jax.random.gamma(key_c, jax.lax.stop_gradient(concentration), shape)
-    return concentration / rate, gamma / rate, (start + extra) / rate
+    return concentration / rate, gamma / _lead(rate), (start + extra) / _lead(rate)
 
 
 def _weibull_scale(key, parameters, num_samples, coupling):
@@ -174,21 +180,21 @@ def _weibull_scale(key, parameters, num_samples, coupling):
     first = jax.random.exponential(key_a, shape)
     second = jax.random.exponential(key_b, shape)
     base = first if coupling else jax.random.exponential(key_c, shape)
-    power = 1.0 / jax.lax.stop_gradient(concentration)
-    return concentration / scale, scale * (first + second) ** power, scale * base**power
+    power = _lead(1.0 / jax.lax.stop_gradient(concentration))
+    return concentration / scale, _lead(scale) * (first + second) ** power, _lead(scale) * base**power
 
 
 def _uniform_high(key, parameters, num_samples, coupling):
     low, high = parameters["low"], parameters["high"]
     shape = _shape(parameters, "high", num_samples)
-    uniform = low + (high - low) * jax.random.uniform(key, shape)
+    uniform = _lead(low) + _lead(high - low) * jax.random.uniform(key, shape)
     return 1.0 / (high - low), jnp.broadcast_to(high, shape), uniform
 
 
 def _uniform_low(key, parameters, num_samples, coupling):
     low, high = parameters["low"], parameters["high"]
     shape = _shape(parameters, "low", num_samples)
-    uniform = low + (high - low) * jax.random.uniform(key, shape)
+    uniform = _lead(low) + _lead(high - low) * jax.random.uniform(key, shape)
     return 1.0 / (high - low), uniform, jnp.broadcast_to(low, shape)
 
 

@@ -1,0 +1,130 @@
+"""Clear errors (DESIGN.md §7): each names the site, the distribution and the fix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import mcgrad as mg
+
+KEY = jax.random.key(0)
+
+
+def normal(params):
+    return dist.Normal(params["loc"], params["scale"])
+
+
+PARAMS = {"loc": jnp.float32(0.2), "scale": jnp.float32(1.0)}
+
+
+@pytest.mark.parametrize(
+    "family, dist_fn, params",
+    [
+        ("Bernoulli", lambda p: dist.Bernoulli(probs=p), 0.3),
+        ("Bernoulli", lambda p: dist.Bernoulli(logits=p), 0.3),
+        ("Categorical", lambda p: dist.Categorical(logits=p), jnp.zeros(3)),
+        ("Poisson", lambda p: dist.Poisson(p), 2.0),
+    ],
+)
+def test_pathwise_without_rsample(family, dist_fn, params):
+    fn = mg.grad(lambda x: 1.0 * x, dist_fn, estimator=mg.pathwise(), num_samples=4)
+    for call in (fn, jax.jit(fn)):  # raised while tracing, jitted or not
+        with pytest.raises(ValueError) as error:
+            call(params, KEY)
+        message = str(error.value)
+        assert family in message and "rsample" in message and "site 'x'" in message
+        assert "mg.score_function()" in message and "mg.measure_valued()" in message
+
+
+def test_pathwise_without_rsample_names_the_wrappers():
+    fn = mg.grad(
+        lambda x: jnp.sum(x),
+        lambda p: dist.Bernoulli(probs=p).expand([3]).to_event(1),
+        estimator=mg.pathwise(),
+        num_samples=4,
+    )
+    with pytest.raises(ValueError, match=r"Bernoulli.*inside Independent of ExpandedDistribution"):
+        with jax.numpy_rank_promotion("allow"):
+            fn(0.3, KEY)
+
+
+@pytest.mark.parametrize(
+    "family, dist_fn, params",
+    [
+        ("Beta", lambda p: dist.Beta(p, 2.0), 1.5),
+        ("Laplace", lambda p: dist.Laplace(p, 1.0), 0.0),
+        ("Dirichlet", lambda p: dist.Dirichlet(p), jnp.ones(3)),
+    ],
+)
+def test_measure_valued_on_unregistered_family(family, dist_fn, params):
+    fn = mg.grad(lambda x: jnp.sum(x), dist_fn, estimator=mg.measure_valued(), num_samples=4)
+    with pytest.raises(ValueError) as error:
+        fn(params, KEY)
+    message = str(error.value)
+    assert f"no weak derivative for {family}" in message and "site 'x'" in message
+    for registered in ("Normal", "Poisson", "Gamma", "Exponential", "Weibull", "Uniform", "BernoulliProbs"):
+        assert registered in message
+    assert "mg.register_weak_derivative" in message and "mg.score_function()" in message
+
+
+def test_measure_valued_needs_scalar_events(monkeypatch):
+    from mcgrad.estimators import weak_derivatives
+
+    monkeypatch.setattr(weak_derivatives, "_REGISTRY", dict(weak_derivatives._REGISTRY))
+    mg.register_weak_derivative(dist.MultivariateNormal, mg.weak_derivative_for(dist.Normal(0.0, 1.0)))
+    fn = mg.grad(
+        lambda x: jnp.sum(x),
+        lambda p: dist.MultivariateNormal(p, jnp.eye(2)),
+        estimator=mg.measure_valued(),
+        num_samples=4,
+    )
+    with pytest.raises(ValueError, match=r"scalar events.*event shape \(2,\)"):
+        fn(jnp.zeros(2), KEY)
+
+
+ESTIMATORS = {
+    "pathwise": mg.pathwise(),
+    "score_function": mg.score_function(),
+    "measure_valued": mg.measure_valued(),
+    "control_variate": mg.with_control_variate(mg.score_function(), mg.delta_method()),
+}
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_cost_must_return_a_scalar(name):
+    def vector_cost(x):
+        return jnp.stack([x, x**2])
+
+    fn = jax.jit(mg.grad(vector_cost, normal, estimator=ESTIMATORS[name], num_samples=4))
+    with pytest.raises(ValueError, match=r"cost_fn must return a scalar .* site 'x'.*returned shape \(2,\)"):
+        fn(PARAMS, KEY)
+
+
+def test_non_finite_cost_raises_at_run_time():
+    """``eqx.error_if``: a ``RuntimeError`` (``jax.errors.JaxRuntimeError`` under jit,
+    ``EquinoxRuntimeError`` eagerly) carrying the message."""
+    fn = mg.grad(lambda x: jnp.log(x), normal, estimator=mg.score_function(), num_samples=64)
+    for call in (fn, jax.jit(fn)):
+        with pytest.raises(RuntimeError, match=r"cost_fn returned a non-finite value .* site 'x' \(Normal\)"):
+            jax.block_until_ready(call(PARAMS, KEY))
+
+
+@pytest.mark.parametrize("name", ["pathwise", "measure_valued"])
+def test_infinite_cost_raises(name):
+    fn = jax.jit(mg.grad(lambda x: jnp.where(x > 0.0, jnp.inf, x), normal, estimator=ESTIMATORS[name], num_samples=64))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        jax.block_until_ready(fn(PARAMS, KEY))
+
+
+def test_check_finite_false_returns_nan():
+    fn = jax.jit(
+        mg.grad(lambda x: jnp.log(x), normal, estimator=mg.score_function(), num_samples=64, check_finite=False)
+    )
+    grads = fn(PARAMS, KEY)
+    assert np.isnan(grads["loc"])
+
+
+def test_finite_costs_pass_the_guard():
+    grads = jax.jit(mg.grad(lambda x: x**2, normal, estimator=mg.score_function(), num_samples=64))(PARAMS, KEY)
+    assert np.isfinite(grads["loc"]) and np.isfinite(grads["scale"])

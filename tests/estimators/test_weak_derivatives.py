@@ -1,0 +1,147 @@
+"""The weak-derivative registry: lookup, user registration, and the samplers themselves."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+import mcgrad as mg
+from mcgrad.estimators import weak_derivatives
+
+from .problems import FAST_COMPILE, assert_within_se
+
+REGISTERED = ["BernoulliLogits", "BernoulliProbs", "CategoricalLogits", "CategoricalProbs", "Exponential", "Gamma",
+              "Normal", "Poisson", "Uniform", "Weibull"]  # fmt: skip
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the registry, restored after the test."""
+    monkeypatch.setattr(weak_derivatives, "_REGISTRY", dict(weak_derivatives._REGISTRY))
+
+
+def test_registered_families():
+    assert set(REGISTERED) <= set(mg.registered_families())
+
+
+def test_subclasses_inherit_their_family():
+    class Shifted(dist.Normal):
+        pass
+
+    assert mg.weak_derivative_for(Shifted(0.0, 1.0)) is mg.weak_derivative_for(dist.Normal(0.0, 1.0))
+    assert mg.weak_derivative_for(dist.Laplace(0.0, 1.0)) is None
+
+
+# ---- a user registration: Laplace(μ, b), density e^{−|x−μ|/b} / 2b.
+# ∂μ p = (1/2b)(p⁺ − p⁻) with p± = μ ± b·Exp(1);
+# ∂b p = (1/b)(p⁺ − p) with p⁺ = μ + b·S·Gamma(2, 1), S a random sign.
+
+
+def _laplace_loc(key, parameters, num_samples, coupling):
+    loc, scale = parameters["loc"], parameters["scale"]
+    shape = (num_samples,) + jnp.shape(loc)
+    key_plus, key_minus = jax.random.split(key)
+    e_plus = jax.random.exponential(key_plus, shape)
+    e_minus = e_plus if coupling else jax.random.exponential(key_minus, shape)
+    return 1.0 / (2.0 * scale), loc + scale * e_plus, loc - scale * e_minus
+
+
+def _laplace_scale(key, parameters, num_samples, coupling):
+    loc, scale = parameters["loc"], parameters["scale"]
+    shape = (num_samples,) + jnp.shape(scale)
+    key_gamma, key_sign, key_minus = jax.random.split(key, 3)
+    sign = jnp.where(jax.random.bernoulli(key_sign, 0.5, shape), 1.0, -1.0)
+    magnitude = jax.random.gamma(key_gamma, 2.0, shape)
+    minus = jax.random.laplace(key_minus, shape)
+    return 1.0 / scale, loc + scale * sign * magnitude, loc + scale * minus
+
+
+LAPLACE = mg.WeakDerivative(lambda d: {"loc": d.loc, "scale": d.scale}, {"loc": _laplace_loc, "scale": _laplace_scale})
+
+
+def _laplace_exact(loc, scale, k):
+    """Exact gradients for (x − k)² and cos x under Laplace(loc, scale)."""
+    quadratic = {"loc": 2.0 * (loc - k), "scale": 4.0 * scale}  # E = (μ − k)² + 2b²
+    denominator = 1.0 + scale**2  # E cos x = cos μ / (1 + b²)
+    cosine = {"loc": -math.sin(loc) / denominator, "scale": -2.0 * scale * math.cos(loc) / denominator**2}
+    return quadratic, cosine
+
+
+def test_register_a_new_family(registry):
+    with pytest.raises(ValueError, match="no weak derivative for Laplace"):
+        mg.grad(lambda x: x, lambda p: dist.Laplace(p, 1.0), estimator=mg.measure_valued(), num_samples=4)(
+            0.0, jax.random.key(0)
+        )
+    mg.register_weak_derivative(dist.Laplace, LAPLACE)
+    assert "Laplace" in mg.registered_families()
+    loc, scale, k, n = 0.4, 1.3, -0.2, 50_000
+
+    def run(params, key):
+        def laplace(p):
+            return dist.Laplace(p["loc"], p["scale"])
+
+        return [
+            mg.per_sample_grads(cost, laplace, estimator=mg.measure_valued(), num_samples=n)(params, key)
+            for cost in (lambda x: (x - k) ** 2, jnp.cos)
+        ]
+
+    draws = jax.jit(run, compiler_options=FAST_COMPILE)(
+        {"loc": jnp.float32(loc), "scale": jnp.float32(scale)}, jax.random.key(11)
+    )
+    for name, grads, exact in zip(("quadratic", "cos"), draws, _laplace_exact(loc, scale, k), strict=True):
+        g = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
+        mean = jax.tree.map(lambda a: a.mean(), g)
+        se = jax.tree.map(lambda a: a.std(ddof=1) / math.sqrt(n), g)
+        assert_within_se(mean, se, exact, f"Laplace / {name}: ")
+
+
+def test_a_registered_subclass_overrides_its_parent(registry):
+    """Registration is by class and looked up along the MRO: a subclass entry wins."""
+
+    class MyNormal(dist.Normal):
+        pass
+
+    entry = mg.WeakDerivative(lambda d: {"loc": d.loc}, {"loc": weak_derivatives._normal_loc})
+    mg.register_weak_derivative(MyNormal, entry)
+    assert mg.weak_derivative_for(MyNormal(0.0, 1.0)) is entry
+    assert mg.weak_derivative_for(dist.Normal(0.0, 1.0)) is not entry
+
+
+# ---- every registered sampler, called directly with batched parameters: the shapes of
+# the contract, under jax_numpy_rank_promotion="raise" (mcgrad's own array code).
+
+BATCH = (2, 3)
+N = 5
+
+
+_ONES = np.ones(BATCH, np.float32)
+_SIMPLEX = np.full(BATCH + (4,), 0.25, np.float32)
+PARAMETERS = {  # as the estimator passes them: broadcast to the batch (+ K for Categorical)
+    "Normal": {"loc": 0.5 * _ONES, "scale": 2.0 * _ONES},
+    "BernoulliProbs": {"probs": 0.3 * _ONES},
+    "BernoulliLogits": {"probs": 0.3 * _ONES},
+    "CategoricalProbs": {"probs": _SIMPLEX},
+    "CategoricalLogits": {"probs": _SIMPLEX},
+    "Poisson": {"rate": 2.0 * _ONES},
+    "Exponential": {"rate": 2.0 * _ONES},
+    "Gamma": {"concentration": 2.0 * _ONES, "rate": 3.0 * _ONES},
+    "Weibull": {"scale": 2.0 * _ONES, "concentration": 1.5 * _ONES},
+    "Uniform": {"low": -_ONES, "high": 2.0 * _ONES},
+}
+
+
+@pytest.mark.parametrize("family", REGISTERED)
+def test_sampler_shapes(family):
+    cls = next(c for c in weak_derivatives._REGISTRY if c.__name__ == family)
+    entry = weak_derivatives._REGISTRY[cls]
+    parameters = PARAMETERS[family]
+    for coupling in (True, False):
+        for index, (name, sampler) in enumerate(entry.samplers.items()):
+            constant, positive, negative = sampler(jax.random.key(index), parameters, N, coupling)
+            shape = jnp.shape(parameters[name])
+            assert jnp.shape(constant) == shape, (family, name, coupling, jnp.shape(constant))
+            assert positive.shape == (N,) + shape and negative.shape == (N,) + shape, (family, name, coupling)
+            assert bool(jnp.all(jnp.isfinite(constant)))
