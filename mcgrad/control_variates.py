@@ -27,6 +27,7 @@ from mcgrad.estimators.base import (
     linear_surrogate,
     surrogate_jacobian,
 )
+from mcgrad.estimators.measure_valued import unwrap
 
 
 class ControlVariate(NamedTuple):
@@ -43,10 +44,7 @@ class ControlVariate(NamedTuple):
 def _independent_coordinates(distribution: dist.Distribution) -> bool:
     """Whether the coordinates of one draw are independent: a family with scalar events,
     possibly inside ``expand`` / ``to_event`` wrappers."""
-    inner = distribution
-    while isinstance(inner, (dist.Independent, dist.ExpandedDistribution)):
-        inner = inner.base_dist
-    return inner.event_shape == ()
+    return unwrap(distribution).event_shape == ()
 
 
 def _moments(distribution: dist.Distribution, site: str) -> tuple[jax.Array, jax.Array, bool]:
