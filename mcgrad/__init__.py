@@ -33,9 +33,22 @@ from mcgrad.estimators import (
     value_and_grad,
     weak_derivative_for,
 )
-
-from mcgrad.fit import FitResult, FitState, NonFiniteError, fit, load_checkpoint, save_checkpoint
-from mcgrad.objectives import Objective, adversarial, elbo, expectation, iwae, maximum_likelihood
+from mcgrad.fit import (
+    FitResult,
+    FitState,
+    NonFiniteError,
+    fit,
+    load_checkpoint,
+    save_checkpoint,
+)
+from mcgrad.objectives import (
+    Objective,
+    adversarial,
+    elbo,
+    expectation,
+    iwae,
+    maximum_likelihood,
+)
 
 __version__ = "0.1.0"
 

@@ -396,11 +396,11 @@ class ClassifierTest(NamedTuple):
 
 
 def _classifier(classifier: str | Any, seed: int):
+    from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.linear_model import LogisticRegression
 
     if classifier == "logistic":
         return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))

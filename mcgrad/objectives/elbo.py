@@ -8,7 +8,14 @@ from numpyro import handlers
 
 from mcgrad import inference
 from mcgrad.estimators.base import gradient_only
-from mcgrad.inference import ParticleSetup, Term, describe_site, latent_sites, site_log_prob, site_plates
+from mcgrad.inference import (
+    ParticleSetup,
+    Term,
+    describe_site,
+    latent_sites,
+    site_log_prob,
+    site_plates,
+)
 from mcgrad.objectives.base import Objective, ObjectiveSetup, identity_shard
 
 
