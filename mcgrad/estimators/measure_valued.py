@@ -36,6 +36,11 @@ def _broadcast_parameter(value: jax.Array, base: dist.Distribution, value_shape:
     return jnp.broadcast_to(value, value_shape + tuple(extra))
 
 
+# Above this many perturbed-row elements (per side and parameter), the default evaluates
+# the rows a chunk of samples at a time (lax.map) instead of all at once (vmap).
+_MAX_ROWS_ELEMENTS = 1 << 22
+
+
 def check_registered(distribution: dist.Distribution, site: str) -> None:
     """Raise a clear error unless ``distribution`` has registered weak derivatives."""
     base = unwrap(distribution)
@@ -82,7 +87,8 @@ def weak_derivative_terms(
     frozen = jax.lax.stop_gradient(parameters)
 
     def replaced_cost(row, coordinate, value):
-        row = row.at[coordinate].set(value.astype(row.dtype))
+        # A select rather than a scatter (`.at[].set`): XLA fuses it into the cost.
+        row = jnp.where(jnp.arange(num_coordinates) == coordinate, value.astype(row.dtype), row)
         return cost_fn(jnp.reshape(row, value_shape))
 
     terms = jnp.zeros((num_samples,), costs.dtype)
@@ -107,10 +113,14 @@ def weak_derivative_terms(
             jnp.reshape(positive, (num_samples, size)),
             jnp.reshape(negative, (num_samples, size)),
         )
-        if batch_size is None:
+        chunk = batch_size
+        if chunk is None and num_samples * size * num_coordinates > _MAX_ROWS_ELEMENTS:
+            # All 2·D·N perturbed rows at once would be large: a sample chunk at a time.
+            chunk = max(1, _MAX_ROWS_ELEMENTS // (size * num_coordinates))
+        if chunk is None or chunk >= num_samples:
             cost_plus, cost_minus = jax.vmap(evaluate_row)(inputs)
         else:
-            cost_plus, cost_minus = jax.lax.map(evaluate_row, inputs, batch_size=batch_size)
+            cost_plus, cost_minus = jax.lax.map(evaluate_row, inputs, batch_size=chunk)
         weak_gradient = jax.lax.stop_gradient(jnp.reshape(constant, (1, size)) * (cost_plus - cost_minus))
         direction = jnp.reshape(gradient_only(parameters[name]), (1, size))
         terms = terms + jnp.sum(direction * weak_gradient, axis=1)
@@ -144,7 +154,8 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     draws share their randomness, which lowers the variance.
     Cost: ``N + 2·D·N`` evaluations of ``f`` for ``D`` parameter elements, batched with
     ``vmap``; ``batch_size`` evaluates ``batch_size`` samples at a time (``lax.map``) when
-    all ``2·D·N`` at once would not fit in memory.
+    all ``2·D·N`` at once would not fit in memory. By default that chunking starts when
+    the perturbed rows would exceed ``2²²`` elements.
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
