@@ -33,7 +33,7 @@ from numpyro.primitives import Messenger
 from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import GradientEstimator, describe, gradient_only
 from mcgrad.estimators.measure_valued import check_registered, weak_derivative_terms
-from mcgrad.estimators.pathwise import require_rsample
+from mcgrad.estimators.pathwise import pathwise, require_rsample
 from mcgrad.estimators.score_function import score_function
 
 Array = jax.Array
@@ -86,8 +86,6 @@ def constrain(unconstrained: Params, param_constraints: dict[str, constraints.Co
 
 def default_estimator(distribution: dist.Distribution, num_particles: int) -> GradientEstimator:
     """Pathwise with rsample; else score function with leave-one-out (moving average for 1 particle)."""
-    from mcgrad.estimators.pathwise import pathwise
-
     if distribution.has_rsample:
         return pathwise()
     baseline = baselines_lib.leave_one_out() if num_particles > 1 else baselines_lib.moving_average()
