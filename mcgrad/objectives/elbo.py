@@ -70,7 +70,7 @@ def _bind(model, guide, args, kwargs, estimators, key, num_particles, sticking_t
     }
     chosen = inference.resolve_estimators(guide_trace, annotated, estimators, num_particles)
     setup = ParticleSetup(guide, _model_terms(model, args, kwargs), chosen, sticking_the_landing)
-    return param_info, chosen, setup, guide_trace
+    return param_info, params, chosen, setup, guide_trace
 
 
 def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objective:
@@ -105,10 +105,9 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     """
 
     def setup(model, guide, args, kwargs, estimators, key):
-        param_info, chosen, particle_setup, _ = _bind(
+        param_info, params, chosen, particle_setup, _ = _bind(
             model, guide, args, kwargs, estimators, key, num_particles, sticking_the_landing
         )
-        params = inference.constrain(param_info.unconstrained, param_info.constraints)
 
         def surrogate(params, state, key, args, kwargs, shard=identity_shard):
             return inference.elbo_surrogate(particle_setup, params, state, key, num_particles, args, kwargs, shard)
@@ -162,7 +161,7 @@ def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Object
         raise ValueError(f"iwae(num_particles=...) needs at least 2 particles, got {num_particles}.")
 
     def setup(model, guide, args, kwargs, estimators, key):
-        param_info, chosen, particle_setup, guide_trace = _bind(
+        param_info, params, chosen, particle_setup, guide_trace = _bind(
             model, guide, args, kwargs, estimators, key, num_particles, False
         )
         for site in latent_sites(guide_trace):
@@ -172,7 +171,6 @@ def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Object
                     "mg.score_function() (VIMCO) or mg.pathwise(), or the mg.elbo() objective."
                 )
         guide_params = {name for name, site in guide_trace.items() if site["type"] == "param"}
-        params = inference.constrain(param_info.unconstrained, param_info.constraints)
 
         def run(setup, params, keys, args, kwargs):
             return jax.vmap(lambda k: inference.particle(setup, params, k, args, kwargs))(keys)
