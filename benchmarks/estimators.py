@@ -195,9 +195,11 @@ def reference_measure_valued(cost: Callable, num_samples: int):
         grad_loc = jnp.mean(replaced_costs(cost, x, plus) - replaced_costs(cost, x, minus), axis=0) / (scale * math.sqrt(2 * math.pi))
 
         # ∂/∂σ: c = 1/σ, x⁺ = loc + σ·M (double-sided Maxwell), x⁻ = loc + σ·U·M.
-        key_maxwell, key_sign, key_uniform = jax.random.split(jax.random.fold_in(key_derivative, 1), 3)
-        magnitude = jnp.linalg.norm(jax.random.normal(key_maxwell, shape + (3,)), axis=-1)
-        maxwell = jnp.where(jax.random.bernoulli(key_sign, 0.5, shape), magnitude, -magnitude)
+        # M = sign(z)·√(z² + 2E), z ~ N(0, 1), E ~ Exp(1): ±√χ²₃.
+        key_normal, key_exponential, key_uniform = jax.random.split(jax.random.fold_in(key_derivative, 1), 3)
+        z = jax.random.normal(key_normal, shape)
+        magnitude = jnp.sqrt(z**2 + 2.0 * jax.random.exponential(key_exponential, shape))
+        maxwell = jnp.where(z < 0.0, -magnitude, magnitude)
         gaussian = jax.random.uniform(key_uniform, shape) * maxwell
         plus, minus = loc_row + scale_row * maxwell, loc_row + scale_row * gaussian
         grad_scale = jnp.mean(replaced_costs(cost, x, plus) - replaced_costs(cost, x, minus), axis=0) / scale

@@ -183,9 +183,28 @@ def make_step(
 
 
 @functools.partial(jax.jit, static_argnames=("step_fn", "static_inputs", "length"))
-def _run_chunk(state, array_inputs, *, step_fn, static_inputs, length):
+def _run_chunk(state, array_inputs, num_active=None, *, step_fn, static_inputs, length):
+    """``length`` steps in one ``lax.scan``; with ``num_active`` only the first that many
+    (the rest leave the state alone), so a run's shorter last chunk reuses the program."""
     args, kwargs = eqx.combine(array_inputs, static_inputs.value)
-    return jax.lax.scan(lambda s, _: step_fn(s, args, kwargs), state, None, length=length)
+    if num_active is None:
+        return jax.lax.scan(lambda s, _: step_fn(s, args, kwargs), state, None, length=length)
+    _, info_shape = jax.eval_shape(step_fn, state, args, kwargs)
+    skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), info_shape)
+
+    def masked_step(s, index):
+        return jax.lax.cond(index < num_active, lambda s: step_fn(s, args, kwargs), lambda s: (s, skipped), s)
+
+    return jax.lax.scan(masked_step, state, jnp.arange(length))
+
+
+def _default_chunk_size(num_steps: int) -> int:
+    """About 1/20 of the run, preferring a size that divides it (no masked last chunk)."""
+    target = max(1, math.ceil(num_steps / 20))
+    for size in range(target, min(num_steps, 2 * target) + 1):
+        if num_steps % size == 0:
+            return size
+    return target
 
 
 class _Static:
@@ -295,7 +314,9 @@ def fit(
             :func:`mcgrad.adversarial`.
         estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
         chunk_size: steps per compiled chunk (default: about 1/20 of the run with a progress
-            bar, the whole run without).
+            bar, the whole run without). Every chunk runs one compiled program; when the
+            size does not divide the steps, the last chunk runs it masked, and the result
+            agrees with the single-scan driver to float rounding instead of bit for bit.
         diagnostics_every: record gradient variance and SNR from the per-particle gradients
             every this many steps (default ``num_steps // 50``; 0 turns it off; needs
             ``num_particles > 1``).
@@ -353,20 +374,29 @@ def fit(
 
     remaining = num_steps - int(state.step)
     if chunk_size is None:
-        chunk_size = max(1, math.ceil(num_steps / 20)) if progress_bar else max(remaining, 1)
+        chunk_size = _default_chunk_size(remaining) if progress_bar else max(remaining, 1)
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=int(state.step), desc=objective.name)
     loss_chunks = [losses]
+    # Chunks all run one compiled program; a shorter last chunk runs it masked.
+    masked = 0 < remaining % chunk_size < remaining
     try:
         while remaining > 0:
             length = min(chunk_size, remaining)
             start = int(state.step)
             new_state, info = _run_chunk(
-                state, array_inputs, step_fn=step_fn, static_inputs=static_inputs, length=length
+                state,
+                array_inputs,
+                jnp.int32(length) if masked else None,
+                step_fn=step_fn,
+                static_inputs=static_inputs,
+                length=chunk_size if masked else length,
             )
+            if masked:
+                info = jax.tree.map(lambda leaf: leaf[:length], info)
             chunk_losses = np.asarray(info.loss)
             loss_chunks.append(chunk_losses)
             infos.append(

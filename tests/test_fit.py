@@ -75,6 +75,23 @@ def test_progress_bar_and_scan_drivers_give_the_same_result_without_recompiling(
         np.testing.assert_array_equal(with_bar.diagnostics.variance[name], reference.diagnostics.variance[name])
 
 
+def test_a_shorter_last_chunk_reuses_the_compiled_program(reference):
+    before = fit_module._run_chunk._cache_size()
+    with_bar = run(progress_bar=True, chunk_size=30)  # 30 + 30 + 30 + a masked 10
+    assert fit_module._run_chunk._cache_size() - before == 1
+    assert with_bar.losses.shape == (100,) and int(with_bar.state.step) == 100
+    np.testing.assert_allclose(with_bar.losses, reference.losses, rtol=1e-5)
+    for name in reference.params:
+        np.testing.assert_allclose(with_bar.params[name], reference.params[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(with_bar.diagnostics.steps, reference.diagnostics.steps)
+
+
+def test_default_chunks_divide_the_run_when_they_can():
+    assert fit_module._default_chunk_size(2000) == 100
+    assert fit_module._default_chunk_size(50) == 5  # 3 does not divide 50, 5 does
+    assert fit_module._default_chunk_size(97) == 5  # a prime: the last chunk is masked
+
+
 def test_steps_keep_the_state_structure_and_types(reference):
     initial = run(num_steps=0).state  # the state fit starts from (no step taken)
     assert int(initial.step) == 0 and int(reference.state.step) == 100

@@ -111,10 +111,27 @@ def test_non_finite_cost_raises_at_run_time():
 
 
 @pytest.mark.parametrize("name", ["pathwise", "measure_valued"])
-def test_infinite_cost_raises(name):
-    fn = jax.jit(mg.grad(lambda x: jnp.where(x > 0.0, jnp.inf, x), normal, estimator=ESTIMATORS[name], num_samples=64))
+def test_infinite_cost_raises_in_value_and_grad(name):
+    fn = jax.jit(
+        mg.value_and_grad(lambda x: jnp.where(x > 0.0, jnp.inf, x), normal, estimator=ESTIMATORS[name], num_samples=64)
+    )
     with pytest.raises(RuntimeError, match="non-finite"):
         jax.block_until_ready(fn(PARAMS, KEY))
+
+
+def test_grad_checks_the_gradient():
+    """``grad`` does not evaluate the costs only to check them: a pathwise cost that is
+    infinite where its derivative is finite passes, one whose derivative is not finite
+    (``sqrt`` of a negative number) raises; a measure-valued gradient sees the costs."""
+    infinite_where_positive = lambda x: jnp.where(x > 0.0, jnp.inf, x)  # noqa: E731
+    pathwise = jax.jit(mg.grad(infinite_where_positive, normal, estimator=mg.pathwise(), num_samples=64))
+    assert np.isfinite(pathwise(PARAMS, KEY)["loc"])
+    square_root = jax.jit(mg.grad(jnp.sqrt, normal, estimator=mg.pathwise(), num_samples=64))
+    with pytest.raises(RuntimeError, match=r"non-finite .* site 'x' \(Normal\)"):
+        jax.block_until_ready(square_root(PARAMS, KEY))
+    measure_valued = jax.jit(mg.grad(infinite_where_positive, normal, estimator=mg.measure_valued(), num_samples=64))
+    with pytest.raises(RuntimeError, match="non-finite"):
+        jax.block_until_ready(measure_valued(PARAMS, KEY))
 
 
 def test_check_finite_false_returns_nan():
