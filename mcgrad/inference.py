@@ -19,11 +19,13 @@ functions, never around ``jit``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
@@ -166,10 +168,17 @@ def site_plates(site: dict) -> tuple[tuple[str, int], ...]:
     return tuple((frame.name, frame.dim) for frame in site["cond_indep_stack"] if frame.dim is not None)
 
 
-def site_log_prob(site: dict, scaled: bool = True, fn: dist.Distribution | None = None) -> Array:
-    """``log p(value)`` of a sample site with its mask (and its plate scale if ``scaled``)."""
+def site_log_prob(
+    site: dict, scaled: bool = True, fn: dist.Distribution | None = None, own_sample: bool = False
+) -> Array:
+    """``log p(value)`` of a sample site with its mask (and its plate scale if ``scaled``).
+
+    ``own_sample``: the value was drawn from the site's own distribution (or a weak
+    derivative of it), so it is in the support and NumPyro's support check is skipped.
+    """
     fn = fn if fn is not None else site["fn"]
-    log_prob = fn.log_prob(site["value"])
+    with numpyro.validation_enabled(False) if own_sample else contextlib.nullcontext():
+        log_prob = fn.log_prob(site["value"])
     if site.get("mask") is not None:
         log_prob = jnp.where(site["mask"], log_prob, 0.0)
     if scaled and site.get("scale") is not None:
@@ -217,7 +226,7 @@ def _program_terms(program_trace: dict, sticking_the_landing: bool, pathwise_sit
         fn = site["fn"]
         if sticking_the_landing and site["name"] in pathwise_sites:
             fn = jax.tree.map(jax.lax.stop_gradient, fn)
-        terms.append(Term(site_log_prob(site, fn=fn), site_plates(site), order))
+        terms.append(Term(site_log_prob(site, fn=fn, own_sample=True), site_plates(site), order))
     return terms
 
 
@@ -261,7 +270,7 @@ def particle(setup: ParticleSetup, params: Params, key: Array, args: tuple, kwar
         estimator = setup.estimators[name]
         kind = estimator.config["name"]
         if kind == "score_function":
-            lq = site_log_prob(site, scaled=False)
+            lq = site_log_prob(site, scaled=False, own_sample=True)
             plates = site_plates(site)
             downstream = [t for t in terms if t.order >= order]
             signals[name] = jax.lax.stop_gradient(sum(reduce_to_plates(t, plates, lq.shape) for t in downstream))

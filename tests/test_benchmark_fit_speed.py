@@ -1,0 +1,38 @@
+"""benchmarks/fit_speed.py in --quick mode: the JSON and markdown it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_fit_speed_benchmark(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark_fit_speed", ROOT / "benchmarks" / "fit_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--quick", "--output-dir", str(tmp_path)])
+
+    data = json.loads((tmp_path / "fit_speed.json").read_text())
+    assert data == json.loads(json.dumps(results))
+    blr = data["blr"]
+    assert set(blr["methods"]) == {
+        "mcgrad", "pure_jax", "numpyro_svi", "mcgrad_progress_bar", "numpyro_svi_progress_bar"
+    }
+    for name, method in blr["methods"].items():
+        # A call's compile time is part of it; the run estimate is a difference, so any sign.
+        assert 0 < method["compile_seconds"] < method["end_to_end_seconds"], name
+        assert math.isfinite(method["run_seconds"]) and math.isfinite(method["final_loss"]), name
+    # The same model, guide, optimizer and keys: the progress bar changes nothing but time.
+    assert blr["methods"]["mcgrad"]["final_loss"] == blr["methods"]["mcgrad_progress_bar"]["final_loss"]
+    assert all(math.isfinite(r) and r > 0 for name, r in blr["ratios"].items() if "end_to_end" in name)
+
+    discrete = data["discrete"]
+    assert discrete["gradient_variance_at_init"]["mcgrad"] > 0
+    assert all(math.isfinite(v) for v in discrete["final_exact_elbo"].values())
+
+    table = (tmp_path / "fit_speed.md").read_text()
+    assert "| mcgrad |" in table and "target ≤ 1.25×" in table and "target ≥ 2×" in table
