@@ -360,3 +360,41 @@ def test_whole_objective_wrapper_as_site_estimator_is_a_clear_error():
     with pytest.raises(ValueError) as error:
         mg.elbo(4).setup(plate_model, plate_guide, (X_PLATE,), {}, {"z": wrapped}, jax.random.key(0))
     assert "'z'" in str(error.value)
+
+
+# --------------------------------------------------------------------------- particle keys
+
+
+def _two_site_program(x):
+    with numpyro.plate("data", 3):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+    noise = jax.random.normal(numpyro.prng_key())
+    numpyro.sample("x", dist.Normal(b, 1.0), obs=x)
+    return a, b, noise
+
+
+def test_the_key_table_counts_what_seed_would_key():
+    from mcgrad import inference
+
+    # a, b and the prng_key call; not the observed x, nor the plate (no subsampling: its
+    # indices need no key)
+    assert inference.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {}) == 3
+
+
+@pytest.mark.parametrize("num_site_keys", [3, 1])  # the full table, and one too short (spare keys)
+def test_each_site_and_particle_draws_from_its_own_key(num_site_keys):
+    from mcgrad import inference
+
+    setup = inference.ParticleSetup(_two_site_program, None, {}, num_site_keys=num_site_keys)
+    keys = inference.particle_keys(setup, jax.random.key(0), 2)
+    assert keys.shape == (2, 3 + num_site_keys)
+
+    def draws(row):
+        return inference._SiteKeys(_two_site_program, row[3:], row[2])(1.0)
+
+    first, second = draws(keys[0]), draws(keys[1])
+    values = [np.ravel(np.asarray(v)) for v in (*first, *second)]
+    flat = np.concatenate(values)
+    assert len(np.unique(flat)) == flat.size  # no two draws share a key
+    np.testing.assert_array_equal(np.concatenate([np.ravel(v) for v in draws(keys[0])]), np.concatenate(values[:3]))

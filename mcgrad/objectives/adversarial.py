@@ -127,6 +127,7 @@ def adversarial(
             raise ValueError(f"adversarial(site='{site}'): the generator has no site '{site}' "
                              f"(its sites: {list(model_trace)}).")
         chosen = inference.resolve_estimators(model_trace, {}, estimators, num_particles)
+        num_site_keys = inference.count_site_keys(model, params, key, args, kwargs)
 
         def fake_batch(params, key, args, kwargs):
             seeded = handlers.substitute(handlers.seed(model, key), data=params)
@@ -156,7 +157,9 @@ def adversarial(
                 per_sample = generator_loss(scores, loss) / scores.shape[0]
                 return [Term(per_sample, site_plates(output), float("inf"))]
 
-            particle_setup = ParticleSetup(model, cost_terms, chosen, program_log_prob=False)
+            particle_setup = ParticleSetup(
+                model, cost_terms, chosen, program_log_prob=False, num_site_keys=num_site_keys
+            )
             s, (site_states, losses) = inference.elbo_surrogate(
                 particle_setup, params, state.site_states, key_generator, num_particles, args, kwargs, shard
             )

@@ -129,7 +129,7 @@ def test_pathwise_gradient_matches_hand_written_iwae():
 
 def test_bound_between_elbo_and_log_evidence_and_tightens_with_k():
     """−loss: ELBO < IWAE-2 < IWAE-8 < IWAE-64 ≤ log p(x), the gap closing as K grows."""
-    num_repeats = 2000
+    num_repeats = 8000  # at 2000 the IWAE-8 → IWAE-64 gap (about 0.033) was only about 5 standard errors
     bounds = {}
     for k, objective in [(1, mg.elbo(1)), (2, mg.iwae(2)), (8, mg.iwae(8)), (64, mg.iwae(64))]:
         bound = objective.setup(model, guide, (X,), {}, None, jax.random.key(0))
