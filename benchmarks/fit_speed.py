@@ -337,8 +337,8 @@ def main(argv=None) -> dict:
         blr = blr_speed(num_steps=50, num_particles=5, num_repeats=1)
         discrete = discrete_comparison(num_steps=20, num_particles=4, num_keys=8)
     else:
-        blr = blr_speed(num_steps=2000, num_particles=50, num_repeats=3)
-        discrete = discrete_comparison(num_steps=1000, num_particles=10, num_keys=200)
+        blr = blr_speed(num_steps=2000, num_particles=50, num_repeats=5)
+        discrete = discrete_comparison(num_steps=1000, num_particles=10, num_keys=2000)
     results = {
         "blr": blr,
         "discrete": discrete,
