@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpyro
 
 from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import (
     EstimatorInfo,
+    describe,
     GradientEstimator,
     Problem,
     evaluate_costs,
@@ -28,6 +30,42 @@ def sample_log_probs(distribution, samples: jax.Array) -> jax.Array:
     with numpyro.validation_enabled(False):
         log_probs = distribution.log_prob(samples)
     return jnp.reshape(log_probs, (samples.shape[0], -1)).sum(axis=1)
+
+
+def _depends_on_inputs(jaxpr) -> bool:
+    """Whether any output of ``jaxpr`` is computed from its inputs (conservatively: an
+    equation with a dependent input makes all its outputs dependent)."""
+    dependent = set(jaxpr.invars)
+
+    def is_dependent(var) -> bool:
+        return isinstance(var, jax.extend.core.Var) and var in dependent
+
+    for equation in jaxpr.eqns:
+        if any(is_dependent(var) for var in equation.invars):
+            dependent.update(equation.outvars)
+    return any(is_dependent(var) for var in jaxpr.outvars)
+
+
+def require_fixed_support(problem: Problem, params) -> None:
+    """Raise a clear error when the support of ``dist_fn(params)`` moves with ``params``
+    (``Uniform(0, θ)``, ``Pareto``'s scale): the score-function identity then misses the
+    boundary term and the estimate is biased."""
+
+    def bounds(p):
+        support = problem.dist_fn(p).support
+        while hasattr(support, "base_constraint"):
+            support = support.base_constraint
+        return [jnp.asarray(getattr(support, name)) for name in ("lower_bound", "upper_bound") if hasattr(support, name)]
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
+    if _depends_on_inputs(jax.make_jaxpr(bounds)(abstract).jaxpr):
+        name = describe(problem.dist_fn(params))
+        raise ValueError(
+            f"score_function() at site '{problem.site}': the support of {name} depends on the "
+            "parameters, so the score-function estimate would be biased (it misses the moving "
+            "boundary). Use mg.measure_valued() (weak derivatives are registered for Uniform) "
+            "or mg.pathwise()."
+        )
 
 
 def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEstimator:
@@ -58,6 +96,7 @@ def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEs
     baseline = baseline if baseline is not None else baselines_lib.none()
 
     def surrogate(key: jax.Array, params, state, problem: Problem):
+        require_fixed_support(problem, params)
         distribution = problem.dist_fn(params)
         samples = jax.lax.stop_gradient(distribution.sample(key, (problem.num_samples,)))
         costs = evaluate_costs(problem.cost_fn, samples, problem.site)

@@ -145,3 +145,15 @@ def test_check_finite_false_returns_nan():
 def test_finite_costs_pass_the_guard():
     grads = jax.jit(mg.grad(lambda x: x**2, normal, estimator=mg.score_function(), num_samples=64))(PARAMS, KEY)
     assert np.isfinite(grads["loc"]) and np.isfinite(grads["scale"])
+
+
+def test_score_function_on_a_parameter_dependent_support_is_a_clear_error():
+    """``Uniform(0, θ)``: the score-function identity misses the moving boundary."""
+    uniform = jax.jit(mg.grad(lambda x: x, lambda p: dist.Uniform(0.0, p), estimator=mg.score_function(), num_samples=8))
+    with pytest.raises(ValueError, match=r"site 'x'.*support of Uniform depends on the parameters.*measure_valued"):
+        uniform(1.5, KEY)
+    # Fixed supports pass: an Exponential's half-line, a Uniform with constant bounds.
+    exponential = mg.grad(lambda x: x, lambda p: dist.Exponential(p), estimator=mg.score_function(), num_samples=8)
+    assert np.isfinite(exponential(1.5, KEY))
+    fixed = mg.grad(lambda x: x, lambda p: dist.Uniform(0.0, 2.0), estimator=mg.score_function(), num_samples=8)
+    assert fixed(1.5, KEY) == 0.0
