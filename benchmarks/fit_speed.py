@@ -6,7 +6,8 @@
    ``SVI.run`` with ``Trace_ELBO`` (target: at least 2× faster). Two times each:
    end to end (trace + compile + run, what a user waits for, with the compile part
    measured by ``jax.monitoring``) and the marginal run time of ``S`` steps, from calls of
-   ``S`` and ``10·S`` steps with their compile times taken out. Methods are interleaved and repeated; medians are reported.
+   ``S`` and ``10·S`` steps with their compile times taken out. Methods are interleaved
+   and repeated; medians are reported.
 2. Discrete latents: a two-component model with a Bernoulli assignment per datum (a
    plate of 100), mean-field Bernoulli guide. mcgrad's score function with a
    leave-one-out baseline (Rao-Blackwellized over the plate) against NumPyro's
@@ -127,14 +128,14 @@ def _record_compile(event: str, duration: float, **_) -> None:
 jax.monitoring.register_event_duration_secs_listener(_record_compile)
 
 
-def time_call(fn, *args) -> tuple[float, float]:
-    """Wall seconds of ``fn(*args)`` and the seconds JAX spent tracing, lowering and
-    compiling inside it (from ``jax.monitoring``'s compile events)."""
+def time_call(fn, *args) -> tuple[float, float, object]:
+    """Wall seconds of ``fn(*args)``, the seconds JAX spent tracing, lowering and compiling
+    inside it (from ``jax.monitoring``'s compile events), and its result."""
     _compile_seconds[0] = 0.0
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bars
-        fn(*args)
-    return time.perf_counter() - start, _compile_seconds[0]
+        result = fn(*args)
+    return time.perf_counter() - start, _compile_seconds[0], result
 
 
 def blr_speed(
@@ -158,22 +159,23 @@ def blr_speed(
     }
     names = list(methods)
     samples = {name: {"end_to_end": [], "compile": [], "run": []} for name in methods}
+    final_losses = {}  # from the first repeat's calls (key 0)
     for fn in methods.values():  # first-use costs of the process (imports, JAX's caches)
         time_call(fn, features, labels, jax.random.key(0), 2, num_particles, learning_rate)
     for repeat in range(num_repeats):
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:  # interleaved, order rotating
             fn, key = methods[name], jax.random.key(repeat)
-            once, compile_seconds = time_call(fn, features, labels, key, num_steps, num_particles, learning_rate)
-            many, compile_many = time_call(fn, features, labels, key, run_multiple * num_steps, num_particles, learning_rate)
+            once, compile_seconds, losses = time_call(fn, features, labels, key, num_steps, num_particles, learning_rate)
+            many, compile_many, _ = time_call(
+                fn, features, labels, key, run_multiple * num_steps, num_particles, learning_rate
+            )
+            if repeat == 0:
+                final_losses[name] = float(np.mean(np.asarray(losses)[-max(1, num_steps // 10) :]))
             samples[name]["end_to_end"].append(once)
             samples[name]["compile"].append(compile_seconds)
             # Each call's own compile time is taken out, so its noise does not land in the run.
             samples[name]["run"].append(((many - compile_many) - (once - compile_seconds)) / (run_multiple - 1))
-    final_losses = {}
-    for name, fn in methods.items():
-        losses = np.asarray(fn(features, labels, jax.random.key(0), num_steps, num_particles, learning_rate))
-        final_losses[name] = float(np.mean(losses[-max(1, num_steps // 10) :]))
     summary = {
         name: {
             "end_to_end_seconds": float(np.median(t["end_to_end"])),

@@ -210,7 +210,7 @@ class ParticleSetup(NamedTuple):
     estimators: dict[str, GradientEstimator]
     sticking_the_landing: bool = False
     program_log_prob: bool = True  # the program's own log-density is part of the cost (ELBO: log q)
-    num_site_keys: int = 0  # the program's random sites (see count_site_keys)
+    num_site_keys: int = 0  # the program's random sites (see trace_program)
 
 
 # --------------------------------------------------------------------------- particle keys
@@ -259,11 +259,15 @@ class _SiteKeys(Messenger):
             self.spare, msg["kwargs"]["rng_key"] = jax.random.split(self.spare)
 
 
-def count_site_keys(program: Callable, params: Params, key: Array, args: tuple, kwargs: dict) -> int:
-    """How many keys one run of ``program`` draws (sample sites, ``prng_key``, plates)."""
+def trace_program(program: Callable, params: Params, key: Array, args: tuple, kwargs: dict) -> tuple[dict, int]:
+    """One seeded run of ``program`` with ``params`` substituted: its trace, and how many
+    keys it draws (sample sites, ``prng_key``, plates), the ``num_site_keys`` of its
+    :class:`ParticleSetup`."""
     counter = _CountSiteKeys(program)
-    handlers.trace(handlers.substitute(handlers.seed(counter, key), data=params)).get_trace(*args, **kwargs)
-    return counter.count
+    program_trace = handlers.trace(handlers.substitute(handlers.seed(counter, key), data=params)).get_trace(
+        *args, **kwargs
+    )
+    return program_trace, counter.count
 
 
 def particle_keys(setup: ParticleSetup, key: Array, num_particles: int) -> Array:

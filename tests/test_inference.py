@@ -379,7 +379,8 @@ def test_the_key_table_counts_what_seed_would_key():
 
     # a, b and the prng_key call; not the observed x, nor the plate (no subsampling: its
     # indices need no key)
-    assert inference.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {}) == 3
+    trace, num_site_keys = inference.trace_program(_two_site_program, {}, jax.random.key(0), (1.0,), {})
+    assert num_site_keys == 3 and {"a", "b", "x"} <= set(trace)
 
 
 @pytest.mark.parametrize("num_site_keys", [3, 1])  # the full table, and one too short (spare keys)

@@ -10,9 +10,9 @@ import numpyro
 from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import (
     EstimatorInfo,
-    describe,
     GradientEstimator,
     Problem,
+    describe,
     evaluate_costs,
     gradient_only,
     linear_surrogate,

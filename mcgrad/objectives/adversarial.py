@@ -120,14 +120,11 @@ def adversarial(
             raise ValueError("adversarial() trains the model as a generator; pass guide=None.")
         param_info = inference.find_params([(model, args, kwargs)], key)
         params = inference.constrain(param_info.unconstrained, param_info.constraints)
-        model_trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=params)).get_trace(
-            *args, **kwargs
-        )
+        model_trace, num_site_keys = inference.trace_program(model, params, key, args, kwargs)
         if site not in model_trace:
             raise ValueError(f"adversarial(site='{site}'): the generator has no site '{site}' "
                              f"(its sites: {list(model_trace)}).")
         chosen = inference.resolve_estimators(model_trace, {}, estimators, num_particles)
-        num_site_keys = inference.count_site_keys(model, params, key, args, kwargs)
 
         def fake_batch(params, key, args, kwargs):
             seeded = handlers.substitute(handlers.seed(model, key), data=params)

@@ -54,8 +54,7 @@ def _bind(model, guide, args, kwargs, estimators, key, num_particles, sticking_t
         raise ValueError("an ELBO-type objective needs a guide; for a model without latents use mg.maximum_likelihood().")
     param_info = inference.find_params([(guide, args, kwargs), (model, args, kwargs)], key)
     params = inference.constrain(param_info.unconstrained, param_info.constraints)
-    seeded_guide = handlers.substitute(handlers.seed(guide, key), data=params)
-    guide_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
+    guide_trace, num_site_keys = inference.trace_program(guide, params, key, args, kwargs)
     model_fn = handlers.substitute(handlers.replay(handlers.seed(model, key), trace=guide_trace), data=params)
     model_trace = handlers.trace(model_fn).get_trace(*args, **kwargs)
     check_model_and_guide(model_trace, guide_trace)
@@ -69,7 +68,6 @@ def _bind(model, guide, args, kwargs, estimators, key, num_particles, sticking_t
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
     chosen = inference.resolve_estimators(guide_trace, annotated, estimators, num_particles)
-    num_site_keys = inference.count_site_keys(guide, params, key, args, kwargs)
     setup = ParticleSetup(
         guide, _model_terms(model, args, kwargs), chosen, sticking_the_landing, num_site_keys=num_site_keys
     )
