@@ -3,7 +3,7 @@
     import mcgrad as mg
 """
 
-from mcgrad import baselines, control_variates, diagnostics, evaluation
+from mcgrad import baselines, checkpoints, control_variates, diagnostics, evaluation, parallel
 from mcgrad.control_variates import delta_method, with_control_variate
 from mcgrad.diagnostics import (
     Comparison,
@@ -21,15 +21,24 @@ from mcgrad.estimators import (
     EstimatorInfo,
     GradientEstimator,
     Problem,
+    Site,
+    SiteInfo,
     WeakDerivative,
+    draw_without_gradient,
     estimate,
     grad,
+    gradient_only,
+    linear_terms,
+    log_prob,
     measure_valued,
     pathwise,
     per_sample_grads,
+    problem_site,
     register_weak_derivative,
     registered_families,
+    row_sum,
     score_function,
+    surrogate,
     value_and_grad,
     weak_derivative_for,
 )
@@ -37,9 +46,13 @@ from mcgrad.fit import (
     FitResult,
     FitState,
     NonFiniteError,
+    StepInfo,
+    Trainer,
+    TrainingDiagnostics,
     fit,
     load_checkpoint,
     save_checkpoint,
+    trainer,
 )
 from mcgrad.objectives import (
     Objective,
@@ -48,6 +61,7 @@ from mcgrad.objectives import (
     expectation,
     iwae,
     maximum_likelihood,
+    renyi,
 )
 
 __version__ = "0.1.0"
@@ -73,6 +87,7 @@ __all__ = [
     "gradient_statistics",
     "plotting",
     "variance_sweep",
+    "checkpoints",
     "EmptyState",
     "Estimate",
     "EstimatorInfo",
@@ -82,11 +97,24 @@ __all__ = [
     "Objective",
     "GradientEstimator",
     "Problem",
+    "Site",
+    "SiteInfo",
+    "StepInfo",
+    "Trainer",
+    "TrainingDiagnostics",
     "WeakDerivative",
     "adversarial",
     "baselines",
     "control_variates",
     "delta_method",
+    "draw_without_gradient",
+    "gradient_only",
+    "linear_terms",
+    "log_prob",
+    "renyi",
+    "row_sum",
+    "surrogate",
+    "trainer",
     "elbo",
     "evaluation",
     "estimate",
@@ -100,6 +128,7 @@ __all__ = [
     "measure_valued",
     "pathwise",
     "per_sample_grads",
+    "problem_site",
     "register_weak_derivative",
     "registered_families",
     "save_checkpoint",

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mcgrad.estimators.base import EmptyState
+
 Params = Any
 Signal = Any  # an [N] array, or a params-shaped pytree of [N, ...] arrays (per parameter)
 
@@ -28,13 +30,17 @@ class BaselineContext(NamedTuple):
     """What a baseline may look at besides the signal.
 
     Attributes:
-        scores: ``() -> ∇θ log p(x_i)``, params-shaped with a leading ``N`` (computed
-            only by the baselines that ask for it).
+        scores: ``() -> ∇ log p(x_i)`` with respect to the distribution's parameters, a
+            leading ``N`` on every leaf (computed only by the baselines that ask for it).
         num_samples: ``N``.
+        leave_one_out: ``[N]``, each row's signal with that row left out, where the
+            objective couples the rows (VIMCO for multi-sample bounds); ``None``: the mean
+            of the other rows' signals.
     """
 
     scores: Callable[[], Params]
     num_samples: int
+    leave_one_out: jax.Array | None = None
 
 
 class Baseline(NamedTuple):
@@ -42,10 +48,6 @@ class Baseline(NamedTuple):
 
     init: Callable[[Params], Any]
     update: Callable[[Signal, Any, BaselineContext], tuple[Signal, Any]]
-
-
-class EmptyState(NamedTuple):
-    pass
 
 
 def _stateless(center: Callable[[Signal, BaselineContext], Signal]) -> Baseline:
@@ -77,7 +79,10 @@ def constant(value: float) -> Baseline:
 def leave_one_out() -> Baseline:
     r"""Leave-one-out (RLOO): ``b_i = \frac{1}{N-1} \sum_{j≠i} f(x_j)``.
 
-    Unbiased because ``b_i`` is independent of ``x_i``. Needs ``N ≥ 2``.
+    Unbiased because ``b_i`` is independent of ``x_i``. Needs ``N ≥ 2``. Under a
+    multi-sample bound (:func:`mcgrad.iwae`, :func:`mcgrad.renyi`) every particle's signal
+    is the bound itself, and ``b_i`` is the bound with particle ``i`` replaced by the
+    others' mean (VIMCO; Mnih & Rezende, 2016), which the objective supplies.
 
     Reference: Kool, van Hoof, Welling (2019), "Buy 4 REINFORCE samples, get a baseline
     for free!".
@@ -92,6 +97,8 @@ def leave_one_out() -> Baseline:
         n = signal.shape[0]
         if n < 2:
             raise ValueError("leave_one_out() needs at least 2 samples (num_samples >= 2).")
+        if context is not None and context.leave_one_out is not None:
+            return signal - jnp.reshape(context.leave_one_out, (n,) + (1,) * (signal.ndim - 1))
         return signal - (jnp.sum(signal, axis=0, keepdims=True) - signal) / (n - 1)
 
     return _stateless(center)

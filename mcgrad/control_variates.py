@@ -19,26 +19,19 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from mcgrad.estimators.base import (
-    GradientEstimator,
-    Params,
-    Problem,
-    describe,
-    linear_surrogate,
-    surrogate_jacobian,
-)
-from mcgrad.estimators.measure_valued import unwrap
+from mcgrad.estimators.base import GradientEstimator, Site, SiteInfo, draw_without_gradient, linear_terms
+from mcgrad.estimators.distributions import describe, unwrap
 
 
 class ControlVariate(NamedTuple):
-    """``build(cost_fn, distribution) -> (h, expected_h)``.
+    """``build(site) -> (h, expected_h)``, per row of a :class:`~mcgrad.Site`.
 
-    ``h`` is one sample -> scalar, with coefficients frozen (no gradient);
-    ``expected_h(distribution) -> E[h]`` is differentiable in the distribution's
-    parameters.
+    ``h``: ``values [N, ...] -> [N]``, each row's control variate at a value (its
+    coefficients frozen, no gradient); ``expected_h``: ``parameters -> [N]``, each row's
+    ``E[h]`` under the distribution those parameters give, differentiable in them.
     """
 
-    build: Callable[[Callable, dist.Distribution], tuple[Callable, Callable[[dist.Distribution], jax.Array]]]
+    build: Callable[[Site], tuple[Callable[[jax.Array], jax.Array], Callable[[Any], jax.Array]]]
 
 
 def _independent_coordinates(distribution: dist.Distribution) -> bool:
@@ -48,7 +41,7 @@ def _independent_coordinates(distribution: dist.Distribution) -> bool:
 
 
 def _moments(distribution: dist.Distribution, site: str) -> tuple[jax.Array, jax.Array, bool]:
-    """Mean and covariance (or variance, for independent coordinates), flattened."""
+    """Mean and covariance (or variance, for independent coordinates) of one draw, flattened."""
     try:
         mean = jnp.ravel(distribution.mean)
         if isinstance(distribution, dist.MultivariateNormal):
@@ -71,10 +64,10 @@ def _moments(distribution: dist.Distribution, site: str) -> tuple[jax.Array, jax
     return mean, variance, False
 
 
-def delta_method(order: int = 2, site: str = "x") -> ControlVariate:
+def delta_method(order: int = 2) -> ControlVariate:
     r"""The delta-method control variate: a Taylor expansion of the cost about the mean.
 
-    With ``μ̂ = stop_gradient(E[x])``,
+    For each row, with ``μ̂ = stop_gradient(E[x])`` of that row's distribution,
 
     .. math::  h(x) = f(μ̂) + ∇f(μ̂)ᵀ(x − μ̂) + \tfrac12 (x − μ̂)ᵀ ∇²f(μ̂) (x − μ̂)
 
@@ -85,10 +78,12 @@ def delta_method(order: int = 2, site: str = "x") -> ControlVariate:
     The expectation is exact for any distribution with that mean and covariance (a
     Gaussian — Normal or MultivariateNormal — in the usual case); coordinates of
     non-MultivariateNormal distributions are taken independent. For a quadratic cost
-    ``h = f`` and the residual variance is zero.
+    ``h = f`` and the residual variance is zero. At a sample site of a model, ``f`` is
+    the particle's cost as a function of the site's value (every other draw kept).
 
     Requires: ``f`` twice differentiable at the mean; the distribution's ``mean`` and
-    ``variance`` (or ``covariance_matrix``). Cost: one Hessian of ``f`` per estimate.
+    ``variance`` (or ``covariance_matrix``). Cost: one gradient and ``D`` Hessian-vector
+    products of the cost per row (``D`` the size of one draw).
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
@@ -101,43 +96,70 @@ def delta_method(order: int = 2, site: str = "x") -> ControlVariate:
     if order not in (1, 2):
         raise ValueError(f"delta_method(order=...) must be 1 or 2, got {order}.")
 
-    def build(cost_fn, distribution):
-        mean, covariance, full = _moments(jax.lax.stop_gradient(distribution), site)
-        shape = jnp.shape(distribution.mean)
+    def build(site: Site):
+        num_rows = site.num_rows
+        value_shape = site.value.shape[1:]
+        frozen = jax.lax.stop_gradient(site.parameters)
+        means, covariances, full = _row_moments(site, frozen)  # [N, D], [N, D(, D)]
 
-        def flat_cost(v):
-            return cost_fn(jnp.reshape(v, shape))
+        def row_costs(flat):  # [N, D] -> [N]
+            costs = site.recost(jnp.reshape(flat, site.value.shape).astype(site.value.dtype))
+            if jnp.shape(costs) != (num_rows,):  # before jax.grad's own, less helpful, TypeError
+                raise ValueError(
+                    f"cost_fn must return a scalar for one sample of site '{site.name}', but for a "
+                    f"sample of shape {value_shape} it returned shape {jnp.shape(costs)[1:]}. Reduce it "
+                    "to a scalar, e.g. `jnp.sum(...)`."
+                )
+            return costs
 
-        value = flat_cost(mean)
-        if jnp.shape(value) != ():  # before jax.grad's own, less helpful, TypeError
-            raise ValueError(
-                f"cost_fn must return a scalar for one sample of site '{site}', but for a sample "
-                f"of shape {shape} it returned shape {jnp.shape(value)}. Reduce it to a scalar, "
-                "e.g. `jnp.sum(...)`."
-            )
-        gradient = jax.grad(flat_cost)(mean)
-        hessian = jax.hessian(flat_cost)(mean) if order == 2 else None
+        def gradient_fn(flat):  # per-row gradients: rows do not interact
+            return jax.grad(lambda m: jnp.sum(row_costs(m)))(flat)
+
+        value = row_costs(means)
+        gradient = gradient_fn(means)
+        hessian = None
+        if order == 2:
+            size = means.shape[1]
+            directions = jnp.broadcast_to(jnp.eye(size, dtype=means.dtype)[:, None, :], (size, num_rows, size))
+            columns = jax.vmap(lambda t: jax.jvp(gradient_fn, (means,), (t,))[1])(directions)  # [D, N, D]
+            hessian = jnp.transpose(columns, (1, 2, 0))
         value, gradient, hessian = jax.lax.stop_gradient((value, gradient, hessian))
 
-        def h(x):
-            delta = jnp.ravel(x).astype(mean.dtype) - mean
-            out = value + gradient @ delta
+        def h(values):
+            delta = jnp.reshape(values, (num_rows, -1)).astype(means.dtype) - means
+            out = value + jnp.sum(gradient * delta, axis=1)
             if hessian is not None:
-                out = out + 0.5 * delta @ hessian @ delta
+                out = out + 0.5 * jnp.einsum("nd,nde,ne->n", delta, hessian, delta)
             return out
 
-        def expected_h(current):
-            current_mean, current_covariance, _ = _moments(current, site)
-            delta = current_mean - mean
-            out = value + gradient @ delta
+        def expected_h(parameters):
+            current_means, current_covariances, _ = _row_moments(site, parameters)
+            delta = current_means - means
+            out = value + jnp.sum(gradient * delta, axis=1)
             if hessian is not None:
-                spread = jnp.sum(hessian * current_covariance) if full else jnp.sum(jnp.diag(hessian) * current_covariance)
-                out = out + 0.5 * (delta @ hessian @ delta + spread)
+                if full:
+                    spread = jnp.sum(hessian * current_covariances, axis=(1, 2))
+                else:
+                    spread = jnp.sum(jnp.diagonal(hessian, axis1=1, axis2=2) * current_covariances, axis=1)
+                out = out + 0.5 * (jnp.einsum("nd,nde,ne->n", delta, hessian, delta) + spread)
             return out
 
         return h, expected_h
 
     return ControlVariate(build)
+
+
+def _row_moments(site: Site, parameters) -> tuple[jax.Array, jax.Array, bool]:
+    """Each row's flattened mean and covariance (or variances): ``[N, D]``, ``[N, D(, D)]``."""
+    fulls = []
+
+    def moments(distribution):
+        mean, covariance, full = _moments(distribution, site.name)
+        fulls.append(full)
+        return mean, covariance
+
+    means, covariances = site.map(moments, parameters)
+    return means, covariances, fulls[0]
 
 
 def _leave_one_out_coefficient(gradients_f: jax.Array, gradients_h: jax.Array) -> jax.Array:
@@ -161,13 +183,15 @@ def with_control_variate(
 ) -> GradientEstimator:
     r"""Wrap ``estimator`` with a control variate, reusing the same samples.
 
-    Per sample, ``G_i = ĝ_{f,i} − c_i ⊙ (ĝ_{h,i} − ∇θ E[h])``. With ``"optimal"``, ``c_i``
-    is the variance-minimising ``Cov(ĝ_f, ĝ_h)/Var(ĝ_h)`` per parameter coordinate,
-    estimated from the other ``N − 1`` samples so the estimate stays unbiased; a float
-    fixes it.
+    Per row, ``G_i = ĝ_{f,i} − c ⊙ (ĝ_{h,i} − ∇ E_i[h])``, gradients with respect to the
+    parameters of the site's distribution (pulled back to the user's parameters by
+    autodiff). With ``"optimal"``, ``c`` is the variance-minimising
+    ``Cov(ĝ_f, ĝ_h)/Var(ĝ_h)`` per parameter coordinate, estimated from the other
+    ``N − 1`` rows so the estimate stays unbiased; a float fixes it. Works wherever the
+    wrapped estimator does: in :func:`mcgrad.grad` and per site in :func:`mcgrad.fit`.
 
-    Requires: ``N ≥ 3`` for ``"optimal"``. Cost: the wrapped estimator twice (on ``f``
-    and ``h``, same samples) and the per-sample gradients of both (``N`` backward passes).
+    Requires: ``N ≥ 3`` rows for ``"optimal"``. Cost: the wrapped estimator twice (on
+    ``f`` and ``h``, same draws) and the per-row gradients of both.
 
     Args:
         estimator: any :class:`GradientEstimator`.
@@ -185,24 +209,53 @@ def with_control_variate(
     Reference: Mohamed et al. (2020), §7.
     """
 
-    def surrogate(key: jax.Array, params: Params, state, problem: Problem):
-        if coefficient == "optimal" and problem.num_samples < 3:
-            raise ValueError("with_control_variate(coefficient='optimal') needs num_samples >= 3.")
-        frozen = problem.dist_fn(jax.lax.stop_gradient(params))
-        h, expected_h = control_variate.build(problem.cost_fn, frozen)
-        control_problem = problem._replace(cost_fn=h)
+    def sample(key, distribution, sample_shape=()):
+        # The draw carries no gradient: the per-row gradients below are the whole estimate.
+        return jax.lax.stop_gradient(estimator.sample(key, distribution, sample_shape))
 
-        gradients_f, (s_f, new_state, info) = surrogate_jacobian(estimator, key, params, state, problem)
-        gradients_h, _ = surrogate_jacobian(estimator, key, params, state, control_problem)
-        exact_h = jax.grad(lambda p: expected_h(problem.dist_fn(p)))(params)
+    def terms(key: jax.Array, state, site: Site):
+        num_rows = site.num_rows
+        if coefficient == "optimal" and num_rows < 3:
+            raise ValueError(
+                f"with_control_variate(coefficient='optimal') needs at least 3 rows at site '{site.name}' "
+                "(num_samples >= 3 in mg.grad, num_particles >= 3 in a model)."
+            )
+        h, expected_h = control_variate.build(site)
+        control_site = site._replace(cost=h(site.value), recost=h)
+
+        def per_row(one_site: Site):
+            def fn(parameters):
+                value = one_site.resample(estimator.sample, parameters)
+                costs = one_site.recost(value)
+                extra, new_state, info = estimator.terms(
+                    key, state, one_site._replace(parameters=parameters, value=jax.lax.stop_gradient(value))
+                )
+                return costs + extra, (new_state, info)
+
+            return fn
+
+        def jacobian_with_aux(fn):
+            aux = []
+
+            def only_values(parameters):
+                values, extra = fn(parameters)
+                aux.append(extra)
+                return values
+
+            return site.jacobian(only_values, site.parameters), aux[0]
+
+        gradients_f, (new_state, info) = jacobian_with_aux(per_row(site))
+        gradients_h, _ = jacobian_with_aux(per_row(control_site))
+        exact_h = site.jacobian(expected_h, site.parameters)
 
         def combine(g_f, g_h, e_h):
             c = _leave_one_out_coefficient(g_f, g_h) if coefficient == "optimal" else coefficient
-            return g_f - c * (g_h - jnp.expand_dims(e_h, 0))
+            return g_f - c * (g_h - e_h)
 
-        per_sample = jax.tree.map(combine, gradients_f, gradients_h, exact_h)
-        s = linear_surrogate(jax.lax.stop_gradient(s_f), params, per_sample)
-        num_evaluations = 2 * info.num_evaluations
-        return s, (new_state, info._replace(num_evaluations=num_evaluations))
+        per_row_gradients = jax.tree.map(combine, gradients_f, gradients_h, exact_h)
+        terms = linear_terms(site.parameters, per_row_gradients, num_rows)
+        return terms, new_state, SiteInfo(2 * info.num_evaluations + num_rows)
 
-    return GradientEstimator(estimator.init, surrogate)
+    return GradientEstimator(
+        estimator.init, sample, terms, estimator.check, f"{estimator.name}+control_variate"
+    )

@@ -42,6 +42,7 @@ from mcgrad.estimators.base import (
     Problem,
     estimate,
     per_sample_grads,
+    surrogate,
 )
 
 Array = jax.Array
@@ -163,7 +164,7 @@ def count_evaluations(
     counted: list[int] = []
 
     def run(p, key):
-        s, (_, info) = estimator.surrogate(key, p, estimator.init(p), problem)
+        s, (_, info) = surrogate(estimator, key, p, estimator.init(p), problem)
         counted.append(info.num_evaluations)  # static metadata, read at trace time
         return s
 

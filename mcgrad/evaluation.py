@@ -23,7 +23,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
+from mcgrad.inference import handlers
+from mcgrad.inference.costs import site_log_prob
 
 Array = jax.Array
 
@@ -61,13 +62,6 @@ def _check_full_data(site: dict) -> None:
             f"site '{site['name']}' is scaled (scale={site['scale']}): a plate with subsample_size scores "
             "a random minibatch. Evaluate on the full held-out data (give the model batch_size=None)."
         )
-
-
-def _log_prob(site: dict) -> Array:
-    log_prob = site["fn"].log_prob(site["value"])
-    if site.get("mask") is not None:
-        log_prob = jnp.where(site["mask"], log_prob, 0.0)
-    return log_prob
 
 
 def _per_datum(log_prob: Array, site: dict, plate: tuple[str, int] | None, num_data: int) -> tuple[Array, Array]:
@@ -144,7 +138,7 @@ def log_likelihood(model: Callable, params: dict, *args, plate: str | None = Non
 
 @eqx.filter_jit
 def _log_likelihood(model, params, args, kwargs, key, plate) -> LogLikelihood:
-    trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=params)).get_trace(*args, **kwargs)
+    trace = handlers.run(model, args, kwargs, key=key, params=params)
     sample_sites = [s for s in trace.values() if s["type"] == "sample"]
     latent = [s["name"] for s in sample_sites if not s["is_observed"]]
     if latent:
@@ -161,7 +155,7 @@ def _log_likelihood(model, params, args, kwargs, key, plate) -> LogLikelihood:
     num_data = _num_data(observed, data_plate)
     per_datum, global_part = jnp.zeros(num_data), jnp.zeros(())
     for site in observed:
-        local, shared = _per_datum(_log_prob(site), site, data_plate, num_data)
+        local, shared = _per_datum(site_log_prob(site, scaled=False), site, data_plate, num_data)
         per_datum, global_part = per_datum + local, global_part + shared
     per_datum = per_datum + global_part / num_data
     total = jnp.sum(per_datum)
@@ -202,7 +196,8 @@ def iwae_bound(
     is then taken over the whole data set and spread evenly per datum.
 
     Args:
-        model, guide: NumPyro callables; the held-out data go in ``*args`` / ``**kwargs``.
+        model: a NumPyro model; the held-out data go in ``*args`` / ``**kwargs``.
+        guide: the NumPyro guide fitted with it; it gets the same arguments.
         params: constrained parameter values of both (``FitResult.params``).
         key: a ``jax.random.key`` for the ``K`` guide draws.
         num_samples: ``K``.
@@ -233,10 +228,8 @@ def iwae_bound(
 @eqx.filter_jit
 def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, batch_size) -> IWAEBound:
     trace_key = jax.random.key(0)
-    guide_trace = handlers.trace(handlers.substitute(handlers.seed(guide, trace_key), data=params)).get_trace(*args, **kwargs)
-    model_trace = handlers.trace(
-        handlers.replay(handlers.substitute(handlers.seed(model, trace_key), data=params), trace=guide_trace)
-    ).get_trace(*args, **kwargs)
+    guide_trace = handlers.run(guide, args, kwargs, key=trace_key, params=params)
+    model_trace = handlers.run(model, args, kwargs, key=trace_key, params=params, replay_trace=guide_trace)
     observed = [s for s in model_trace.values() if s["type"] == "sample" and s["is_observed"]]
     if not observed:
         raise ValueError("the model has no observed sample site to score.")
@@ -252,16 +245,14 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
     num_data = _num_data(observed, data_plate)
 
     def log_weights(sample_key):
-        seeded_guide = handlers.substitute(handlers.seed(guide, sample_key), data=params)
-        q_trace = handlers.trace(seeded_guide).get_trace(*args, **kwargs)
-        seeded_model = handlers.replay(handlers.substitute(handlers.seed(model, sample_key), data=params), trace=q_trace)
-        p_trace = handlers.trace(seeded_model).get_trace(*args, **kwargs)
+        q_trace = handlers.run(guide, args, kwargs, key=sample_key, params=params)
+        p_trace = handlers.run(model, args, kwargs, key=sample_key, params=params, replay_trace=q_trace)
         local, shared = jnp.zeros(num_data), jnp.zeros(())
         for trace, sign in ((p_trace, 1.0), (q_trace, -1.0)):
             for site in trace.values():
                 if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
                     continue
-                per, rest = _per_datum(_log_prob(site), site, data_plate, num_data)
+                per, rest = _per_datum(site_log_prob(site, scaled=False), site, data_plate, num_data)
                 local, shared = local + sign * per, shared + sign * rest
         return local, shared
 
@@ -269,7 +260,7 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
     local, shared = jax.lax.map(log_weights, keys, batch_size=batch_size)
     log_k = jnp.log(num_samples)
     latent_outside_plate = any(
-        s["type"] == "sample" and jnp.size(_log_prob(s)) > 0 and not _is_local(s, data_plate, num_data)
+        s["type"] == "sample" and jnp.size(site_log_prob(s, scaled=False)) > 0 and not _is_local(s, data_plate, num_data)
         for s in guide_trace.values()
     )
     if latent_outside_plate:
@@ -282,7 +273,7 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
 
 
 def _is_local(site: dict, plate: tuple[str, int] | None, num_data: int) -> bool:
-    log_prob = _log_prob(site)
+    log_prob = site_log_prob(site, scaled=False)
     if plate is None:
         return log_prob.ndim >= 1 and log_prob.shape[0] == num_data
     name, dim = plate
@@ -345,7 +336,8 @@ def mmd(
     permutation.
 
     Args:
-        x: ``[n, D]`` samples (e.g. real data); y: ``[m, D]`` samples (e.g. the model's).
+        x: ``[n, D]`` samples (e.g. real data).
+        y: ``[m, D]`` samples (e.g. the model's).
         bandwidth: ``σ``, or ``"median"``.
         num_permutations: for the permutation p-value (needs ``key``).
 

@@ -1,10 +1,16 @@
-"""``mg.fit``: one pure step, compiled ``lax.scan`` drivers, checkpoints, ArviZ output."""
+"""``mg.fit`` and the pure training step under it.
+
+Three layers, as in blackjax: :func:`trainer` binds a model, guide, objective and
+optimizer once and returns a :class:`Trainer` of pure functions (``init``, ``step``,
+``run``, ``params``) for users who write their own loop; :func:`fit` is the convenience on
+top (compiled chunks, a progress bar, checkpoints, the non-finite guard's error, ArviZ
+output).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -15,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcgrad import inference, parallel
-from mcgrad.objectives.base import Objective, ObjectiveSetup
+from mcgrad import checkpoints, parallel
+from mcgrad.inference.params import constrain
+from mcgrad.objectives.base import Objective
 
 Array = jax.Array
 
@@ -54,9 +61,13 @@ class StepInfo(NamedTuple):
 class TrainingDiagnostics(NamedTuple):
     """Gradient variance and SNR per parameter, recorded during training.
 
-    ``variance[name][j]`` is the mean over the parameter's coordinates of the variance of
-    the step's gradient estimate (per-particle variance / M) at step ``steps[j]``;
-    ``snr[name][j]`` the mean of ``|mean| / std`` of that estimate.
+    At a recorded step the step's own gradient estimate ``ĝ_0`` and ``R`` more, from
+    independent keys at the same parameters and state, give for each coordinate ``d`` the
+    unbiased variance ``V_d`` of the gradient the step used (whatever the objective or
+    estimator: particles coupled by IWAE, VIMCO or leave-one-out baselines included).
+    ``variance[name][j]`` is the mean of ``V_d`` over the parameter's coordinates at step
+    ``steps[j]``; ``snr[name][j]`` is ``‖ḡ‖ / sqrt(Σ_d V_d)`` over them (``ḡ`` the mean
+    of the ``R + 1`` estimates).
     """
 
     steps: np.ndarray
@@ -104,70 +115,168 @@ class FitResult(NamedTuple):
         return to_inference_data(self, num_samples=num_samples, key=key)
 
 
-# --------------------------------------------------------------------------- the step
+# --------------------------------------------------------------------------- the trainer
 
 
-def _gradient_statistics(per_particle: dict, num_particles: int) -> tuple[dict, dict]:
-    variance, snr = {}, {}
-    for name, tree in per_particle.items():
-        leaves = [jnp.reshape(leaf, (num_particles, -1)) for leaf in jax.tree.leaves(tree)]
-        grads = jnp.concatenate(leaves, axis=1)
-        estimate_variance = jnp.var(grads, axis=0, ddof=1) / num_particles
-        mean = jnp.mean(grads, axis=0)
-        variance[name] = jnp.mean(estimate_variance)
-        snr[name] = jnp.mean(jnp.abs(mean) / jnp.sqrt(estimate_variance + 1e-30))
-    return variance, snr
+class Trainer(NamedTuple):
+    """A model, guide, objective and optimizer bound once: pure functions for a training loop.
+
+    Attributes:
+        init: ``key -> FitState``, the initial state.
+        step: ``(state, *args, **kwargs) -> (state, StepInfo)``: one step on the model's
+            arguments of this step (a new minibatch each call, say): estimate the gradient
+            with the per-site estimators, skip the update if the loss or a gradient is not
+            finite, apply the optax update, and every ``diagnostics_every`` steps record
+            the gradient's variance. Pure; ``jax.jit`` it (non-array arguments such as
+            plate sizes: ``equinox.filter_jit`` or ``static_argnums``).
+        run: ``(state, num_steps, *args, **kwargs) -> (state, StepInfo)``: ``num_steps``
+            steps in one ``lax.scan`` on the same arguments (every info field gains a
+            leading ``num_steps``).
+        params: ``state -> constrained params`` (what ``numpyro.param`` returns).
+        estimate: ``(state, key, *args, **kwargs) -> (loss, grads, objective_state)``: one
+            gradient estimate at the state's parameters with ``key`` (no update):
+            ``grads`` are with respect to the unconstrained parameters. For variance
+            studies and tests of an objective.
+        estimators: the estimator chosen for each latent site.
+        objective: the objective.
+    """
+
+    init: Callable[[Array], FitState]
+    step: Callable[..., tuple[FitState, StepInfo]]
+    run: Callable[..., tuple[FitState, StepInfo]]
+    params: Callable[[FitState], dict]
+    estimate: Callable[..., tuple[Array, dict, Any]]
+    estimators: dict
+    objective: Objective
 
 
-def make_step(
-    bound: ObjectiveSetup,
+def _check_whole(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+
+
+def trainer(
+    model: Callable | None,
+    guide: Callable | None,
+    *args: Any,
+    key: Array,
+    objective: Objective,
     optimizer: optax.GradientTransformation,
-    num_particles: int,
-    diagnostics_every: int,
-    shard: Callable[[Array], Array] = lambda keys: keys,
-) -> Callable[[FitState, tuple, dict], tuple[FitState, StepInfo]]:
-    """The pure step ``(state, args, kwargs) -> (state, info)``: estimate, guard, update."""
-    constraints = bound.params.constraints
+    estimators: dict | None = None,
+    diagnostics_every: int = 0,
+    diagnostics_replicates: int = 2,
+    shard: bool = True,
+    **kwargs: Any,
+) -> Trainer:
+    r"""Bind a NumPyro model (and guide) to an objective and an optimizer: ``init``/``step``/``run``.
 
-    def surrogate(params, objective_state, key, args, kwargs):
-        return bound.surrogate(inference.constrain(params, constraints), objective_state, key, args, kwargs, shard)
+    The model and guide are traced once here, on example arguments (their shapes and
+    structure: plates, sites, parameters); the step then takes the arguments of each
+    step, so a loop can feed a new minibatch every call. Every estimator works per site
+    through the same protocol (see :class:`~mcgrad.GradientEstimator`).
+
+    Gradient diagnostics are honest for every objective: at a recorded step the step's
+    own estimate and ``diagnostics_replicates`` more, from independent keys at the same
+    parameters and state, give the variance of the gradient the step used. Cost: that
+    many extra gradient estimates (one vectorised pass) every ``diagnostics_every``
+    steps; memory ``O(replicates · |θ|)`` beside the step's own.
+
+    Args:
+        model: the NumPyro model (the generator for :func:`mcgrad.adversarial`; ``None``
+            for :func:`mcgrad.expectation`).
+        guide: the NumPyro guide (``None`` without one).
+        *args: example arguments of the model and guide.
+        key: a ``jax.random.key`` for tracing and the initial parameters.
+        objective: e.g. :func:`mcgrad.elbo`.
+        optimizer: an optax optimizer.
+        estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
+        diagnostics_every: record gradient variance every this many steps (0: never).
+        diagnostics_replicates: extra gradient estimates per record (``≥ 1``).
+        shard: lay particles out over ``jax.devices()`` when there are several.
+        **kwargs: example keyword arguments of the model and guide.
+
+    Returns:
+        A :class:`Trainer`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro, numpyro.distributions as dist, optax
+        >>> def model(x):
+        ...     z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        ...     with numpyro.plate("data", x.shape[0]):
+        ...         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        >>> def guide(x):
+        ...     numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.0), 0.5))
+        >>> data = jnp.linspace(0.0, 2.0, 8)
+        >>> training = mg.trainer(model, guide, data[:4], key=jax.random.key(0),
+        ...                       objective=mg.elbo(8), optimizer=optax.adam(0.05))
+        >>> step = jax.jit(training.step)
+        >>> state = training.init(jax.random.key(1))
+        >>> for i in range(200):                      # a new minibatch every step
+        ...     state, info = step(state, data[4 * (i % 2): 4 * (i % 2) + 4])
+        >>> round(float(training.params(state)["loc"]), 1)   # between the two batches' 4x̄/5 (0.34, 1.26)
+        0.8
+    """
+    _check_whole("diagnostics_every", diagnostics_every, 0)
+    _check_whole("diagnostics_replicates", diagnostics_replicates, 1)
+    bound = objective.setup(model, guide, args, kwargs, estimators, key)
+    param_constraints = bound.params.constraints
+    mesh = parallel.device_mesh()
+    particle_shard = parallel.particle_sharding(objective.num_particles, mesh) if shard and mesh.size > 1 else None
+
+    def params_of(state: FitState) -> dict:
+        return constrain(state.params, param_constraints)
+
+    def init(run_key: Array) -> FitState:
+        params = _strongly_typed(bound.params.unconstrained)
+        return FitState(
+            params,
+            optimizer.init(params),
+            _strongly_typed(bound.init_state),
+            jax.random.key_data(run_key),
+            jnp.zeros((), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
+
+    def gradient(params, objective_state, step_key, args, kwargs):
+        def mean_surrogate(p):
+            s, (new_state, _) = bound.surrogate(
+                constrain(p, param_constraints), objective_state, step_key, args, kwargs, particle_shard
+            )
+            return jnp.mean(s), new_state
+
+        (loss, new_state), grads = jax.value_and_grad(mean_surrogate, has_aux=True)(params)
+        return loss, grads, new_state
 
     def nan_statistics(params):
         nan = jnp.full((), jnp.nan)
         return {name: nan for name in params}, {name: nan for name in params}
 
-    def step(state: FitState, args: tuple, kwargs: dict) -> tuple[FitState, StepInfo]:
+    def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-
-        def per_particle(params):
-            s, (new_objective_state, _) = surrogate(params, state.objective_state, step_key, args, kwargs)
-            return s, new_objective_state
-
-        # One forward pass serves the gradient and, every few steps, the per-particle gradients.
-        s, pullback, objective_state = jax.vjp(per_particle, state.params, has_aux=True)
-        loss = jnp.mean(s)
-        (grads,) = pullback(jnp.full_like(s, 1.0 / s.shape[0]))
-        finite = jnp.isfinite(loss) & jnp.all(
-            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        )
-        grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
+        loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
+        finite = jnp.isfinite(loss)
+        for leaf in jax.tree.leaves(grads):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
+        updates, optimizer_state = optimizer.update(safe_grads, state.optimizer_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-
-        if diagnostics_every and num_particles > 1:
+        if diagnostics_every:
 
             def record(_):
-                (jacobian,) = jax.vmap(pullback)(jnp.eye(s.shape[0], dtype=s.dtype))
-                return _gradient_statistics(jacobian, s.shape[0])
+                extra_keys = jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)
+                extra = jax.vmap(lambda k: gradient(state.params, state.objective_state, k, args, kwargs)[1])(extra_keys)
+                stacked = jax.tree.map(lambda g, e: jnp.concatenate([g[None], e]), grads, extra)
+                return _replicate_statistics(stacked)
 
             variance, snr = jax.lax.cond(
                 state.step % diagnostics_every == 0, record, lambda _: nan_statistics(state.params), None
             )
         else:
             variance, snr = nan_statistics(state.params)
+
+        def keep_if_finite(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
         new_state = FitState(
             keep_if_finite(params, state.params),
@@ -179,7 +288,29 @@ def make_step(
         )
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
-    return step
+    def run(state: FitState, num_steps: int, *args, **kwargs) -> tuple[FitState, StepInfo]:
+        return jax.lax.scan(lambda s, _: step(s, *args, **kwargs), state, None, length=num_steps)
+
+    def estimate(state: FitState, step_key: Array, *args, **kwargs):
+        return gradient(state.params, state.objective_state, step_key, args, kwargs)
+
+    return Trainer(init, step, run, params_of, estimate, bound.estimators, objective)
+
+
+def _replicate_statistics(stacked: dict) -> tuple[dict, dict]:
+    """Per parameter: mean coordinate variance of independent estimates (``ddof=1``) and
+    ``‖mean‖ / sqrt(Σ variance)``."""
+    variance, snr = {}, {}
+    for name, tree in stacked.items():
+        leaves = [jnp.reshape(leaf, (leaf.shape[0], -1)) for leaf in jax.tree.leaves(tree)]
+        grads = jnp.concatenate(leaves, axis=1)
+        coordinate_variance = jnp.var(grads, axis=0, ddof=1)
+        variance[name] = jnp.mean(coordinate_variance)
+        snr[name] = jnp.sqrt(jnp.sum(jnp.mean(grads, axis=0) ** 2) / (jnp.sum(coordinate_variance) + 1e-30))
+    return variance, snr
+
+
+# --------------------------------------------------------------------------- drivers
 
 
 @functools.partial(jax.jit, static_argnames=("step_fn", "static_inputs", "length"))
@@ -188,12 +319,12 @@ def _run_chunk(state, array_inputs, num_active=None, *, step_fn, static_inputs, 
     (the rest leave the state alone), so a run's shorter last chunk reuses the program."""
     args, kwargs = eqx.combine(array_inputs, static_inputs.value)
     if num_active is None:
-        return jax.lax.scan(lambda s, _: step_fn(s, args, kwargs), state, None, length=length)
-    _, info_shape = jax.eval_shape(step_fn, state, args, kwargs)
+        return jax.lax.scan(lambda s, _: step_fn(s, *args, **kwargs), state, None, length=length)
+    _, info_shape = jax.eval_shape(lambda s: step_fn(s, *args, **kwargs), state)
     skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), info_shape)
 
     def masked_step(s, index):
-        return jax.lax.cond(index < num_active, lambda s: step_fn(s, args, kwargs), lambda s: (s, skipped), s)
+        return jax.lax.cond(index < num_active, lambda s: step_fn(s, *args, **kwargs), lambda s: (s, skipped), s)
 
     return jax.lax.scan(masked_step, state, jnp.arange(length))
 
@@ -217,21 +348,47 @@ class _Static:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | Path, state: FitState, losses: np.ndarray, infos: list) -> None:
-    """Write the whole state (params, optimizer, objective state, key, step) and history."""
-    payload = {"state": jax.tree.map(np.asarray, state), "losses": np.asarray(losses), "infos": infos}
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(payload, f)
-    tmp.replace(path)
+def save_checkpoint(path: str | Path, state: FitState, losses: np.ndarray, diagnostics: TrainingDiagnostics) -> None:
+    """Write the whole state (params, optimizer, objective state, key, step) and history.
+
+    The file is :mod:`mcgrad.checkpoints`' format: arrays and a structure description,
+    never code, so loading it never executes anything.
+    """
+    tree = {
+        "state": state,
+        "losses": np.asarray(losses),
+        "steps": np.asarray(diagnostics.steps),
+        "variance": {n: np.asarray(v) for n, v in diagnostics.variance.items()},
+        "snr": {n: np.asarray(v) for n, v in diagnostics.snr.items()},
+    }
+    metadata = {"num_losses": int(len(losses)), "num_records": int(len(diagnostics.steps)), "num_nonfinite": int(diagnostics.num_nonfinite)}
+    checkpoints.save(path, tree, metadata)
 
 
-def load_checkpoint(path: str | Path) -> tuple[FitState, np.ndarray, list]:
-    """Read a checkpoint written by :func:`save_checkpoint` (or by ``fit(checkpoint_path=...)``)."""
-    with open(path, "rb") as f:
-        payload = pickle.load(f)
-    return jax.tree.map(jnp.asarray, payload["state"]), payload["losses"], payload["infos"]
+def load_checkpoint(path: str | Path, like: FitState) -> tuple[FitState, np.ndarray, TrainingDiagnostics]:
+    """Read a checkpoint written by :func:`save_checkpoint` (or ``fit(checkpoint_path=...)``).
+
+    ``like`` is a state of the same run's structure (``Trainer.init(key)``): a file from
+    another model, guide, optimizer or objective is refused with a clear error
+    (:class:`mcgrad.checkpoints.CheckpointMismatchError`).
+    """
+    _, metadata = checkpoints.load(path)
+    num_losses, num_records = metadata["num_losses"], metadata["num_records"]
+    template = {
+        "state": like,
+        "losses": np.zeros(num_losses, np.float32),
+        "steps": np.zeros(num_records, np.int64),
+        "variance": {n: np.zeros(num_records, np.float32) for n in like.params},
+        "snr": {n: np.zeros(num_records, np.float32) for n in like.params},
+    }
+    tree, _ = checkpoints.load(path, like=template)
+    diagnostics = TrainingDiagnostics(
+        np.asarray(tree["steps"]),
+        {n: np.asarray(v) for n, v in tree["variance"].items()},
+        {n: np.asarray(v) for n, v in tree["snr"].items()},
+        metadata["num_nonfinite"],
+    )
+    return tree["state"], np.asarray(tree["losses"]), diagnostics
 
 
 # --------------------------------------------------------------------------- fit
@@ -265,22 +422,30 @@ def check_data(args: tuple, kwargs: dict) -> None:
                 )
 
 
-def _diagnostics_from(infos: list, num_nonfinite: int, names: list[str]) -> TrainingDiagnostics:
-    if not infos:
-        return TrainingDiagnostics(np.zeros(0, int), {n: np.zeros(0) for n in names}, {n: np.zeros(0) for n in names}, num_nonfinite)
-    steps = np.concatenate([i["steps"] for i in infos])
-    variance = {n: np.concatenate([i["variance"][n] for i in infos]) for n in names}
-    snr = {n: np.concatenate([i["snr"][n] for i in infos]) for n in names}
-    recorded = np.isfinite(variance[names[0]]) if names else np.zeros(len(steps), bool)
+def _diagnostics_from(infos: list[StepInfo], starts: list[int], previous: TrainingDiagnostics) -> TrainingDiagnostics:
+    names = list(previous.variance)
+    steps = [previous.steps] + [np.arange(start, start + len(info.loss)) for start, info in zip(starts, infos)]
+    variance = {n: [previous.variance[n]] + [np.asarray(i.gradient_variance[n]) for i in infos] for n in names}
+    snr = {n: [previous.snr[n]] + [np.asarray(i.gradient_snr[n]) for i in infos] for n in names}
+    steps = np.concatenate(steps)
+    variance = {n: np.concatenate(v) for n, v in variance.items()}
+    snr = {n: np.concatenate(v) for n, v in snr.items()}
+    if names:
+        recorded = np.concatenate([np.ones(len(previous.steps), bool)] + [np.isfinite(np.asarray(i.gradient_variance[names[0]])) for i in infos])
+    else:
+        recorded = np.zeros(len(steps), bool)
     return TrainingDiagnostics(
-        steps[recorded], {n: v[recorded] for n, v in variance.items()}, {n: v[recorded] for n, v in snr.items()}, num_nonfinite
+        steps[recorded].astype(np.int64),
+        {n: v[recorded].astype(np.float32) for n, v in variance.items()},
+        {n: v[recorded].astype(np.float32) for n, v in snr.items()},
+        previous.num_nonfinite,
     )
 
 
 def fit(
-    model: Callable,
+    model: Callable | None,
     guide: Callable | None,
-    *args,
+    *args: Any,
     key: Array,
     num_steps: int,
     optimizer: optax.GradientTransformation,
@@ -289,42 +454,45 @@ def fit(
     progress_bar: bool = True,
     chunk_size: int | None = None,
     diagnostics_every: int | None = None,
+    diagnostics_replicates: int = 2,
     max_nonfinite: int = 10,
     checkpoint_path: str | Path | None = None,
     resume_from: str | Path | FitState | None = None,
     shard: bool = True,
-    **kwargs,
+    **kwargs: Any,
 ) -> FitResult:
     r"""Fit a NumPyro model (and guide) by minimising ``objective`` with ``optimizer``.
 
-    One pure step (estimate the gradient with the per-site estimators, skip it if the loss
-    or a gradient is not finite, apply the optax update) runs inside ``lax.scan``. With
+    The convenience over :func:`trainer`: its pure step runs inside ``lax.scan``. With
     ``progress_bar`` a tqdm bar advances between chunks of ``chunk_size`` steps (never a
     host round trip per step); without it the whole run is one scan. Both follow the same
     keys and give the same result.
 
     Args:
-        model, guide: NumPyro callables (``guide=None`` for maximum likelihood and
-            adversarial objectives).
-        *args, **kwargs: passed to both.
+        model: the NumPyro model (the generator for adversarial objectives).
+        guide: the NumPyro guide (``None`` for maximum likelihood and adversarial objectives).
+        *args: passed to both.
         key: a ``jax.random.key``.
         num_steps: total steps (a resumed run continues up to this many).
         optimizer: an optax optimizer.
-        objective: :func:`mcgrad.elbo`, :func:`mcgrad.iwae`, :func:`mcgrad.maximum_likelihood`,
-            :func:`mcgrad.adversarial`.
+        objective: :func:`mcgrad.elbo`, :func:`mcgrad.iwae`, :func:`mcgrad.renyi`,
+            :func:`mcgrad.maximum_likelihood`, :func:`mcgrad.adversarial`,
+            :func:`mcgrad.expectation`.
         estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
+        progress_bar: show a tqdm bar.
         chunk_size: steps per compiled chunk (default: about 1/20 of the run with a progress
             bar, the whole run without). Every chunk runs one compiled program; when the
             size does not divide the steps, the last chunk runs it masked, and the result
             agrees with the single-scan driver to float rounding instead of bit for bit.
-        diagnostics_every: record gradient variance and SNR from the per-particle gradients
-            every this many steps (default ``num_steps // 50``; 0 turns it off; needs
-            ``num_particles > 1``).
+        diagnostics_every: record the variance and SNR of the step's gradient every this
+            many steps (default ``num_steps // 50``; 0 turns it off); see :func:`trainer`.
+        diagnostics_replicates: extra gradient estimates per record.
         max_nonfinite: non-finite steps tolerated before stopping with :class:`NonFiniteError`
             (which carries the last finite state).
         checkpoint_path: write the full state there after every chunk.
         resume_from: a checkpoint path or a :class:`FitState` to continue from.
         shard: lay particles and data out over ``jax.devices()`` when there are several.
+        **kwargs: passed to both.
 
     Returns:
         A :class:`FitResult`.
@@ -342,36 +510,44 @@ def fit(
         >>> sorted(result.params), result.losses.shape
         (['loc', 'scale'], (100,))
     """
+    _check_whole("num_steps", num_steps, 0)
+    _check_whole("max_nonfinite", max_nonfinite, 0)
+    if chunk_size is not None:
+        _check_whole("chunk_size", chunk_size, 1)
     check_data(args, kwargs)
-    key_setup, key_run = jax.random.split(key)
-    bound = objective.setup(model, guide, args, kwargs, estimators, key_setup)
-    names = list(bound.params.unconstrained)
     if diagnostics_every is None:
         diagnostics_every = max(1, num_steps // 50)
+    key_setup, key_run = jax.random.split(key)
     mesh = parallel.device_mesh()
-    particle_shard = parallel.particle_sharding(objective.num_particles, mesh) if shard else (lambda k: k)
     if shard and mesh.size > 1:
         args, kwargs = parallel.shard_data((args, kwargs), mesh)
-    step_fn = make_step(bound, optimizer, objective.num_particles, diagnostics_every, particle_shard)
+    training = trainer(
+        model,
+        guide,
+        *args,
+        key=key_setup,
+        objective=objective,
+        optimizer=optimizer,
+        estimators=estimators,
+        diagnostics_every=diagnostics_every,
+        diagnostics_replicates=diagnostics_replicates,
+        shard=shard,
+        **kwargs,
+    )
+    initial = training.init(key_run)
+    names = list(initial.params)
+    history = TrainingDiagnostics(
+        np.zeros(0, np.int64), {n: np.zeros(0, np.float32) for n in names}, {n: np.zeros(0, np.float32) for n in names}, 0
+    )
+    if resume_from is None:
+        state, losses = initial, np.zeros(0, np.float32)
+    elif isinstance(resume_from, FitState):
+        state, losses = resume_from, np.zeros(0, np.float32)
+    else:
+        state, losses, history = load_checkpoint(resume_from, like=initial)
+
     array_inputs, static_inputs = eqx.partition((args, kwargs), eqx.is_array)
     static_inputs = _Static(static_inputs)
-
-    if resume_from is None:
-        params = _strongly_typed(bound.params.unconstrained)
-        state = FitState(
-            params,
-            optimizer.init(params),
-            _strongly_typed(bound.init_state),
-            jax.random.key_data(key_run),
-            jnp.zeros((), jnp.int32),
-            jnp.zeros((), jnp.int32),
-        )
-        losses, infos = np.zeros(0), []
-    elif isinstance(resume_from, FitState):
-        state, losses, infos = resume_from, np.zeros(0), []
-    else:
-        state, losses, infos = load_checkpoint(resume_from)
-
     remaining = num_steps - int(state.step)
     if chunk_size is None:
         chunk_size = _default_chunk_size(remaining) if progress_bar else max(remaining, 1)
@@ -380,18 +556,18 @@ def fit(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=int(state.step), desc=objective.name)
-    loss_chunks = [losses]
+    loss_chunks, infos, starts = [losses], [], []
     # Chunks all run one compiled program; a shorter last chunk runs it masked.
     masked = 0 < remaining % chunk_size < remaining
     try:
         while remaining > 0:
             length = min(chunk_size, remaining)
-            start = int(state.step)
+            starts.append(int(state.step))
             new_state, info = _run_chunk(
                 state,
                 array_inputs,
                 jnp.int32(length) if masked else None,
-                step_fn=step_fn,
+                step_fn=training.step,
                 static_inputs=static_inputs,
                 length=chunk_size if masked else length,
             )
@@ -399,17 +575,12 @@ def fit(
                 info = jax.tree.map(lambda leaf: leaf[:length], info)
             chunk_losses = np.asarray(info.loss)
             loss_chunks.append(chunk_losses)
-            infos.append(
-                {
-                    "steps": np.arange(start, start + length),
-                    "variance": {n: np.asarray(v) for n, v in info.gradient_variance.items()},
-                    "snr": {n: np.asarray(v) for n, v in info.gradient_snr.items()},
-                }
-            )
+            infos.append(info)
             state = new_state
             remaining -= length
             if checkpoint_path is not None:
-                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), infos)
+                done = _diagnostics_from(infos, starts, history)._replace(num_nonfinite=int(state.num_nonfinite))
+                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), done)
             if bar is not None:
                 finite = chunk_losses[np.isfinite(chunk_losses)]
                 bar.set_postfix(loss=f"{finite[-1]:.4g}" if finite.size else "nan")
@@ -427,6 +598,5 @@ def fit(
         if bar is not None:
             bar.close()
 
-    params = inference.constrain(state.params, bound.params.constraints)
-    diagnostics = _diagnostics_from(infos, int(state.num_nonfinite), names)
-    return FitResult(params, np.concatenate(loss_chunks), state, diagnostics, model, guide, args, kwargs)
+    diagnostics = _diagnostics_from(infos, starts, history)._replace(num_nonfinite=int(state.num_nonfinite))
+    return FitResult(training.params(state), np.concatenate(loss_chunks), state, diagnostics, model, guide, args, kwargs)

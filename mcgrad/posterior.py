@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import xarray as xr
 from numpyro import handlers
+
+from mcgrad.inference import handlers as program_handlers
 from numpyro.infer import Predictive, log_likelihood
 
 
@@ -39,9 +41,7 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
     if result.guide is not None:
         predictive = Predictive(result.guide, params=result.params, num_samples=num_samples)
         draws = predictive(key, *result.args, **result.kwargs)
-        guide_trace = handlers.trace(handlers.seed(handlers.substitute(result.guide, data=result.params), key)).get_trace(
-            *result.args, **result.kwargs
-        )
+        guide_trace = program_handlers.run(result.guide, result.args, result.kwargs, key=key, params=result.params)
         latent = [n for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]]
         samples = {name: draws[name] for name in latent}
         posterior = {name: np.asarray(value)[None] for name, value in samples.items()}
@@ -52,7 +52,7 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
         likelihood = log_likelihood(model, samples, *result.args, **result.kwargs)
     else:
         likelihood = {n: v[None] for n, v in log_likelihood(model, {}, *result.args, batch_ndims=0, **result.kwargs).items()}
-    model_trace = handlers.trace(handlers.seed(model, key)).get_trace(*result.args, **result.kwargs)
+    model_trace = program_handlers.run(result.model, result.args, result.kwargs, key=key, params=result.params)
     observed = {n: np.asarray(s["value"]) for n, s in model_trace.items() if s["type"] == "sample" and s["is_observed"]}
     idata = az.from_dict(
         posterior=posterior,

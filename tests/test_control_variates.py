@@ -69,22 +69,37 @@ def quadratic_exact(loc, cov):
     return loc @ A @ loc + np.trace(A @ cov) + B @ loc
 
 
+def _site(dist_fn, params, num_samples=2):
+    with jax.numpy_rank_promotion("allow"):  # NumPyro's own sampling broadcasts
+        return mg.problem_site(mg.Problem(quadratic, dist_fn, num_samples), params, jax.random.key(0))[0]
+
+
 def test_delta_method_expectation_is_exact_for_a_quadratic():
     loc, scale = np.array([0.3, -0.5, 1.0]), np.array([1.2, 0.7, 0.5])
-    d = dist.Normal(jnp.asarray(loc, jnp.float32), jnp.asarray(scale, jnp.float32)).to_event(1)
-    h, expected_h = mg.delta_method().build(quadratic, d)
-    assert float(expected_h(d)) == pytest.approx(quadratic_exact(loc, np.diag(scale**2)), rel=1e-5)
+
+    def normal(p):
+        return dist.Normal(p["loc"], p["scale"]).to_event(1)
+
+    params = {"loc": jnp.asarray(loc, jnp.float32), "scale": jnp.asarray(scale, jnp.float32)}
+    site = _site(normal, params)
+    h, expected_h = mg.delta_method().build(site)
+    exact = quadratic_exact(loc, np.diag(scale**2))
+    assert np.asarray(expected_h(params)) == pytest.approx([exact, exact], rel=1e-5)  # one per row
     # at another distribution (the gradient is taken there): still exact
     loc2, scale2 = loc + 0.3, scale * 1.5
-    d2 = dist.Normal(jnp.asarray(loc2, jnp.float32), jnp.asarray(scale2, jnp.float32)).to_event(1)
-    assert float(expected_h(d2)) == pytest.approx(quadratic_exact(loc2, np.diag(scale2**2)), rel=1e-5)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=3), jnp.float32)
-    assert float(h(x)) == pytest.approx(float(quadratic(x)), rel=1e-5, abs=1e-5)
+    moved = {"loc": jnp.asarray(loc2, jnp.float32), "scale": jnp.asarray(scale2, jnp.float32)}
+    assert float(expected_h(moved)[0]) == pytest.approx(quadratic_exact(loc2, np.diag(scale2**2)), rel=1e-5)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3)), jnp.float32)
+    assert np.asarray(h(x)) == pytest.approx(np.asarray(jax.vmap(quadratic)(x)), rel=1e-5, abs=1e-5)
 
     tril = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [-0.2, 0.3, 0.5]])
-    mvn = dist.MultivariateNormal(jnp.asarray(loc, jnp.float32), scale_tril=jnp.asarray(tril, jnp.float32))
-    _, expected_h = mg.delta_method().build(quadratic, mvn)
-    assert float(expected_h(mvn)) == pytest.approx(quadratic_exact(loc, tril @ tril.T), rel=1e-5)
+
+    def mvn(p):
+        return dist.MultivariateNormal(p["loc"], scale_tril=p["tril"])
+
+    mvn_params = {"loc": jnp.asarray(loc, jnp.float32), "tril": jnp.asarray(tril, jnp.float32)}
+    _, expected_h = mg.delta_method().build(_site(mvn, mvn_params))
+    assert float(expected_h(mvn_params)[0]) == pytest.approx(quadratic_exact(loc, tril @ tril.T), rel=1e-5)
 
 
 def _tril(v):

@@ -1,4 +1,4 @@
-"""The estimator core: one surrogate contract and the estimators that follow it."""
+"""The estimator core: one per-site contract and the estimators that follow it."""
 
 from mcgrad.estimators.base import (
     EmptyState,
@@ -6,11 +6,20 @@ from mcgrad.estimators.base import (
     EstimatorInfo,
     GradientEstimator,
     Problem,
+    Site,
+    SiteInfo,
+    draw_without_gradient,
     estimate,
+    gradient_only,
     grad,
+    linear_terms,
     per_sample_grads,
+    problem_site,
+    row_sum,
+    surrogate,
     value_and_grad,
 )
+from mcgrad.estimators.log_prob import log_prob
 from mcgrad.estimators.measure_valued import measure_valued
 from mcgrad.estimators.pathwise import pathwise
 from mcgrad.estimators.score_function import score_function
@@ -27,15 +36,24 @@ __all__ = [
     "EstimatorInfo",
     "GradientEstimator",
     "Problem",
+    "Site",
+    "SiteInfo",
     "WeakDerivative",
+    "draw_without_gradient",
     "estimate",
     "grad",
+    "gradient_only",
+    "linear_terms",
+    "log_prob",
     "measure_valued",
     "pathwise",
     "per_sample_grads",
+    "problem_site",
     "register_weak_derivative",
     "registered_families",
+    "row_sum",
     "score_function",
+    "surrogate",
     "value_and_grad",
     "weak_derivative_for",
 ]

@@ -1,27 +1,42 @@
 """The one contract every gradient estimator follows, and the drivers written once over it.
 
-An estimator of ∇θ E_{p_θ(x)}[f(x)] is a value: a :class:`GradientEstimator` holding two
-pure functions. ``surrogate(key, params, state, problem)`` returns a per-sample surrogate
-``s`` of shape ``[N]`` such that
+An estimator of ∇θ E_{p_θ(x)}[f(x)] is a value, a :class:`GradientEstimator`: settings
+captured in a closure, pure functions, all changing state returned. It answers two
+questions about one sample site, wherever that site lives:
 
-* the value of ``s[i]`` is the cost of sample ``i``, so ``mean(s)`` is the plain Monte
-  Carlo estimate of the objective, and
-* ``∇θ mean(s)`` is the estimator's gradient estimate and ``∇θ s[i]`` is the
-  contribution of sample ``i`` (its mean over ``i`` is the estimate).
+* ``sample(key, distribution, sample_shape)``: how the site's values are drawn — with a
+  gradient path through the draw (pathwise) or without one (score function,
+  measure-valued);
+* ``terms(key, state, site)``: the surrogate terms it adds for the site's ``N`` rows of
+  draws, zero in value, whose gradient is the rest of its estimate.
 
-``grad``, ``value_and_grad``, ``per_sample_grads`` and ``estimate`` are generic over that
-contract: adding an estimator is writing one ``surrogate``.
+A :class:`Site` is what the estimator sees of the site: the rows' draws, their costs, the
+parameters of their distribution and a few operations over the rows (re-cost a replaced
+value, draw again with the same randomness, map over rows, per-row gradients). Two
+drivers build sites and nothing else knows how:
+
+* :func:`surrogate` here, for ``mg.grad``-style problems: ``N`` i.i.d. draws from
+  ``dist_fn(params)`` and a cost function;
+* the particle engine (:mod:`mcgrad.inference.particles`), for a sample site of a NumPyro
+  program: one row per particle, the row's cost Rao-Blackwellized over the program.
+
+The contract that makes everything compose: the per-row surrogate ``s_i = cost_i +
+terms_i`` has the plain Monte Carlo cost as its value, and ``∇θ mean(s)`` is the
+estimate. ``grad``, ``value_and_grad``, ``per_sample_grads`` and ``estimate`` are generic
+over it, and so is every objective of :func:`mcgrad.fit`: adding an estimator is one file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from numpyro.distributions import Distribution
+
+from mcgrad.estimators.distributions import describe
 
 Params = Any  # a pytree of arrays
 EstimatorState = Any  # a pytree of arrays
@@ -40,6 +55,12 @@ class DistFn(Protocol):
     def __call__(self, params: Params) -> Distribution: ...
 
 
+class SampleFn(Protocol):
+    """``(key, distribution, sample_shape) -> values``, as ``Distribution.sample``."""
+
+    def __call__(self, key: Array, distribution: Distribution, sample_shape: tuple[int, ...]) -> Array: ...
+
+
 class Problem(NamedTuple):
     """What is estimated: ∇θ E_{dist_fn(θ)}[cost_fn(x)] from ``num_samples`` samples.
 
@@ -54,6 +75,71 @@ class Problem(NamedTuple):
     site: str = "x"
 
 
+class Site(NamedTuple):
+    """One sample site as an estimator sees it: ``N`` rows of draws and what they cost.
+
+    Rows are independent draws: the ``N`` samples of :func:`grad`, or the particles of a
+    NumPyro program in :func:`mcgrad.fit`. The operations hide how the rows are laid
+    out (one shared distribution, or one per particle), so an estimator written against
+    them serves both.
+
+    Attributes:
+        name: the site's name, for error messages.
+        value: ``[N, ...]``, the rows' draws (the estimator's ``sample``).
+        cost: the learning signal of each row, without gradient: ``[N]``, or ``[N, ...]``
+            per slice of the site's plates (Rao-Blackwellized: only the cost terms the
+            row's draw can change).
+        parameters: the distribution's parameters (floating-point leaves),
+            differentiable in the user's parameters. Every operation below takes them
+            explicitly, so an estimator can differentiate through them.
+        map: ``map(fn, parameters, *row_args)`` applies ``fn(distribution, *args)`` to each
+            row's distribution and the row's slice of ``row_args``; outputs gain a leading
+            ``N``.
+        jacobian: ``jacobian(fn, parameters)``: per-row gradients of ``fn(parameters) ->
+            [N]`` with respect to ``parameters`` (leading axis ``N``). Row ``i`` of ``fn``
+            may use other rows only under ``stop_gradient``.
+        recost: ``values [N, ...] -> [N]``: each row's cost had its draw been
+            ``values[i]`` (every other draw of the row kept: common random numbers).
+            Differentiable in ``values``; the parameters enter it without gradient.
+        resample: ``resample(sample_fn, parameters)``: the rows' draws again, with
+            ``sample_fn`` and the same randomness as ``value`` (differentiable in
+            ``parameters`` where ``sample_fn`` is).
+        leave_one_out: ``[N]``, each row's cost with that row left out, for objectives
+            whose cost couples the rows (VIMCO for multi-sample bounds); ``None`` means
+            the mean of the other rows' costs.
+        free_parameters: whether ``parameters`` are free coordinates of the family, so the
+            score ``∇ log p`` has mean zero coordinate by coordinate (the user's
+            parameters in :func:`grad`; a program site's distribution leaves, such as
+            Categorical ``probs`` on the simplex, need not be). Per-coordinate baselines
+            need it.
+    """
+
+    name: str
+    value: Array
+    cost: Array
+    parameters: Any
+    map: Callable[..., Any]
+    jacobian: Callable[[Callable[[Any], Array], Any], Any]
+    recost: Callable[[Array], Array]
+    resample: Callable[[SampleFn, Any], Array]
+    leave_one_out: Array | None = None
+    free_parameters: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return self.value.shape[0]
+
+
+class SiteInfo(NamedTuple):
+    """What an estimator's ``terms`` spent beyond the rows' own cost.
+
+    Attributes:
+        num_evaluations: extra evaluations of the cost (re-costs), a Python int.
+    """
+
+    num_evaluations: int = 0
+
+
 class EstimatorInfo(NamedTuple):
     """What one estimate cost and saw.
 
@@ -66,36 +152,53 @@ class EstimatorInfo(NamedTuple):
     num_evaluations: int
 
 
-class SurrogateFn(Protocol):
-    def __call__(
-        self, key: Array, params: Params, state: EstimatorState, problem: Problem
-    ) -> tuple[Array, tuple[EstimatorState, EstimatorInfo]]: ...
+class TermsFn(Protocol):
+    def __call__(self, key: Array, state: EstimatorState, site: Site) -> tuple[Array, EstimatorState, SiteInfo]: ...
+
+
+def check_nothing(distribution: Distribution, site: str) -> None:
+    """The ``check`` of an estimator that applies to every distribution."""
+    del distribution, site
 
 
 class GradientEstimator(NamedTuple):
     """A Monte Carlo gradient estimator: settings captured in a closure, state returned.
 
     Attributes:
-        init: ``params -> state``; the state any baseline or learned part carries.
-        surrogate: ``(key, params, state, problem) -> (s [N], (new_state, info))``
-            under the contract of this module.
-        config: the factory's name and settings (e.g. ``{"name": "score_function",
-            "baseline": ...}``), read by :mod:`mcgrad.inference` to apply the same
-            estimator to one sample site of a NumPyro program.
+        init: ``params -> state``; the state its baseline or learned parts carry.
+        sample: ``(key, distribution, sample_shape) -> values``: how a site's values are
+            drawn. A draw that carries a gradient (``rsample``) makes the cost's own
+            gradient part of the estimate.
+        terms: ``(key, state, site) -> (terms [N], new_state, SiteInfo)``: surrogate terms,
+            zero in value, whose gradient is the rest of the estimate (see :class:`Site`).
+        check: ``(distribution, site_name) -> None``: raise a clear ``ValueError`` when the
+            estimator does not apply to the distribution (called before drawing).
+        name: a short label for tables, progress bars and diagnostics.
+        reparameterized: whether ``sample`` carries the gradient through the draw. An
+            ELBO then keeps ``∇ log q`` at the drawn value (the pathwise estimate needs
+            it); otherwise it drops that zero-mean term, which only adds variance.
     """
 
     init: Callable[[Params], EstimatorState]
-    surrogate: SurrogateFn
-    config: dict | None = None
+    sample: SampleFn
+    terms: TermsFn
+    check: Callable[[Distribution, str], None] = check_nothing
+    name: str = "custom"
+    reparameterized: bool = False
 
 
 class EmptyState(NamedTuple):
-    """The state of an estimator that keeps none."""
+    """The state of an estimator (or baseline) that keeps none."""
 
 
 def init_empty_state(params: Params) -> EmptyState:
     del params
     return EmptyState()
+
+
+def draw_without_gradient(key: Array, distribution: Distribution, sample_shape: tuple[int, ...] = ()) -> Array:
+    """``stop_gradient(distribution.sample(...))``: a draw that carries no gradient path."""
+    return jax.lax.stop_gradient(distribution.sample(key, sample_shape))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -106,15 +209,27 @@ def gradient_only(x: Array) -> Array:
     return x - jax.lax.stop_gradient(x)
 
 
-def describe(distribution: Distribution) -> str:
-    """A short name for a distribution in error messages, wrappers included."""
-    inner = distribution
-    wrappers = []
-    while hasattr(inner, "base_dist"):
-        wrappers.append(type(inner).__name__)
-        inner = inner.base_dist
-    name = type(inner).__name__
-    return f"{name} (inside {' of '.join(wrappers)})" if wrappers else name
+def row_sum(x: Array, num_rows: int) -> Array:
+    """Sum every axis but the leading one: ``[N, ...] -> [N]``."""
+    return jnp.reshape(x, (num_rows, -1)).sum(axis=1)
+
+
+def linear_terms(parameters: Any, per_row_gradients: Any, num_rows: int) -> Array:
+    """``[N]`` terms, zero in value, whose gradient in ``parameters`` is the row's given one.
+
+    ``t_i = Σ_leaves ⟨θ − sg(θ), sg(G_i)⟩`` for per-row gradients ``G`` (every leaf with a
+    leading ``N``). A leaf of ``parameters`` either has that leading ``N`` itself (one set
+    of parameters per row) or is shared by the rows.
+    """
+
+    def leaf_term(theta, grads):
+        delta = gradient_only(jnp.asarray(theta))
+        if delta.ndim < grads.ndim:
+            delta = jnp.expand_dims(delta, 0)
+        return row_sum(delta * jax.lax.stop_gradient(grads), num_rows)
+
+    terms = jax.tree.leaves(jax.tree.map(leaf_term, parameters, per_row_gradients))
+    return sum(terms, jnp.zeros((num_rows,)))
 
 
 def evaluate_costs(cost_fn: CostFn, samples: Array, site: str = "x") -> Array:
@@ -134,21 +249,84 @@ def evaluate_costs(cost_fn: CostFn, samples: Array, site: str = "x") -> Array:
     return costs
 
 
-def linear_surrogate(values: Array, params: Params, per_sample_gradients: Params) -> Array:
-    """The surrogate whose value is ``values`` and whose per-sample gradient is given.
+def split_parameters(distribution: Distribution) -> tuple[tuple[Array, ...], tuple, Callable[..., Distribution]]:
+    """A distribution's floating-point leaves (its parameters), its other leaves (integer
+    counts and the like), and ``rebuild(parameters, others) -> distribution``."""
+    leaves, treedef = jax.tree.flatten(distribution)
+    floating = tuple(jnp.issubdtype(jnp.result_type(leaf), jnp.inexact) for leaf in leaves)
 
-    ``s_i = values_i + Σ_leaves ⟨θ − sg(θ), sg(G_i)⟩`` for per-sample gradients ``G``
-    (every leaf with a leading axis of ``N``). Used by estimators that compute their
-    per-sample gradients explicitly (per-parameter baselines, control variates).
+    def rebuild(parameters: Sequence[Array], others: Sequence[Any]) -> Distribution:
+        parameters, others = iter(parameters), iter(others)
+        return jax.tree.unflatten(treedef, [next(parameters) if f else next(others) for f in floating])
+
+    parameters = tuple(leaf for leaf, f in zip(leaves, floating) if f)
+    others = tuple(leaf for leaf, f in zip(leaves, floating) if not f)
+    return parameters, others, rebuild
+
+
+def shared_jacobian(fn: Callable[[Any], Array], parameters: Any, num_rows: int) -> Any:
+    """Per-row gradients of ``fn(parameters) -> [N]`` for parameters shared by the rows:
+    forward mode when there are fewer coordinates than rows, reverse mode otherwise."""
+    num_coordinates = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(parameters))
+    return (jax.jacfwd if num_coordinates < num_rows else jax.jacrev)(fn)(parameters)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def problem_site(
+    problem: Problem, params: Params, key: Array, sample: SampleFn = None
+) -> tuple[Site, Array]:
+    """The :class:`Site` of ``problem``'s ``N`` draws at ``params`` (drawn with ``sample``,
+    default without gradient), and their costs ``[N]`` (with whatever gradient the draw
+    carries). The rows share one distribution; ``parameters`` are the user's ``params``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
+        >>> problem = mg.Problem(lambda x: x ** 2, lambda p: dist.Normal(p, 1.0), num_samples=3)
+        >>> site, costs = mg.problem_site(problem, 0.5, jax.random.key(0))
+        >>> site.value.shape, site.map(lambda d: d.mean, site.parameters).tolist()
+        ((3,), [0.5, 0.5, 0.5])
     """
+    num_samples = problem.num_samples
+    sample = sample if sample is not None else draw_without_gradient
+    value = sample(key, problem.dist_fn(params), (num_samples,))
+    costs = evaluate_costs(problem.cost_fn, value, problem.site)
 
-    def leaf_term(theta, grads):
-        delta = gradient_only(theta)
-        grads = jax.lax.stop_gradient(grads)
-        return jnp.sum(jnp.reshape(delta, (1, -1)) * jnp.reshape(grads, (grads.shape[0], -1)), axis=1)
+    def map_rows(fn, parameters, *row_args):
+        shared = problem.dist_fn(parameters)
+        if row_args:
+            return jax.vmap(lambda *args: fn(shared, *args))(*row_args)
+        return jax.vmap(lambda _: fn(shared), axis_size=num_samples)(jnp.zeros(num_samples))
 
-    terms = jax.tree.leaves(jax.tree.map(leaf_term, params, per_sample_gradients))
-    return values + sum(terms, jnp.zeros_like(values))
+    site = Site(
+        name=problem.site,
+        value=jax.lax.stop_gradient(value),
+        cost=jax.lax.stop_gradient(costs),
+        parameters=params,
+        map=map_rows,
+        jacobian=lambda fn, parameters: shared_jacobian(fn, parameters, num_samples),
+        recost=lambda values: evaluate_costs(problem.cost_fn, values, problem.site),
+        resample=lambda sample_fn, parameters: sample_fn(key, problem.dist_fn(parameters), (num_samples,)),
+        free_parameters=True,
+    )
+    return site, costs
+
+
+def surrogate(
+    estimator: GradientEstimator, key: Array, params: Params, state: EstimatorState, problem: Problem
+) -> tuple[Array, tuple[EstimatorState, EstimatorInfo]]:
+    """The per-sample surrogate ``s [N]`` of ``problem`` under ``estimator``.
+
+    Draws ``N`` samples with ``estimator.sample`` from ``dist_fn(params)``, costs them, and
+    adds the estimator's terms for the :class:`Site` of those draws: ``mean(s)`` is the
+    Monte Carlo estimate of the objective in value and the estimate in gradient.
+    """
+    key_sample, key_terms = jax.random.split(key)
+    estimator.check(problem.dist_fn(params), problem.site)
+    site, costs = problem_site(problem, params, key_sample, estimator.sample)
+    terms, new_state, info = estimator.terms(key_terms, state, site)
+    return costs + terms, (new_state, EstimatorInfo(site.cost, problem.num_samples + info.num_evaluations))
 
 
 def surrogate_jacobian(
@@ -160,14 +338,13 @@ def surrogate_jacobian(
     variance study: cost ``O(|θ|·N)``), reverse mode otherwise.
     """
 
-    def surrogate(p):
-        s, (new_state, info) = estimator.surrogate(key, p, state, problem)
+    def per_sample(p):
+        s, (new_state, info) = surrogate(estimator, key, p, state, problem)
         return s, (s, new_state, info)
 
     num_coordinates = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
     jacobian_fn = jax.jacfwd if num_coordinates < problem.num_samples else jax.jacrev
-    jacobian, aux = jacobian_fn(surrogate, has_aux=True)(params)
-    return jacobian, aux
+    return jacobian_fn(per_sample, has_aux=True)(params)
 
 
 # --------------------------------------------------------------------------- drivers
@@ -236,7 +413,7 @@ def _estimate_fn(estimator: GradientEstimator, problem: Problem, check: str | No
 
     def estimate_fn(params: Params, state: EstimatorState, key: Array) -> Estimate:
         def mean_surrogate(p):
-            s, (new_state, info) = estimator.surrogate(key, p, state, problem)
+            s, (new_state, info) = surrogate(estimator, key, p, state, problem)
             return jnp.mean(s), (new_state, info)
 
         (value, (new_state, info)), grads = jax.value_and_grad(mean_surrogate, has_aux=True)(params)

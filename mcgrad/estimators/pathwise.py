@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from mcgrad.estimators.base import (
-    EstimatorInfo,
-    GradientEstimator,
-    Problem,
-    describe,
-    evaluate_costs,
-    init_empty_state,
-)
+from mcgrad.estimators.base import GradientEstimator, SiteInfo, init_empty_state
+from mcgrad.estimators.distributions import describe
 
 
 def require_rsample(distribution, site: str) -> None:
@@ -30,7 +25,8 @@ def pathwise() -> GradientEstimator:
     .. math::  ∇_θ E_{p_θ(x)}[f(x)] ≈ \frac1N \sum_i ∇_θ f(g(ε_i; θ)),\quad x_i = g(ε_i; θ)
 
     NumPyro's ``rsample`` provides ``g``, including implicit reparameterization for
-    Gamma, Beta and Dirichlet.
+    Gamma, Beta and Dirichlet. The whole estimate travels through the draw, so its
+    surrogate terms are zero.
 
     Requires: ``has_rsample`` on the distribution and a cost differentiable in ``x``.
     Cost: ``N`` evaluations of ``f`` and one backward pass.
@@ -46,12 +42,10 @@ def pathwise() -> GradientEstimator:
     Learning", §5.
     """
 
-    def surrogate(key: jax.Array, params, state, problem: Problem):
-        distribution = problem.dist_fn(params)
-        require_rsample(distribution, problem.site)
-        samples = distribution.rsample(key, (problem.num_samples,))
-        costs = evaluate_costs(problem.cost_fn, samples, problem.site)
-        info = EstimatorInfo(jax.lax.stop_gradient(costs), problem.num_samples)
-        return costs, (state, info)
+    def sample(key: jax.Array, distribution, sample_shape=()):
+        return distribution.rsample(key, sample_shape)
 
-    return GradientEstimator(init_empty_state, surrogate, {"name": "pathwise"})
+    def terms(key, state, site):
+        return jnp.zeros((site.num_rows,)), state, SiteInfo()
+
+    return GradientEstimator(init_empty_state, sample, terms, require_rsample, "pathwise", reparameterized=True)

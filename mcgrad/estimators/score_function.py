@@ -3,65 +3,32 @@
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
-import numpyro
 
 from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import (
-    EstimatorInfo,
     GradientEstimator,
-    Problem,
-    describe,
-    evaluate_costs,
+    Site,
+    SiteInfo,
+    draw_without_gradient,
     gradient_only,
-    linear_surrogate,
+    linear_terms,
+    row_sum,
 )
+from mcgrad.estimators.distributions import describe, own_log_prob, sum_to_shape
 
 
-def sample_log_probs(distribution, samples: jax.Array) -> jax.Array:
-    """``log p(x_i)`` of the distribution's own samples, summed over every non-sample axis:
-    shape ``[N]``.
-
-    NumPyro's support check (on by default: values outside the support get ``-inf``) is
-    skipped: these samples are in the support by construction, and at small sizes the
-    check is about a third of a score-function estimate.
-    """
-    with numpyro.validation_enabled(False):
-        log_probs = distribution.log_prob(samples)
-    return jnp.reshape(log_probs, (samples.shape[0], -1)).sum(axis=1)
-
-
-def _depends_on_inputs(jaxpr) -> bool:
-    """Whether any output of ``jaxpr`` is computed from its inputs (conservatively: an
-    equation with a dependent input makes all its outputs dependent)."""
-    dependent = set(jaxpr.invars)
-
-    def is_dependent(var) -> bool:
-        return isinstance(var, jax.extend.core.Var) and var in dependent
-
-    for equation in jaxpr.eqns:
-        if any(is_dependent(var) for var in equation.invars):
-            dependent.update(equation.outvars)
-    return any(is_dependent(var) for var in jaxpr.outvars)
-
-
-def require_fixed_support(problem: Problem, params) -> None:
-    """Raise a clear error when the support of ``dist_fn(params)`` moves with ``params``
+def require_fixed_support(distribution, site: str) -> None:
+    """Raise a clear error when the support of ``distribution`` moves with traced values
     (``Uniform(0, θ)``, ``Pareto``'s scale): the score-function identity then misses the
-    boundary term and the estimate is biased."""
-
-    def bounds(p):
-        support = problem.dist_fn(p).support
-        while hasattr(support, "base_constraint"):
-            support = support.base_constraint
-        return [jnp.asarray(getattr(support, name)) for name in ("lower_bound", "upper_bound") if hasattr(support, name)]
-
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), params)
-    if _depends_on_inputs(jax.make_jaxpr(bounds)(abstract).jaxpr):
-        name = describe(problem.dist_fn(params))
+    boundary term and the estimate is biased. Constant bounds pass."""
+    support = distribution.support
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    bounds = [getattr(support, name) for name in ("lower_bound", "upper_bound") if hasattr(support, name)]
+    if any(isinstance(bound, jax.core.Tracer) for bound in bounds):
         raise ValueError(
-            f"score_function() at site '{problem.site}': the support of {name} depends on the "
+            f"score_function() at site '{site}': the support of {describe(distribution)} depends on the "
             "parameters, so the score-function estimate would be biased (it misses the moving "
             "boundary). Use mg.measure_valued() (weak derivatives are registered for Uniform) "
             "or mg.pathwise()."
@@ -75,9 +42,12 @@ def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEs
 
     The learning signal ``f(x_i)`` passes through ``baseline`` (see :mod:`mcgrad.baselines`)
     before it multiplies the score; a baseline independent of ``x_i`` keeps it unbiased.
+    At a sample site of a model, ``f(x_i)`` is the Rao-Blackwellized cost of the site's
+    row (per plate slice), and ``∇θ log p`` flows through the site's distribution.
 
-    Requires: ``log_prob`` differentiable in θ. Works for discrete and continuous ``x`` and
-    for costs that are not differentiable (or not even continuous).
+    Requires: ``log_prob`` differentiable in θ and a support that does not move with θ.
+    Works for discrete and continuous ``x`` and for costs that are not differentiable (or
+    not even continuous).
     Cost: ``N`` evaluations of ``f``, no derivative of ``f``.
 
     Args:
@@ -95,31 +65,36 @@ def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEs
     """
     baseline = baseline if baseline is not None else baselines_lib.none()
 
-    def surrogate(key: jax.Array, params, state, problem: Problem):
-        require_fixed_support(problem, params)
-        distribution = problem.dist_fn(params)
-        samples = jax.lax.stop_gradient(distribution.sample(key, (problem.num_samples,)))
-        costs = evaluate_costs(problem.cost_fn, samples, problem.site)
+    def terms(key: jax.Array, state, site: Site):
+        num_rows = site.num_rows
 
-        def log_probs(p):
-            return sample_log_probs(problem.dist_fn(p), samples)
+        def log_probs(parameters):  # [N, *s], summed down to the learning signal's shape
+            per_row = site.map(own_log_prob, parameters, site.value)
+            return sum_to_shape(per_row, site.cost.shape)
 
         def scores():
-            num_coordinates = sum(jnp.size(leaf) for leaf in jax.tree.leaves(params))
-            jacobian = jax.jacfwd if num_coordinates < problem.num_samples else jax.jacrev
-            return jacobian(log_probs)(params)
+            return site.jacobian(lambda p: row_sum(log_probs(p), num_rows), site.parameters)
 
-        context = baselines_lib.BaselineContext(scores=scores, num_samples=problem.num_samples)
-        signal, new_state = baseline.update(jax.lax.stop_gradient(costs), state, context)
-        if isinstance(signal, jax.Array) and signal.shape == costs.shape:
-            s = costs + jax.lax.stop_gradient(signal) * gradient_only(log_probs(params))
-        else:  # a per-parameter signal: gradients G_i = signal_i ⊙ ∇θ log p(x_i)
-            per_sample = jax.tree.map(lambda b, j: _broadcast_mul(b, j), signal, scores())
-            s = linear_surrogate(costs, params, per_sample)
-        info = EstimatorInfo(jax.lax.stop_gradient(costs), problem.num_samples)
-        return s, (new_state, info)
+        context = baselines_lib.BaselineContext(
+            scores=scores if site.free_parameters else _no_scores, num_samples=num_rows, leave_one_out=site.leave_one_out
+        )
+        signal, new_state = baseline.update(site.cost, state, context)
+        if isinstance(signal, jax.Array) and signal.shape == site.cost.shape:
+            terms = row_sum(jax.lax.stop_gradient(signal) * gradient_only(log_probs(site.parameters)), num_rows)
+        else:  # a per-parameter signal: per-row gradients signal_i ⊙ ∇ log p(x_i)
+            per_row = jax.tree.map(_broadcast_mul, signal, scores())
+            terms = linear_terms(site.parameters, per_row, num_rows)
+        return terms, new_state, SiteInfo()
 
-    return GradientEstimator(baseline.init, surrogate, {"name": "score_function", "baseline": baseline})
+    return GradientEstimator(baseline.init, draw_without_gradient, terms, require_fixed_support, "score_function")
+
+
+def _no_scores():
+    raise ValueError(
+        "baselines.optimal_constant() needs per-sample scores with respect to free parameters, which a "
+        "sample site of a model does not expose (its distribution's parameters may be constrained, e.g. "
+        "probabilities on a simplex); use leave_one_out(), moving_average() or learned() there."
+    )
 
 
 def _broadcast_mul(signal: jax.Array, scores: jax.Array) -> jax.Array:

@@ -9,11 +9,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from numpyro import handlers
 
-from mcgrad import inference
-from mcgrad.inference import ParticleSetup, Term, site_plates
-from mcgrad.objectives.base import Objective, ObjectiveSetup, identity_shard
+from mcgrad.inference import handlers
+from mcgrad.inference.costs import Term, site_plates
+from mcgrad.inference.params import constrain, find_params
+from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states
+from mcgrad.inference.site_estimators import resolve_estimators
+from mcgrad.objectives.base import Objective, ObjectiveSetup
 
 Loss = Literal["minimax", "non_saturating", "wasserstein"]
 
@@ -118,19 +120,18 @@ def adversarial(
     def setup(model, guide, args, kwargs, estimators, key):
         if guide is not None:
             raise ValueError("adversarial() trains the model as a generator; pass guide=None.")
-        param_info = inference.find_params([(model, args, kwargs)], key)
-        params = inference.constrain(param_info.unconstrained, param_info.constraints)
-        model_trace, num_site_keys = inference.trace_program(model, params, key, args, kwargs)
+        param_info = find_params([(model, args, kwargs)], key)
+        params = constrain(param_info.unconstrained, param_info.constraints)
+        model_trace, num_site_keys = count_site_keys(model, params, key, args, kwargs)
         if site not in model_trace:
             raise ValueError(f"adversarial(site='{site}'): the generator has no site '{site}' "
                              f"(its sites: {list(model_trace)}).")
-        chosen = inference.resolve_estimators(model_trace, {}, estimators, num_particles)
+        chosen = resolve_estimators(model_trace, {}, estimators, num_particles)
 
         def fake_batch(params, key, args, kwargs):
-            seeded = handlers.substitute(handlers.seed(model, key), data=params)
-            return handlers.trace(seeded).get_trace(*args, **kwargs)[site]["value"]
+            return handlers.run(model, args, kwargs, key=key, params=params)[site]["value"]
 
-        def surrogate(params, state, key, args, kwargs, shard=identity_shard):
+        def surrogate(params, state, key, args, kwargs, shard=None):
             key_critic, key_generator = jax.random.split(key)
             critic_params, optimizer_state = state.critic_params, state.critic_optimizer_state
             frozen = jax.lax.stop_gradient(params)
@@ -148,23 +149,21 @@ def adversarial(
                     critic_params = jax.tree.map(lambda w: jnp.clip(w, -clip, clip), critic_params)
             trained = jax.lax.stop_gradient(critic_params)
 
-            def cost_terms(program_trace, params, key):
+            def cost_terms(program_trace, params, key, args, kwargs):
                 output = program_trace[site]
                 scores = critic_fn(trained, output["value"])
                 per_sample = generator_loss(scores, loss) / scores.shape[0]
                 return [Term(per_sample, site_plates(output), float("inf"))]
 
-            particle_setup = ParticleSetup(
-                model, cost_terms, chosen, program_log_prob=False, num_site_keys=num_site_keys
-            )
-            s, (site_states, losses) = inference.elbo_surrogate(
-                particle_setup, params, state.site_states, key_generator, num_particles, args, kwargs, shard
+            program = Program(model, cost_terms, chosen, log_density=False, num_site_keys=num_site_keys)
+            s, (site_states, losses) = average_surrogate(
+                program, params, state.site_states, key_generator, num_particles, args, kwargs, shard
             )
             new_state = AdversarialState(critic_params, optimizer_state, value, site_states)
             return s, (new_state, losses)
 
         init_state = AdversarialState(
-            critic_params, critic_optimizer.init(critic_params), jnp.zeros(()), inference.init_site_states(chosen, params)
+            critic_params, critic_optimizer.init(critic_params), jnp.zeros(()), init_site_states(chosen, params)
         )
         return ObjectiveSetup(param_info, init_state, surrogate, chosen)
 

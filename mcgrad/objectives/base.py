@@ -8,13 +8,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mcgrad.inference import ParamInfo
+from mcgrad.inference.params import ParamInfo
 
 Array = jax.Array
-
-
-def identity_shard(keys: Array) -> Array:
-    return keys
 
 
 class ObjectiveSetup(NamedTuple):
@@ -25,8 +21,10 @@ class ObjectiveSetup(NamedTuple):
         init_state: the objective's initial state (baseline states, a critic and its
             optimizer, …).
         surrogate: ``(params, state, key, args, kwargs, shard) -> (s [M], (state, losses [M]))``
-            with *constrained* params; ``mean(s)`` has the Monte Carlo loss as value and
-            the estimated gradient as gradient; ``shard`` places particle keys on devices.
+            with *constrained* params and the model's arguments of this step (a new
+            minibatch each step, say); ``mean(s)`` has the Monte Carlo loss as value and
+            the estimated gradient as gradient; ``shard`` places particle keys on devices
+            (``None``: leave them).
         estimators: the estimator chosen for each latent site (empty when there are none).
     """
 
@@ -53,7 +51,7 @@ class Objective(NamedTuple):
     def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
         """The ``numpyro.infer.SVI`` loss protocol: value is the loss, gradient is mcgrad's estimate."""
         bound = self.setup(model, guide, args, kwargs, None, rng_key)
-        surrogate, _ = bound.surrogate(param_map, bound.init_state, rng_key, args, kwargs, identity_shard)
+        surrogate, _ = bound.surrogate(param_map, bound.init_state, rng_key, args, kwargs, None)
         return {"loss": jnp.mean(surrogate), "mutable_state": None}
 
     def loss(self, rng_key, param_map, model, guide, *args, **kwargs):

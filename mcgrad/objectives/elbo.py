@@ -1,28 +1,24 @@
-"""Variational objectives: the ELBO and the importance-weighted bound (IWAE)."""
+"""The evidence lower bound, and the binding of a model and guide shared by every
+variational objective (ELBO, IWAE, Rényi)."""
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-from numpyro import handlers
+from typing import NamedTuple
 
-from mcgrad import inference
-from mcgrad.estimators.base import gradient_only
-from mcgrad.inference import (
-    ParticleSetup,
-    Term,
-    describe_site,
-    latent_sites,
-    site_log_prob,
-    site_plates,
-)
-from mcgrad.objectives.base import Objective, ObjectiveSetup, identity_shard
+from mcgrad.inference import handlers
+from mcgrad.inference.costs import Term, describe_site, site_log_prob, site_plates
+from mcgrad.inference.params import ParamInfo, constrain, find_params
+from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states
+from mcgrad.inference.site_estimators import resolve_estimators
+from mcgrad.objectives.base import Objective, ObjectiveSetup
 
 
-def _model_terms(model, args, kwargs):
-    def cost_terms(guide_trace, params, key):
-        model_fn = handlers.substitute(handlers.replay(handlers.seed(model, key), trace=guide_trace), data=params)
-        model_trace = handlers.trace(model_fn).get_trace(*args, **kwargs)
+def model_terms(model):
+    """The cost terms ``−log p(x, z)`` of ``model`` replaying a guide's trace, one per sample
+    site, with the model's arguments of the step."""
+
+    def cost_terms(guide_trace, params, key, args, kwargs):
+        model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
         return [
             Term(-site_log_prob(site), site_plates(site), float("inf"))
             for site in model_trace.values()
@@ -49,29 +45,35 @@ def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
             )
 
 
-def _bind(model, guide, args, kwargs, estimators, key, num_particles, sticking_the_landing):
+class Variational(NamedTuple):
+    """A model and guide bound for a variational objective."""
+
+    params: ParamInfo
+    program: Program
+    guide_trace: dict
+
+
+def bind_variational(model, guide, args, kwargs, estimators, key, num_particles) -> Variational:
+    """Trace the guide and model once: their params, the guide's site estimators, checks."""
     if guide is None:
         raise ValueError("an ELBO-type objective needs a guide; for a model without latents use mg.maximum_likelihood().")
-    param_info = inference.find_params([(guide, args, kwargs), (model, args, kwargs)], key)
-    params = inference.constrain(param_info.unconstrained, param_info.constraints)
-    guide_trace, num_site_keys = inference.trace_program(guide, params, key, args, kwargs)
-    model_fn = handlers.substitute(handlers.replay(handlers.seed(model, key), trace=guide_trace), data=params)
-    model_trace = handlers.trace(model_fn).get_trace(*args, **kwargs)
+    param_info = find_params([(guide, args, kwargs), (model, args, kwargs)], key)
+    params = constrain(param_info.unconstrained, param_info.constraints)
+    guide_trace, num_site_keys = count_site_keys(guide, params, key, args, kwargs)
+    model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
     check_model_and_guide(model_trace, guide_trace)
     # replay copies the guide's `infer` onto the model's sites, so read the model's own
-    # `infer={"estimator": ...}` annotations from a trace that substitutes the guide's draws.
+    # `infer={"estimator": ...}` annotations from a run that substitutes the guide's draws.
     guide_values = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
-    own_fn = handlers.substitute(handlers.seed(model, key), data={**params, **guide_values})
+    own_trace = handlers.run(model, args, kwargs, key=key, params=params, values=guide_values)
     annotated = {
         name: site["infer"]["estimator"]
-        for name, site in handlers.trace(own_fn).get_trace(*args, **kwargs).items()
+        for name, site in own_trace.items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
-    chosen = inference.resolve_estimators(guide_trace, annotated, estimators, num_particles)
-    setup = ParticleSetup(
-        guide, _model_terms(model, args, kwargs), chosen, sticking_the_landing, num_site_keys=num_site_keys
-    )
-    return param_info, params, chosen, setup, guide_trace
+    chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles)
+    program = Program(guide, model_terms(model), chosen, num_site_keys=num_site_keys)
+    return Variational(param_info, program, guide_trace)
 
 
 def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objective:
@@ -79,12 +81,15 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
 
     Each latent site of the guide is estimated by its own estimator (pathwise where it
     has ``rsample``, else score function with a leave-one-out baseline; override with
-    ``estimators={...}`` or ``infer={"estimator": ...}``); score-function terms are
-    Rao-Blackwellized over the program order and plates (see :mod:`mcgrad.inference`).
+    ``estimators={...}`` or ``infer={"estimator": ...}``; any
+    :class:`~mcgrad.GradientEstimator` works per site); learning signals are
+    Rao-Blackwellized over the program order and plates (see
+    :mod:`mcgrad.inference.particles`). For a site whose draw carries no gradient the
+    zero-mean term ``∇ log q(z)|_z`` is dropped.
 
     Args:
-        num_particles: samples ``M`` from the guide per step.
-        sticking_the_landing: drop the score term of pathwise sites (``log q`` with its
+        num_particles: samples ``M`` from the guide per step (a whole number ``≥ 1``).
+        sticking_the_landing: drop that term for pathwise sites too (``log q`` with its
             parameters under ``stop_gradient``): zero variance at the exact posterior.
             Roeder, Wu, Duvenaud (2017).
 
@@ -105,105 +110,26 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
         True
     """
 
+    check_num_particles("elbo", num_particles, 1)
+
     def setup(model, guide, args, kwargs, estimators, key):
-        param_info, params, chosen, particle_setup, _ = _bind(
-            model, guide, args, kwargs, estimators, key, num_particles, sticking_the_landing
-        )
+        bound = bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
+        program = bound.program
+        if sticking_the_landing:
+            program = program._replace(stop_log_density=lambda estimator: True)
 
-        def surrogate(params, state, key, args, kwargs, shard=identity_shard):
-            return inference.elbo_surrogate(particle_setup, params, state, key, num_particles, args, kwargs, shard)
+        def surrogate(params, state, key, args, kwargs, shard=None):
+            return average_surrogate(program, params, state, key, num_particles, args, kwargs, shard)
 
-        return ObjectiveSetup(param_info, inference.init_site_states(chosen, params), surrogate, chosen)
+        params = constrain(bound.params.unconstrained, bound.params.constraints)
+        return ObjectiveSetup(bound.params, init_site_states(program.estimators, params), surrogate, program.estimators)
 
     return Objective("elbo", num_particles, setup)
 
 
-def _leave_one_out_log_mean_exp(log_weights: jax.Array) -> jax.Array:
-    """``log mean exp`` with each ``log w_m`` replaced by the mean of the others (VIMCO)."""
-    num = log_weights.shape[0]
-    others_mean = (jnp.sum(log_weights) - log_weights) / (num - 1)
-    replaced = jnp.where(jnp.eye(num, dtype=bool), others_mean[:, None], log_weights[None, :])
-    return jax.nn.logsumexp(replaced, axis=1) - jnp.log(num)
-
-
-def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Objective:
-    r"""The negative importance-weighted bound, ``−E[log (1/K) Σ_k p(x, z_k)/q(z_k)]``.
-
-    Pathwise sites differentiate through the normalised weights ``ŵ_k``; score-function
-    sites use the VIMCO leave-one-out signal ``F − F_{−k}`` (Mnih & Rezende, 2016), with
-    ``F`` the bound and ``F_{−k}`` the bound with ``log w_k`` replaced by the mean of the
-    others. Measure-valued sites are not supported here (use :func:`elbo`).
-
-    With ``doubly_reparameterized`` (DReG; Tucker, Lawson, Gu, Maddison, 2019) the guide's
-    parameters get ``Σ_k ŵ_k² ∂log w_k/∂z_k · ∂z_k/∂φ`` (``log q`` with its parameters
-    stopped), whose signal-to-noise ratio does not decay as ``K`` grows; the model's
-    parameters keep ``Σ_k ŵ_k ∇θ log w_k``. Costs a second particle pass when the model
-    has parameters of its own.
-
-    Args:
-        num_particles: ``K``, importance samples per step (``K ≥ 2``).
-        doubly_reparameterized: use DReG for the guide's parameters.
-
-    Example:
-        >>> import jax, mcgrad as mg, numpyro, numpyro.distributions as dist, optax
-        >>> def model(x):
-        ...     z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-        ...     numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-        >>> def guide(x):
-        ...     numpyro.sample("z", dist.Normal(numpyro.param("loc", 0.0), 1.0))
-        >>> result = mg.fit(model, guide, 2.0, key=jax.random.key(0), num_steps=200,
-        ...                 optimizer=optax.adam(0.05), objective=mg.iwae(8), progress_bar=False)
-        >>> result.losses.shape
-        (200,)
-
-    Reference: Burda, Grosse, Salakhutdinov (2016).
-    """
-    if num_particles < 2:
-        raise ValueError(f"iwae(num_particles=...) needs at least 2 particles, got {num_particles}.")
-
-    def setup(model, guide, args, kwargs, estimators, key):
-        param_info, params, chosen, particle_setup, guide_trace = _bind(
-            model, guide, args, kwargs, estimators, key, num_particles, False
+def check_num_particles(objective: str, num_particles, minimum: int) -> None:
+    """A clear error for a particle count that is not a whole number ``≥ minimum``."""
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < minimum:
+        raise ValueError(
+            f"{objective}(num_particles=...) must be a whole number >= {minimum}, got {num_particles!r}."
         )
-        for site in latent_sites(guide_trace):
-            if chosen[site["name"]].config["name"] == "measure_valued":
-                raise ValueError(
-                    f"iwae() does not support measure-valued site {describe_site(site)}; use "
-                    "mg.score_function() (VIMCO) or mg.pathwise(), or the mg.elbo() objective."
-                )
-        guide_params = {name for name, site in guide_trace.items() if site["type"] == "param"}
-
-        def run(setup, params, keys, args, kwargs):
-            return jax.vmap(lambda k: inference.particle(setup, params, k, args, kwargs))(keys)
-
-        def surrogate(params, state, key, args, kwargs, shard=identity_shard):
-            keys = shard(inference.particle_keys(particle_setup, key, num_particles))
-            if doubly_reparameterized:
-                stopped = {n: v if n in guide_params else jax.lax.stop_gradient(v) for n, v in params.items()}
-                particles = run(particle_setup._replace(sticking_the_landing=True), stopped, keys, args, kwargs)
-            else:
-                particles = run(particle_setup, params, keys, args, kwargs)
-            log_weights = -particles.loss
-            bound = jax.nn.logsumexp(log_weights) - jnp.log(num_particles)
-            signal = -jax.lax.stop_gradient(bound - _leave_one_out_log_mean_exp(log_weights))
-            log_q = sum(
-                (jnp.reshape(lq, (num_particles, -1)).sum(axis=1) for lq in particles.log_q.values()),
-                jnp.zeros(num_particles),
-            )
-            per_particle = signal * gradient_only(log_q)
-            if doubly_reparameterized:
-                weights = jax.lax.stop_gradient(jax.nn.softmax(log_weights))
-                per_particle = per_particle - weights**2 * gradient_only(log_weights)
-                model_params = set(params) - guide_params
-                if model_params:
-                    only_model = {n: v if n in model_params else jax.lax.stop_gradient(v) for n, v in params.items()}
-                    model_particles = run(particle_setup, only_model, keys, args, kwargs)
-                    per_particle = per_particle + weights * gradient_only(model_particles.loss)
-                s = jax.lax.stop_gradient(-bound) + num_particles * per_particle
-            else:
-                s = -bound + num_particles * per_particle
-            return s, (state, jax.lax.stop_gradient(particles.loss))
-
-        return ObjectiveSetup(param_info, inference.init_site_states(chosen, params), surrogate, chosen)
-
-    return Objective("iwae", num_particles, setup)

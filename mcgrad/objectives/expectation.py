@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 from numpyro.distributions import constraints
 
-from mcgrad.estimators.base import GradientEstimator, Problem
-from mcgrad.inference import ParamInfo
-from mcgrad.objectives.base import Objective, ObjectiveSetup, identity_shard
+from mcgrad.estimators.base import GradientEstimator, Problem, surrogate
+from mcgrad.inference.params import ParamInfo
+from mcgrad.objectives.base import Objective, ObjectiveSetup
 
 
 def expectation(
@@ -40,7 +40,8 @@ def expectation(
         init_params: initial parameters (a dict of arrays).
         estimator: any core estimator.
         num_samples: samples per step.
-        data, batch_size: data and minibatch size.
+        data: a pytree of arrays with a leading data axis, or ``None``.
+        batch_size: minibatch size drawn from ``data`` each step (``None``: all of it).
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist, optax
@@ -61,7 +62,7 @@ def expectation(
         params = jax.tree.map(jnp.asarray, init_params)
         param_info = ParamInfo(params, {name: constraints.real for name in params})
 
-        def surrogate(params, state, key, args, kwargs, shard=identity_shard):
+        def objective_surrogate(params, state, key, args, kwargs, shard=None):
             key_batch, key_estimate = jax.random.split(key)
             batch = data
             if batch_size is not None:
@@ -69,9 +70,9 @@ def expectation(
                 index = jax.random.choice(key_batch, size, (batch_size,), replace=False)
                 batch = jax.tree.map(lambda leaf: leaf[index], data)
             problem = Problem(lambda x: cost_fn(x, params, batch), dist_fn, num_samples)
-            s, (new_state, info) = estimator.surrogate(key_estimate, params, state, problem)
+            s, (new_state, info) = surrogate(estimator, key_estimate, params, state, problem)
             return s, (new_state, info.costs)
 
-        return ObjectiveSetup(param_info, estimator.init(params), surrogate, {})
+        return ObjectiveSetup(param_info, estimator.init(params), objective_surrogate, {})
 
     return Objective("expectation", num_samples, setup)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from numpyro import handlers
 
-from mcgrad import inference
-from mcgrad.inference import describe_site, site_log_prob
-from mcgrad.objectives.base import Objective, ObjectiveSetup, identity_shard
+from mcgrad.inference import handlers
+from mcgrad.inference.costs import describe_site, site_log_prob
+from mcgrad.inference.params import constrain, find_params
+from mcgrad.objectives.base import Objective, ObjectiveSetup
 
 
 def maximum_likelihood() -> Objective:
@@ -38,11 +38,9 @@ def maximum_likelihood() -> Objective:
             raise ValueError("maximum_likelihood() fits numpyro.param sites of the model; pass guide=None.")
         if estimators:
             raise ValueError("maximum_likelihood() has no latent sites to take estimators.")
-        param_info = inference.find_params([(model, args, kwargs)], key)
-        params = inference.constrain(param_info.unconstrained, param_info.constraints)
-        model_trace = handlers.trace(handlers.substitute(handlers.seed(model, key), data=params)).get_trace(
-            *args, **kwargs
-        )
+        param_info = find_params([(model, args, kwargs)], key)
+        params = constrain(param_info.unconstrained, param_info.constraints)
+        model_trace = handlers.run(model, args, kwargs, key=key, params=params)
         for site in model_trace.values():
             if site["type"] == "sample" and not site["is_observed"]:
                 raise ValueError(
@@ -51,9 +49,8 @@ def maximum_likelihood() -> Objective:
                     "assignment), or fit a guide with mg.elbo()."
                 )
 
-        def surrogate(params, state, key, args, kwargs, shard=identity_shard):
-            seeded = handlers.substitute(handlers.seed(model, key), data=params)
-            trace = handlers.trace(seeded).get_trace(*args, **kwargs)
+        def surrogate(params, state, key, args, kwargs, shard=None):
+            trace = handlers.run(model, args, kwargs, key=key, params=params)
             loss = -sum(
                 (jnp.sum(site_log_prob(site)) for site in trace.values() if site["type"] == "sample"),
                 jnp.zeros(()),

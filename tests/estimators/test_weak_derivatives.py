@@ -46,7 +46,8 @@ def _laplace_loc(key, parameters, num_samples, coupling):
     key_plus, key_minus = jax.random.split(key)
     e_plus = jax.random.exponential(key_plus, shape)
     e_minus = e_plus if coupling else jax.random.exponential(key_minus, shape)
-    return 1.0 / (2.0 * scale), loc + scale * e_plus, loc - scale * e_minus
+    loc, scale = loc[None], scale[None]  # against [num_samples, *shape] draws
+    return 1.0 / (2.0 * scale[0]), loc + scale * e_plus, loc - scale * e_minus
 
 
 def _laplace_scale(key, parameters, num_samples, coupling):
@@ -56,7 +57,8 @@ def _laplace_scale(key, parameters, num_samples, coupling):
     sign = jnp.where(jax.random.bernoulli(key_sign, 0.5, shape), 1.0, -1.0)
     magnitude = jax.random.gamma(key_gamma, 2.0, shape)
     minus = jax.random.laplace(key_minus, shape)
-    return 1.0 / scale, loc + scale * sign * magnitude, loc + scale * minus
+    loc, scale = loc[None], scale[None]  # against [num_samples, *shape] draws
+    return 1.0 / scale[0], loc + scale * sign * magnitude, loc + scale * minus
 
 
 LAPLACE = mg.WeakDerivative(lambda d: {"loc": d.loc, "scale": d.scale}, {"loc": _laplace_loc, "scale": _laplace_scale})

@@ -1,0 +1,48 @@
+"""Helpers on NumPyro distributions shared by the estimators: names, wrappers, log-densities."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+
+from mcgrad.estimators.log_prob import log_prob
+
+
+def describe(distribution: dist.Distribution) -> str:
+    """A short name for a distribution in error messages, wrappers included."""
+    inner = distribution
+    wrappers = []
+    while hasattr(inner, "base_dist"):
+        wrappers.append(type(inner).__name__)
+        inner = inner.base_dist
+    name = type(inner).__name__
+    return f"{name} (inside {' of '.join(wrappers)})" if wrappers else name
+
+
+def unwrap(distribution: dist.Distribution) -> dist.Distribution:
+    """The univariate family inside ``to_event`` (Independent) and ``expand`` wrappers."""
+    inner = distribution
+    while isinstance(inner, (dist.Independent, dist.ExpandedDistribution)):
+        inner = inner.base_dist
+    return inner
+
+
+def own_log_prob(distribution: dist.Distribution, value: jax.Array) -> jax.Array:
+    """``log p(value)`` of a value the distribution drew itself, with a gradient that is
+    right at NumPyro's kinks (see :func:`mcgrad.estimators.log_prob.log_prob`).
+
+    NumPyro's support check (on by default: values outside the support get ``-inf``) is
+    skipped: these values are in the support by construction, and at small sizes the check
+    is about a third of a score-function estimate.
+    """
+    with numpyro.validation_enabled(False):
+        return log_prob(distribution, value)
+
+
+def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum the trailing axes of ``x`` (``[N, *batch]``) down to ``shape`` (``[N, *s]``, a
+    prefix of it after broadcasting ones)."""
+    summed = jnp.reshape(x, x.shape[: len(shape)] + (-1,)).sum(axis=-1) if x.ndim > len(shape) else x
+    return jnp.broadcast_to(summed, shape) if summed.shape != shape else summed

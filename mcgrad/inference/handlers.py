@@ -1,0 +1,125 @@
+"""The one stack of NumPyro handlers every traced run of a program goes through.
+
+Outermost first (NumPyro processes a message from the innermost handler out):
+
+    trace ∘ draw(estimators) ∘ replay(trace) ∘ substitute(values, params) ∘ keys ∘ program
+
+* ``keys``: ``seed`` with one key, or a table of keys drawn in advance (one per random
+  site, in program order: :class:`SiteKeys`). Keys are taken before any value is
+  substituted, so a substituted run keeps every other site's randomness (common random
+  numbers for measure-valued re-runs).
+* ``substitute`` / ``replay``: parameters and given values; a model replays its guide.
+* ``draw``: a latent site with no value yet is drawn by its estimator's ``sample``
+  (pathwise draws carry their gradient, the others do not).
+* ``trace``: records the sites.
+
+Handlers are applied inside the traced function, never around ``jit``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from numpyro import handlers
+from numpyro.primitives import Messenger
+
+Array = jax.Array
+
+_RANDOM_MESSAGES = ("sample", "prng_key", "plate", "control_flow")
+
+
+def needs_key(msg: dict) -> bool:
+    """Whether ``seed`` would hand ``msg`` a key (and so, whether a key table does)."""
+    return msg["type"] in _RANDOM_MESSAGES and msg["kwargs"].get("rng_key") is None and msg["value"] is None
+
+
+class CountKeys(Messenger):
+    """Counts the keys a run takes (the size of its key table)."""
+
+    def __init__(self, fn):
+        self.count = 0
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if needs_key(msg):
+            self.count += 1
+
+
+class SiteKeys(Messenger):
+    """Gives the program's random sites keys from a row drawn in advance, in program order;
+    sites past the row (a program whose structure changed) get keys split from ``spare``,
+    as ``seed`` would."""
+
+    def __init__(self, fn, keys: Array, spare: Array):
+        self.keys, self.spare, self.index = keys, spare, 0
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if not needs_key(msg):
+            return
+        if self.index < self.keys.shape[0]:
+            msg["kwargs"]["rng_key"] = self.keys[self.index]
+            self.index += 1
+        else:
+            self.spare, msg["kwargs"]["rng_key"] = jax.random.split(self.spare)
+
+
+class Draw(Messenger):
+    """Draws each latent site that has no value yet with its estimator's ``sample``."""
+
+    def __init__(self, fn, estimators: dict[str, Any]):
+        self.estimators = estimators
+        super().__init__(fn)
+
+    def process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"] or msg["value"] is not None:
+            return
+        estimator = self.estimators.get(msg["name"])
+        if estimator is not None:
+            shape = tuple(msg["kwargs"].get("sample_shape", ()))
+            msg["value"] = estimator.sample(msg["kwargs"]["rng_key"], msg["fn"], shape)
+
+
+def run(
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    key: Array | None = None,
+    site_keys: tuple[Array, Array] | None = None,
+    params: dict | None = None,
+    values: dict | None = None,
+    replay_trace: dict | None = None,
+    estimators: dict | None = None,
+    count_keys: bool = False,
+) -> dict | tuple[dict, int]:
+    """One traced run of ``fn(*args, **kwargs)`` through the documented stack.
+
+    Args:
+        key: seed the run with this key; or
+        site_keys: ``(keys, spare)``, a key table (:class:`SiteKeys`).
+        params, values: substituted (``values`` win over ``params``).
+        replay_trace: a trace whose sample sites the run replays (a model given its guide).
+        estimators: site name -> estimator; each draws its site's value.
+        count_keys: also return how many keys the run took.
+
+    Returns:
+        The trace (an ordered dict of sites), and the key count with ``count_keys``.
+    """
+    counter = CountKeys(fn) if count_keys else None
+    program = counter if counter is not None else fn
+    if site_keys is not None:
+        program = SiteKeys(program, *site_keys)
+    elif key is not None:
+        program = handlers.seed(program, key)
+    data = {**(params or {}), **(values or {})}
+    if data:
+        program = handlers.substitute(program, data=data)
+    if replay_trace is not None:
+        program = handlers.replay(program, trace=replay_trace)
+    if estimators:
+        program = Draw(program, estimators)
+    trace = handlers.trace(program).get_trace(*args, **kwargs)
+    return (trace, counter.count) if count_keys else trace

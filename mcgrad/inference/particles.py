@@ -1,0 +1,250 @@
+"""The particle engine: a NumPyro program's latent sites, each handed to its estimator.
+
+A *program* is a NumPyro function whose latent sample sites are drawn (a guide for the
+ELBO, a generator for adversarial fitting). Each step runs ``M`` particles of it
+(``vmap``), each costed by the objective (its terms: the program's own log-density,
+the model's, a critic's). Then every latent site becomes a :class:`~mcgrad.Site` with one
+row per particle and goes to its estimator's ``terms``; the engine never asks which
+estimator it holds. What the engine does for every estimator alike:
+
+* draws each site with its estimator's ``sample`` (:mod:`mcgrad.inference.handlers`);
+* Rao-Blackwellizes each site's learning signal: only cost terms at or after the site
+  count, and inside a ``plate`` only the terms of the site's own slice (plus the terms
+  outside that plate);
+* re-costs a particle with one site's value replaced and every other draw kept (the
+  same key table), for estimators that ask (measure-valued, control variates).
+
+Particles take their keys from one table drawn per step: ``[M, 3 + S]`` keys, a key for
+the cost terms, two spares, and one per random site of the program in program order
+(``seed`` would split a key at every site instead, a threefry loop per site in the
+compiled step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mcgrad.estimators.base import GradientEstimator, Site, split_parameters
+from mcgrad.inference import handlers
+from mcgrad.inference.costs import Term, latent_sites, reduce_to_plates, site_log_prob, site_plates, total
+
+Array = jax.Array
+Params = dict[str, Any]
+CostTerms = Callable[[dict, Params, Array, tuple, dict], list[Term]]
+
+_FIRST_SITE_KEY = 3
+
+
+def drop_for_unreparameterized(estimator: GradientEstimator) -> bool:
+    """The ELBO's rule: a site whose draw carries no gradient keeps ``log q`` in its cost
+    without the zero-mean term ``∇ log q(z)|_z``."""
+    return not estimator.reparameterized
+
+
+class Program(NamedTuple):
+    """A program, how each of its particles is costed, and the estimator of each site.
+
+    Attributes:
+        fn: the NumPyro program (guide or generator).
+        cost_terms: ``(program trace, params, key, args, kwargs) -> terms`` beyond the
+            program's own log-density (the model's ``−log p``, a critic's loss).
+        estimators: one per latent site.
+        log_density: whether the program's own ``log q`` is part of the cost (ELBO, IWAE).
+        stop_log_density: ``estimator -> bool``: evaluate the site's ``log q`` with its
+            distribution's parameters under ``stop_gradient`` (sticking the landing for
+            reparameterized sites; the zero-mean direct term of the others).
+        num_site_keys: the random sites of the program (the key table's width).
+    """
+
+    fn: Callable
+    cost_terms: CostTerms
+    estimators: dict[str, GradientEstimator]
+    log_density: bool = True
+    stop_log_density: Callable[[GradientEstimator], bool] = drop_for_unreparameterized
+    num_site_keys: int = 0
+
+
+def count_site_keys(fn: Callable, params: Params, key: Array, args: tuple, kwargs: dict) -> tuple[dict, int]:
+    """One seeded run of ``fn`` with ``params``: its trace and the keys it takes."""
+    return handlers.run(fn, args, kwargs, key=key, params=params, count_keys=True)
+
+
+def particle_keys(program: Program, key: Array, num_particles: int) -> Array:
+    """``[num_particles, 3 + num_site_keys]`` keys, one row per particle, in one call."""
+    return jax.random.split(key, (num_particles, _FIRST_SITE_KEY + program.num_site_keys))
+
+
+def run_particle(
+    program: Program, params: Params, keys: Array, args: tuple, kwargs: dict, values: dict | None = None
+) -> tuple[dict, list[Term]]:
+    """Trace the program for one particle (its row of keys fixes all of its draws) and cost it."""
+    trace = handlers.run(
+        program.fn,
+        args,
+        kwargs,
+        site_keys=(keys[_FIRST_SITE_KEY:], keys[2]),
+        params=params,
+        values=values,
+        estimators=program.estimators,
+    )
+    terms = []
+    if program.log_density:
+        for order, site in enumerate(latent_sites(trace)):
+            fn = site["fn"]
+            if program.stop_log_density(program.estimators[site["name"]]):
+                fn = jax.tree.map(jax.lax.stop_gradient, fn)
+            terms.append(Term(site_log_prob(site, fn=fn, own_sample=True), site_plates(site), order))
+    terms += program.cost_terms(trace, params, keys[0], args, kwargs)
+    return trace, terms
+
+
+def particle_loss(program: Program, params: Params, keys: Array, args: tuple, kwargs: dict, values: dict) -> Array:
+    """One particle's total cost with ``values`` substituted (every other draw kept)."""
+    _, terms = run_particle(program, params, keys, args, kwargs, values)
+    return total(terms)
+
+
+class SiteRows(NamedTuple):
+    """One latent site over the particles (leading axis ``M`` everywhere)."""
+
+    value: Array
+    key: Array
+    parameters: tuple  # floating-point leaves of the site's distribution
+    others: tuple  # its other leaves
+    signal: Array  # Rao-Blackwellized cost, shaped like the site's log-density
+
+
+class Particles(NamedTuple):
+    """``M`` particles of a program: their costs (pathwise gradients attached), their keys,
+    and each latent site's rows."""
+
+    loss: Array
+    keys: Array
+    sites: dict[str, SiteRows]
+
+
+class _Layout(NamedTuple):
+    """What the vmapped particles cannot return as arrays: how to rebuild each site's
+    distribution from its leaves, and its sample shape (seen while tracing)."""
+
+    rebuild: Callable
+    sample_shape: tuple[int, ...]
+
+
+def draw_particles(
+    program: Program, params: Params, key: Array, num_particles: int, args: tuple, kwargs: dict, shard=None
+) -> tuple[Particles, dict[str, _Layout]]:
+    """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
+    keys = particle_keys(program, key, num_particles)
+    if shard is not None:
+        keys = shard(keys)
+    layouts: dict[str, _Layout] = {}
+
+    def one(row_keys):
+        trace, terms = run_particle(program, params, row_keys, args, kwargs)
+        sites = {}
+        for order, site in enumerate(latent_sites(trace)):
+            name = site["name"]
+            parameters, others, rebuild = split_parameters(site["fn"])
+            layouts[name] = _Layout(rebuild, tuple(site["kwargs"].get("sample_shape", ())))
+            shape = jnp.shape(site_log_prob(site, scaled=False, own_sample=True))
+            downstream = [t for t in terms if t.order >= order]
+            signal = sum((reduce_to_plates(t, site_plates(site), shape) for t in downstream), jnp.zeros(shape))
+            sites[name] = SiteRows(
+                jax.lax.stop_gradient(site["value"]),
+                site["kwargs"]["rng_key"],
+                parameters,
+                others,
+                jax.lax.stop_gradient(signal),
+            )
+        return total(terms), sites
+
+    loss, sites = jax.vmap(one)(keys)
+    return Particles(loss, keys, sites), layouts
+
+
+def site_terms(
+    program: Program,
+    params: Params,
+    particles: Particles,
+    layouts: dict[str, _Layout],
+    states: dict[str, Any],
+    key: Array,
+    args: tuple,
+    kwargs: dict,
+    *,
+    cost: Array | None = None,
+    leave_one_out: Array | None = None,
+    row_cost: Callable[[Array], Array] | None = None,
+) -> tuple[Array, dict[str, Any], int]:
+    """Each latent site's estimator terms, summed: ``([M] terms, new states, extra evaluations)``.
+
+    By default a site's row cost is its Rao-Blackwellized signal and a re-costed row is
+    the particle's total cost (the ELBO). A multi-sample bound passes its own: ``cost``
+    (``[M]``, every site), ``leave_one_out`` (VIMCO) and ``row_cost``, which maps the
+    re-costed particles' totals to each row's cost under the bound.
+    """
+    frozen = jax.lax.stop_gradient(params)
+    total_terms = jnp.zeros(particles.loss.shape)
+    new_states = dict(states)
+    num_evaluations = 0
+    for index, (name, rows) in enumerate(particles.sites.items()):
+        layout = layouts[name]
+
+        def map_rows(fn, parameters, *row_args, layout=layout, rows=rows):
+            return jax.vmap(lambda p, o, *a: fn(layout.rebuild(p, o), *a))(parameters, rows.others, *row_args)
+
+        def recost(values, name=name):
+            replaced = jax.vmap(lambda k, v: particle_loss(program, frozen, k, args, kwargs, {name: v}))(
+                particles.keys, values
+            )
+            return row_cost(replaced) if row_cost is not None else replaced
+
+        def resample(sample_fn, parameters, rows=rows, layout=layout):
+            return jax.vmap(lambda k, p, o: sample_fn(k, layout.rebuild(p, o), layout.sample_shape))(
+                rows.key, parameters, rows.others
+            )
+
+        site = Site(
+            name=name,
+            value=rows.value,
+            cost=rows.signal if cost is None else cost,
+            parameters=rows.parameters,
+            map=map_rows,
+            jacobian=lambda fn, parameters: jax.grad(lambda p: jnp.sum(fn(p)))(parameters),
+            recost=recost,
+            resample=resample,
+            leave_one_out=leave_one_out,
+        )
+        terms, new_states[name], info = program.estimators[name].terms(
+            jax.random.fold_in(key, index), states[name], site
+        )
+        total_terms = total_terms + terms
+        num_evaluations += info.num_evaluations
+    return total_terms, new_states, num_evaluations
+
+
+def init_site_states(estimators: dict[str, GradientEstimator], params: Params) -> dict[str, Any]:
+    return {name: estimator.init(params) for name, estimator in estimators.items()}
+
+
+def average_surrogate(
+    program: Program,
+    params: Params,
+    states: dict[str, Any],
+    key: Array,
+    num_particles: int,
+    args: tuple,
+    kwargs: dict,
+    shard=None,
+) -> tuple[Array, tuple[dict[str, Any], Array]]:
+    """The per-particle surrogate ``[M]`` of the mean particle cost (the ELBO, a generator's
+    loss): ``(surrogate, (new site states, particle costs))``."""
+    key_particles, key_terms = jax.random.split(key)
+    particles, layouts = draw_particles(program, params, key_particles, num_particles, args, kwargs, shard)
+    terms, new_states, _ = site_terms(program, params, particles, layouts, states, key_terms, args, kwargs)
+    return particles.loss + terms, (new_states, jax.lax.stop_gradient(particles.loss))

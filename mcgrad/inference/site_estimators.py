@@ -1,0 +1,54 @@
+"""Choosing one estimator per latent site of a program."""
+
+from __future__ import annotations
+
+import numpyro.distributions as dist
+
+from mcgrad import baselines as baselines_lib
+from mcgrad.estimators.base import GradientEstimator
+from mcgrad.estimators.pathwise import pathwise
+from mcgrad.estimators.score_function import score_function
+from mcgrad.inference.costs import latent_sites
+
+
+def default_estimator(distribution: dist.Distribution, num_particles: int) -> GradientEstimator:
+    """Pathwise with rsample; else score function with leave-one-out (moving average for 1 particle)."""
+    if distribution.has_rsample:
+        return pathwise()
+    baseline = baselines_lib.leave_one_out() if num_particles > 1 else baselines_lib.moving_average()
+    return score_function(baseline=baseline)
+
+
+def resolve_estimators(
+    program_trace: dict,
+    annotated: dict[str, GradientEstimator],
+    overrides: dict[str, GradientEstimator] | None,
+    num_particles: int,
+) -> dict[str, GradientEstimator]:
+    """One estimator per latent site of ``program_trace``, checked against the site.
+
+    Precedence: ``overrides`` (``estimators={...}`` of ``fit``), then the program site's own
+    ``infer={"estimator": ...}``, then ``annotated`` (the model's annotations of the same
+    site), then :func:`default_estimator`.
+    """
+    overrides = dict(overrides or {})
+    latent = latent_sites(program_trace)
+    unknown = set(overrides) - {site["name"] for site in latent}
+    if unknown:
+        raise ValueError(
+            f"estimators names {sorted(unknown)}, which are not latent sample sites of the guide "
+            f"(its latent sites: {[site['name'] for site in latent]})."
+        )
+    chosen = {}
+    for site in latent:
+        name, fn = site["name"], site["fn"]
+        estimator = overrides.get(name) or site["infer"].get("estimator") or annotated.get(name)
+        estimator = estimator or default_estimator(fn, num_particles)
+        if not isinstance(estimator, GradientEstimator):
+            raise ValueError(
+                f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
+                f"got {type(estimator).__name__}."
+            )
+        estimator.check(fn, name)
+        chosen[name] = estimator
+    return chosen
