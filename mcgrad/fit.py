@@ -251,29 +251,50 @@ def trainer(
         nan = jnp.full((), jnp.nan)
         return {name: nan for name in params}, {name: nan for name in params}
 
+    def estimates(state: FitState, step_key: Array, record: Array, args, kwargs):
+        """The step's gradient estimate and, where ``record``, ``diagnostics_replicates``
+        more at the same parameters and state: one ``while_loop`` whose body holds the only
+        copy of the gradient computation (1 or ``1 + R`` trips), with Welford's running
+        mean and sum of squared deviations."""
+        keys = jnp.concatenate(
+            [step_key[None], jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)]
+        )
+        shapes = jax.eval_shape(lambda: gradient(state.params, state.objective_state, step_key, args, kwargs))
+        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+        num_trips = jnp.where(record, diagnostics_replicates + 1, 1)
+
+        def body(carry):
+            trip, first, mean, squares = carry
+            estimate = gradient(state.params, state.objective_state, keys[trip], args, kwargs)
+            first = jax.tree.map(lambda new, old: jnp.where(trip == 0, new, old), estimate, first)
+            grads = estimate[1]
+            delta = jax.tree.map(lambda g, m: g - m, grads, mean)
+            mean = jax.tree.map(lambda m, d: m + d / (trip + 1).astype(d.dtype), mean, delta)
+            squares = jax.tree.map(lambda q, d, g, m: q + d * (g - m), squares, delta, grads, mean)
+            return trip + 1, first, mean, squares
+
+        carry = (jnp.zeros((), jnp.int32), zeros, zeros[1], zeros[1])
+        _, first, mean, squares = jax.lax.while_loop(lambda c: c[0] < num_trips, body, carry)
+        return first, mean, squares
+
     def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
+        if diagnostics_every:
+            record = state.step % diagnostics_every == 0
+            (loss, grads, objective_state), mean, squares = estimates(state, step_key, record, args, kwargs)
+            variance, snr = _replicate_statistics(mean, squares, diagnostics_replicates + 1)
+            nan = jnp.full((), jnp.nan)
+            variance = {n: jnp.where(record, v, nan) for n, v in variance.items()}
+            snr = {n: jnp.where(record, v, nan) for n, v in snr.items()}
+        else:
+            loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
+            variance, snr = nan_statistics(state.params)
         finite = jnp.isfinite(loss)
         for leaf in jax.tree.leaves(grads):
             finite = finite & jnp.all(jnp.isfinite(leaf))
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
         updates, optimizer_state = optimizer.update(safe_grads, state.optimizer_state, state.params)
         params = optax.apply_updates(state.params, updates)
-
-        if diagnostics_every:
-
-            def record(_):
-                extra_keys = jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)
-                extra = jax.vmap(lambda k: gradient(state.params, state.objective_state, k, args, kwargs)[1])(extra_keys)
-                stacked = jax.tree.map(lambda g, e: jnp.concatenate([g[None], e]), grads, extra)
-                return _replicate_statistics(stacked)
-
-            variance, snr = jax.lax.cond(
-                state.step % diagnostics_every == 0, record, lambda _: nan_statistics(state.params), None
-            )
-        else:
-            variance, snr = nan_statistics(state.params)
 
         def keep_if_finite(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -297,16 +318,15 @@ def trainer(
     return Trainer(init, step, run, params_of, estimate, bound.estimators, objective)
 
 
-def _replicate_statistics(stacked: dict) -> tuple[dict, dict]:
-    """Per parameter: mean coordinate variance of independent estimates (``ddof=1``) and
-    ``‖mean‖ / sqrt(Σ variance)``."""
+def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, dict]:
+    """Per parameter, from ``num`` independent estimates (their mean and summed squared
+    deviations): the mean coordinate variance (``ddof=1``) and ``‖mean‖ / sqrt(Σ variance)``."""
     variance, snr = {}, {}
-    for name, tree in stacked.items():
-        leaves = [jnp.reshape(leaf, (leaf.shape[0], -1)) for leaf in jax.tree.leaves(tree)]
-        grads = jnp.concatenate(leaves, axis=1)
-        coordinate_variance = jnp.var(grads, axis=0, ddof=1)
+    for name in mean:
+        means = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(mean[name])])
+        coordinate_variance = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(squares[name])]) / (num - 1)
         variance[name] = jnp.mean(coordinate_variance)
-        snr[name] = jnp.sqrt(jnp.sum(jnp.mean(grads, axis=0) ** 2) / (jnp.sum(coordinate_variance) + 1e-30))
+        snr[name] = jnp.sqrt(jnp.sum(means**2) / (jnp.sum(coordinate_variance) + 1e-30))
     return variance, snr
 
 
@@ -348,47 +368,85 @@ class _Static:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(path: str | Path, state: FitState, losses: np.ndarray, diagnostics: TrainingDiagnostics) -> None:
+class _Checkpoint(NamedTuple):
+    """What a checkpoint holds, the state first (so a mismatch names its leaf first)."""
+
+    state: FitState
+    losses: np.ndarray
+    steps: np.ndarray
+    variance: dict
+    snr: dict
+
+
+def save_checkpoint(
+    path: str | Path,
+    state: FitState,
+    losses: np.ndarray,
+    diagnostics: TrainingDiagnostics,
+    objective: Objective | None = None,
+) -> None:
     """Write the whole state (params, optimizer, objective state, key, step) and history.
 
     The file is :mod:`mcgrad.checkpoints`' format: arrays and a structure description,
-    never code, so loading it never executes anything.
+    never code, so loading it never executes anything. With ``objective``, its name and
+    particle count are recorded and checked on resume.
     """
-    tree = {
-        "state": state,
-        "losses": np.asarray(losses),
-        "steps": np.asarray(diagnostics.steps),
-        "variance": {n: np.asarray(v) for n, v in diagnostics.variance.items()},
-        "snr": {n: np.asarray(v) for n, v in diagnostics.snr.items()},
+    tree = _Checkpoint(
+        state,
+        np.asarray(losses),
+        np.asarray(diagnostics.steps),
+        {n: np.asarray(v) for n, v in diagnostics.variance.items()},
+        {n: np.asarray(v) for n, v in diagnostics.snr.items()},
+    )
+    metadata = {
+        "num_losses": int(len(losses)),
+        "num_records": int(len(diagnostics.steps)),
+        "num_nonfinite": int(diagnostics.num_nonfinite),
     }
-    metadata = {"num_losses": int(len(losses)), "num_records": int(len(diagnostics.steps)), "num_nonfinite": int(diagnostics.num_nonfinite)}
+    if objective is not None:
+        metadata["objective"] = {"name": objective.name, "num_particles": int(objective.num_particles)}
     checkpoints.save(path, tree, metadata)
 
 
-def load_checkpoint(path: str | Path, like: FitState) -> tuple[FitState, np.ndarray, TrainingDiagnostics]:
+def load_checkpoint(
+    path: str | Path, like: FitState, objective: Objective | None = None
+) -> tuple[FitState, np.ndarray, TrainingDiagnostics]:
     """Read a checkpoint written by :func:`save_checkpoint` (or ``fit(checkpoint_path=...)``).
 
-    ``like`` is a state of the same run's structure (``Trainer.init(key)``): a file from
-    another model, guide, optimizer or objective is refused with a clear error
-    (:class:`mcgrad.checkpoints.CheckpointMismatchError`).
+    ``like`` is a state of the same run's structure (``Trainer.init(key)``): a file whose
+    state has another structure (another model or guide, another optimizer's state, other
+    estimator states) is refused with :class:`mcgrad.checkpoints.CheckpointMismatchError`
+    naming the first leaf that differs; with ``objective``, so is a file written under
+    another objective or particle count. An optimizer's settings (its learning rate, say)
+    leave no trace in its state and are not checked.
     """
     _, metadata = checkpoints.load(path)
+    recorded = metadata.get("objective")
+    if objective is not None and recorded is not None:
+        expected = {"name": objective.name, "num_particles": int(objective.num_particles)}
+        if recorded != expected:
+            raise checkpoints.CheckpointMismatchError(
+                f"checkpoint {path} was written by objective {recorded['name']} with "
+                f"{recorded['num_particles']} particles, but this run uses {expected['name']} with "
+                f"{expected['num_particles']}. Resume with the objective that wrote it, or start afresh."
+            )
     num_losses, num_records = metadata["num_losses"], metadata["num_records"]
-    template = {
-        "state": like,
-        "losses": np.zeros(num_losses, np.float32),
-        "steps": np.zeros(num_records, np.int64),
-        "variance": {n: np.zeros(num_records, np.float32) for n in like.params},
-        "snr": {n: np.zeros(num_records, np.float32) for n in like.params},
-    }
+    names = list(like.params)
+    template = _Checkpoint(
+        like,
+        np.zeros(num_losses, np.float32),
+        np.zeros(num_records, np.int64),
+        {n: np.zeros(num_records, np.float32) for n in names},
+        {n: np.zeros(num_records, np.float32) for n in names},
+    )
     tree, _ = checkpoints.load(path, like=template)
     diagnostics = TrainingDiagnostics(
-        np.asarray(tree["steps"]),
-        {n: np.asarray(v) for n, v in tree["variance"].items()},
-        {n: np.asarray(v) for n, v in tree["snr"].items()},
+        np.asarray(tree.steps),
+        {n: np.asarray(v) for n, v in tree.variance.items()},
+        {n: np.asarray(v) for n, v in tree.snr.items()},
         metadata["num_nonfinite"],
     )
-    return tree["state"], np.asarray(tree["losses"]), diagnostics
+    return tree.state, np.asarray(tree.losses), diagnostics
 
 
 # --------------------------------------------------------------------------- fit
@@ -544,7 +602,7 @@ def fit(
     elif isinstance(resume_from, FitState):
         state, losses = resume_from, np.zeros(0, np.float32)
     else:
-        state, losses, history = load_checkpoint(resume_from, like=initial)
+        state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective)
 
     array_inputs, static_inputs = eqx.partition((args, kwargs), eqx.is_array)
     static_inputs = _Static(static_inputs)
@@ -580,7 +638,7 @@ def fit(
             remaining -= length
             if checkpoint_path is not None:
                 done = _diagnostics_from(infos, starts, history)._replace(num_nonfinite=int(state.num_nonfinite))
-                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), done)
+                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), done, objective)
             if bar is not None:
                 finite = chunk_losses[np.isfinite(chunk_losses)]
                 bar.set_postfix(loss=f"{finite[-1]:.4g}" if finite.size else "nan")

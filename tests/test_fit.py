@@ -1,6 +1,7 @@
-"""``mg.fit``: the two drivers agree, checkpoints resume bit for bit, the non-finite guard
-skips bad steps and stops with the last finite state, the step keeps its state's
-structure and does not recompile between chunks, and the result feeds ArviZ."""
+"""``mg.fit``: the two drivers agree, checkpoints resume bit for bit (and refuse another
+run's file), the non-finite guard skips bad steps and stops with the last finite state, the
+step keeps its state's structure and does not recompile between chunks, and the result
+feeds ArviZ. The trainer under ``fit`` and the honesty of its diagnostics: test_trainer.py."""
 
 import importlib
 
@@ -18,9 +19,11 @@ import mcgrad as mg
 fit_module = importlib.import_module("mcgrad.fit")  # mg.fit is the function
 
 X = jnp.array([0.6, 1.7, 1.1])
+TRACES = {"model": 0}  # times `model` was traced: a Python side effect runs only when traced
 
 
 def model(x):
+    TRACES["model"] += 1
     z = numpyro.sample("z", dist.Normal(0.0, 1.0))
     with numpyro.plate("data", x.shape[0]):
         b = numpyro.sample("b", dist.Bernoulli(0.3))
@@ -53,20 +56,32 @@ def assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def traced_run(**kwargs):
+    """``run(**kwargs)`` and how many times it traced the model."""
+    before = TRACES["model"]
+    result = run(**kwargs)
+    return result, TRACES["model"] - before
+
+
 @pytest.fixture(scope="module")
-def reference():
-    """100 steps in one scan."""
-    return run()
+def reference_and_traces():
+    """100 steps in one scan (one compiled program), and the model traces that took."""
+    return traced_run()
+
+
+@pytest.fixture(scope="module")
+def reference(reference_and_traces):
+    return reference_and_traces[0]
 
 
 def types(tree):
     return [(x.shape, x.dtype, x.weak_type) for x in jax.tree.leaves(tree)]
 
 
-def test_progress_bar_and_scan_drivers_give_the_same_result_without_recompiling(reference):
-    before = fit_module._run_chunk._cache_size()
-    with_bar = run(progress_bar=True, chunk_size=25)  # four chunks of 25 steps
-    assert fit_module._run_chunk._cache_size() - before == 1  # compiled once, reused by chunks 2-4
+def test_progress_bar_and_scan_drivers_give_the_same_result_without_recompiling(reference_and_traces):
+    reference, one_program = reference_and_traces
+    with_bar, traces = traced_run(progress_bar=True, chunk_size=25)  # four chunks of 25 steps
+    assert traces == one_program > 0  # compiled once, reused by chunks 2-4
     np.testing.assert_array_equal(with_bar.losses, reference.losses)
     assert_trees_equal(with_bar.params, reference.params)
     assert_trees_equal(with_bar.state, reference.state)
@@ -76,9 +91,11 @@ def test_progress_bar_and_scan_drivers_give_the_same_result_without_recompiling(
 
 
 def test_a_shorter_last_chunk_reuses_the_compiled_program(reference):
-    before = fit_module._run_chunk._cache_size()
-    with_bar = run(progress_bar=True, chunk_size=30)  # 30 + 30 + 30 + a masked 10
-    assert fit_module._run_chunk._cache_size() - before == 1
+    # A masked program traces the step more often than a plain one: compare two runs of it.
+    # (A state whose types change after a step, which would recompile chunk 2, fails the test above.)
+    _, one_chunk = traced_run(num_steps=40, progress_bar=True, chunk_size=30, diagnostics_every=2)  # 30 + masked 10
+    with_bar, traces = traced_run(progress_bar=True, chunk_size=30)  # 30 + 30 + 30 + a masked 10
+    assert traces == one_chunk > 0  # chunks 2-4 reuse the program of the first
     assert with_bar.losses.shape == (100,) and int(with_bar.state.step) == 100
     np.testing.assert_allclose(with_bar.losses, reference.losses, rtol=1e-5)
     for name in reference.params:
@@ -101,19 +118,70 @@ def test_steps_keep_the_state_structure_and_types(reference):
 
 def test_checkpoint_resume_is_exact(reference, tmp_path):
     path = tmp_path / "fit.ckpt"
-    first = run(num_steps=50, checkpoint_path=path)
+    first = run(num_steps=50, checkpoint_path=path, diagnostics_every=2)  # the default of a 100-step run
     assert int(first.state.step) == 50 and path.exists()
-    state, losses, _ = mg.load_checkpoint(path)
+    template = run(num_steps=0).state  # the initial state of the same run: the file's structure
+    state, losses, diagnostics = mg.load_checkpoint(path, like=template)
     assert_trees_equal(state, first.state)
     np.testing.assert_array_equal(losses, first.losses)
+    np.testing.assert_array_equal(diagnostics.steps, first.diagnostics.steps)
+    for name in first.diagnostics.variance:
+        np.testing.assert_array_equal(diagnostics.variance[name], first.diagnostics.variance[name])
+        np.testing.assert_array_equal(diagnostics.snr[name], first.diagnostics.snr[name])
     resumed = run(num_steps=100, resume_from=path)
     np.testing.assert_array_equal(resumed.losses, reference.losses)  # the checkpoint carries the history
     assert_trees_equal(resumed.params, reference.params)
     assert_trees_equal(resumed.state, reference.state)
+    np.testing.assert_array_equal(resumed.diagnostics.steps, reference.diagnostics.steps)
+    for name in reference.diagnostics.variance:
+        np.testing.assert_array_equal(resumed.diagnostics.variance[name], reference.diagnostics.variance[name])
     # Resuming from a FitState in memory follows the same trajectory.
     from_state = run(num_steps=100, resume_from=first.state)
     np.testing.assert_array_equal(from_state.losses, reference.losses[50:])
     assert_trees_equal(from_state.params, reference.params)
+
+
+def test_checkpoint_is_data_not_a_pickle(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    run(num_steps=10, checkpoint_path=path)
+    leaves, metadata = mg.checkpoints.load(path)  # readable without a template, nothing executed
+    assert metadata == {  # every step recorded: max(1, 10 // 50)
+        "num_losses": 10, "num_records": 10, "num_nonfinite": 0, "objective": {"name": "elbo", "num_particles": 4}
+    }
+    assert ".state.params['loc']" in leaves and ".state.objective_state['b'].average" in leaves
+
+
+def test_a_checkpoint_of_another_optimizer_or_guide_is_refused(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    run(num_steps=10, checkpoint_path=path)
+    with pytest.raises(mg.checkpoints.CheckpointMismatchError, match=r"leaf .*\.state\.optimizer_state"):
+        run(num_steps=20, resume_from=path, optimizer=optax.sgd(0.05))  # adam's state is not sgd's
+    with pytest.raises(mg.checkpoints.CheckpointMismatchError, match=r"objective elbo with 4 particles.*elbo with 8"):
+        run(num_steps=20, resume_from=path, objective=mg.elbo(8))  # same state structure, another objective
+
+    def fixed_scale_guide(x):  # no "scale" parameter
+        loc = numpyro.param("loc", 0.0)
+        logits = numpyro.param("logits", jnp.full(x.shape[0], 0.3))
+        numpyro.sample("z", dist.Normal(loc, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("b", dist.Bernoulli(logits=logits))
+
+    with pytest.raises(mg.checkpoints.CheckpointMismatchError, match=r"leaf .*\.state\.params\['scale'\]") as error:
+        mg.fit(model, fixed_scale_guide, X, key=jax.random.key(0), num_steps=20, optimizer=optax.adam(0.05),
+               objective=mg.elbo(4), estimators=ESTIMATORS, progress_bar=False, resume_from=path)
+    assert str(path) in str(error.value)
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "fit.ckpt"
+    first = run(num_steps=10, checkpoint_path=path)
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    with pytest.raises(mg.checkpoints.CheckpointError, match="truncated") as error:
+        mg.load_checkpoint(path, like=first.state)
+    assert str(path) in str(error.value)
+    with pytest.raises(mg.checkpoints.CheckpointError):
+        run(num_steps=20, resume_from=path)
 
 
 def test_diagnostics_are_recorded_with_several_particles(reference):

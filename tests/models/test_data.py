@@ -37,6 +37,8 @@ def test_common_parser_and_estimators():
     args = parser.parse_args(["--estimator", "score_function", "--no-progress"])
     kwargs = common.run_kwargs(args)
     assert kwargs == {"num_steps": 7, "seed": 0, "output_dir": "outputs", "estimator": "score_function", "progress_bar": False}
-    assert common.estimator_from_name("score_function").config["name"] == "score_function"
+    assert common.estimator_from_name("score_function").name == "score_function"
+    assert common.estimator_from_name("pathwise").name == "pathwise"
+    assert common.estimator_from_name("measure_valued").name == "measure_valued"
     assert common.estimator_from_name("default") is None
     assert common.image_grid(np.zeros((3, 64)), num_cols=2).shape == (17, 17)

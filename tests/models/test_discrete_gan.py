@@ -26,13 +26,15 @@ def test_cli_passes_its_flags_to_run(monkeypatch, capsys):
 
 def test_pixels_are_a_score_function_site():
     # The pixels have no rsample: mcgrad picks the score function for them by default.
+    import optax
+
     import mcgrad as mg
 
     generator, critic = discrete_gan.make_networks(4, 8, jax.random.key(0))
     objective = mg.adversarial(critic, data=jnp.zeros((10, 64)), site="x", num_particles=2)
-    bound = objective.setup(generator.model, None, (8,), {}, None, jax.random.key(1))
-    assert bound.estimators["x"].config["name"] == "score_function"
-    assert bound.estimators["noise"].config["name"] == "pathwise"
+    training = mg.trainer(generator.model, None, 8, key=jax.random.key(1), objective=objective, optimizer=optax.adam(1e-3))
+    assert training.estimators["x"].name == "score_function"
+    assert training.estimators["noise"].name == "pathwise"
 
 
 def test_pixel_mean_error():

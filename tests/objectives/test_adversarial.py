@@ -82,8 +82,8 @@ def test_discrete_generator_learns_pixel_means_through_the_score_function():
         lambda p, x: x @ p["w"] + p["b"], {"w": jnp.zeros(4), "b": jnp.zeros(())}, data=PIXELS,
         loss="non_saturating", critic_optimizer=optax.adam(0.05, b1=0.5),
     )
-    bound = objective.setup(pixel_generator, None, (64,), {}, None, jax.random.key(0))
-    assert bound.estimators["x"].config["name"] == "score_function"  # no rsample: score function
+    training = mg.trainer(pixel_generator, None, 64, key=jax.random.key(0), objective=objective, optimizer=optax.sgd(0.0))
+    assert training.estimators["x"].name == "score_function"  # no rsample: score function
     result = mg.fit(
         pixel_generator, None, 64, key=jax.random.key(1), num_steps=500,
         optimizer=optax.adam(optax.exponential_decay(0.05, 500, 0.1)), objective=objective, progress_bar=False,
@@ -96,12 +96,19 @@ def test_discrete_generator_learns_pixel_means_through_the_score_function():
 # --------------------------------------------------------------------------- per-site estimators
 
 
+def chosen_estimators(objective, generator, batch, estimators=None):
+    """The estimator :func:`mcgrad.trainer` chose for each latent site of ``generator``."""
+    return mg.trainer(
+        generator, None, batch, key=jax.random.key(0), objective=objective, optimizer=optax.sgd(0.0),
+        estimators=estimators,
+    ).estimators
+
+
 def test_estimator_overrides_and_model_annotations_take_effect():
     objective = mg.adversarial(linear_critic, LINEAR, data=DATA)
-    default = objective.setup(generator, None, (8,), {}, None, jax.random.key(0)).estimators
-    assert default["noise"].config["name"] == "pathwise"
-    overridden = objective.setup(generator, None, (8,), {}, {"noise": mg.measure_valued()}, jax.random.key(0))
-    assert overridden.estimators["noise"].config["name"] == "measure_valued"
+    assert chosen_estimators(objective, generator, 8)["noise"].name == "pathwise"
+    overridden = chosen_estimators(objective, generator, 8, {"noise": mg.measure_valued()})
+    assert overridden["noise"].name == "measure_valued"
 
     def annotated(batch):
         loc = numpyro.param("loc", jnp.zeros(1))
@@ -110,9 +117,7 @@ def test_estimator_overrides_and_model_annotations_take_effect():
                                    infer={"estimator": mg.score_function()})
         numpyro.deterministic("x", loc + 0.5 * noise)
 
-    assert objective.setup(annotated, None, (8,), {}, None, jax.random.key(0)).estimators["noise"].config["name"] == (
-        "score_function"
-    )
+    assert chosen_estimators(objective, annotated, 8)["noise"].name == "score_function"
 
 
 def located_generator(batch):
@@ -132,11 +137,13 @@ def test_every_site_estimator_gives_the_exact_generator_gradient():
     exact = -np.sum(weights * (1.0 / (1.0 + np.exp(0.5 + 0.5 * nodes)))) / np.sqrt(2 * np.pi)
     for name, estimator in [("pathwise", mg.pathwise()), ("measure_valued", mg.measure_valued()),
                             ("score_function", mg.score_function(baseline=mg.baselines.leave_one_out()))]:
-        bound = objective.setup(located_generator, None, (16,), {}, {"x": estimator}, jax.random.key(0))
-        assert bound.estimators["x"].config["name"] == name
+        training = mg.trainer(located_generator, None, 16, key=jax.random.key(0), objective=objective,
+                              optimizer=optax.sgd(0.0), estimators={"x": estimator})
+        assert training.estimators["x"].name == name
+        state = training.init(jax.random.key(1))._replace(params=params)  # loc is real: unconstrained as it is
 
-        def one(key, bound=bound):
-            return jax.grad(lambda p: jnp.mean(bound.surrogate(p, bound.init_state, key, (16,), {})[0]))(params)["loc"][0]
+        def one(key, training=training, state=state):
+            return training.estimate(state, key, 16)[1]["loc"][0]
 
         grads = np.asarray(jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)(jax.random.split(jax.random.key(3), 2000)), np.float64)
         mean, se = grads.mean(), grads.std(ddof=1) / np.sqrt(grads.size)
@@ -149,8 +156,9 @@ def test_every_site_estimator_gives_the_exact_generator_gradient():
 def test_guide_and_unknown_site_are_clear_errors():
     objective = mg.adversarial(linear_critic, LINEAR, data=DATA)
     with pytest.raises(ValueError, match="guide=None"):
-        objective.setup(generator, generator, (8,), {}, None, jax.random.key(0))
+        mg.trainer(generator, generator, 8, key=jax.random.key(0), objective=objective, optimizer=optax.sgd(0.0))
     with pytest.raises(ValueError) as error:
-        mg.adversarial(linear_critic, LINEAR, data=DATA, site="y").setup(generator, None, (8,), {}, None, jax.random.key(0))
+        mg.trainer(generator, None, 8, key=jax.random.key(0), optimizer=optax.sgd(0.0),
+                   objective=mg.adversarial(linear_critic, LINEAR, data=DATA, site="y"))
     message = str(error.value)
     assert "'y'" in message and "noise" in message and "'x'" in message

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 
 import mcgrad as mg
@@ -25,15 +26,21 @@ def guide(x):
 
 
 def gradients(num_particles, doubly_reparameterized):
-    bound = mg.iwae(num_particles, doubly_reparameterized=doubly_reparameterized).setup(
-        model, guide, (1.0,), {}, None, jax.random.key(0)
+    """Values and gradients over ``NUM_KEYS`` fixed keys at ``PARAMS``, gradients with
+    respect to the parameters themselves (the trainer's are for ``log scale``)."""
+    training = mg.trainer(
+        model, guide, 1.0, key=jax.random.key(0), optimizer=optax.sgd(0.0),
+        objective=mg.iwae(num_particles, doubly_reparameterized=doubly_reparameterized),
     )
+    unconstrained = {**PARAMS, "scale": jnp.log(PARAMS["scale"])}
+    state = training.init(jax.random.key(1))._replace(params=unconstrained)
 
-    def loss(params, key):
-        return jnp.mean(bound.surrogate(params, bound.init_state, key, (1.0,), {})[0])
+    def one(key):
+        loss, grads, _ = training.estimate(state, key, 1.0)
+        return loss, {**grads, "scale": grads["scale"] / PARAMS["scale"]}
 
     keys = jax.random.split(jax.random.key(1), NUM_KEYS)
-    return jax.jit(jax.vmap(lambda k: jax.value_and_grad(loss)(PARAMS, k)))(keys)
+    return jax.jit(jax.vmap(one))(keys)
 
 
 @pytest.mark.parametrize("num_particles", [4, 32])

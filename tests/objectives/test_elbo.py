@@ -1,11 +1,20 @@
 """``mg.elbo``: unbiased gradients under every site estimator, sticking the landing,
-subsampled plates, and clear errors for guides that do not match their model."""
+subsampled plates, the arguments of each call (a new minibatch), and clear errors for
+guides that do not match their model.
+
+Gradients come from the public :class:`mcgrad.Trainer`: ``training.estimate`` at chosen
+parameters and keys. It differentiates with respect to the unconstrained parameters
+(``log scale`` for the positive ``scale``); the helpers map them back to the guide's own
+parameters (``d/dscale = d/dlog scale / scale``), so every comparison is with the closed
+form in ``(loc, scale)``.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 
 import mcgrad as mg
@@ -17,6 +26,7 @@ X = jnp.array([0.8, 1.9, 1.1])
 PARAMS = {"loc": jnp.asarray(0.4), "scale": jnp.asarray(0.8)}
 # The exact posterior of z given X: N(ΣX / (n + 1), 1 / (n + 1)).
 POSTERIOR = {"loc": jnp.asarray(float(X.sum()) / 4.0), "scale": jnp.asarray(0.5)}
+POSITIVE = {"scale"}  # the guide's positive parameters: unconstrained as their log
 
 
 def model(x):
@@ -41,17 +51,31 @@ def exact_loss(params, x=X):
     return -entropy + prior + likelihood
 
 
-def sampler(bound, args=(X,)):
-    """A compiled ``(params, keys) -> (values, gradients)`` of independent estimates."""
+def make_trainer(objective, estimators=None, args=(X,), model=model, guide=guide, optimizer=None):
+    return mg.trainer(
+        model, guide, *args, key=jax.random.key(0), objective=objective,
+        optimizer=optimizer if optimizer is not None else optax.sgd(0.0), estimators=estimators,
+    )
+
+
+def unconstrain(params):
+    return {n: jnp.log(v) if n in POSITIVE else v for n, v in params.items()}
+
+
+def sampler(training, args=(X,)):
+    """A compiled ``(params, keys) -> (values, gradients)`` of independent estimates at
+    constrained ``params``, gradients in the same coordinates."""
+    initial = training.init(jax.random.key(1))
 
     def one(params, key):
-        return jax.value_and_grad(lambda p: jnp.mean(bound.surrogate(p, bound.init_state, key, args, {})[0]))(params)
+        loss, grads, _ = training.estimate(initial._replace(params=unconstrain(params)), key, *args)
+        return loss, {n: g / params[n] if n in POSITIVE else g for n, g in grads.items()}
 
     return jax.jit(jax.vmap(one, in_axes=(None, 0)), compiler_options=FAST_COMPILE)
 
 
-def repeated(bound, params, num_repeats, key, args=(X,), compiled=None):
-    compiled = compiled if compiled is not None else sampler(bound, args)
+def repeated(training, params, num_repeats, key, args=(X,), compiled=None):
+    compiled = compiled if compiled is not None else sampler(training, args)
     values, grads = compiled(params, jax.random.split(key, num_repeats))
     return np.asarray(values, np.float64), {n: np.asarray(g, np.float64) for n, g in grads.items()}
 
@@ -74,10 +98,9 @@ SITE_ESTIMATORS = {
 @pytest.mark.parametrize("name", list(SITE_ESTIMATORS))
 def test_gaussian_gradient_matches_closed_form(name):
     make, sticking_the_landing = SITE_ESTIMATORS[name]
-    objective = mg.elbo(num_particles=16, sticking_the_landing=sticking_the_landing)
-    bound = objective.setup(model, guide, (X,), {}, {"z": make()}, jax.random.key(0))
-    assert bound.estimators["z"].config["name"] == name.split("-")[0]  # the override took effect
-    values, grads = repeated(bound, PARAMS, 1000, jax.random.key(1))
+    training = make_trainer(mg.elbo(num_particles=16, sticking_the_landing=sticking_the_landing), {"z": make()})
+    assert training.estimators["z"].name == name.split("-")[0]  # the override took effect
+    values, grads = repeated(training, PARAMS, 1000, jax.random.key(1))
     exact_value, exact_grad = jax.value_and_grad(exact_loss)(PARAMS)
     assert_unbiased(values, float(exact_value), f"{name} value")
     for param in PARAMS:
@@ -92,20 +115,63 @@ def test_sticking_the_landing_variance_at_and_near_the_exact_posterior():
     num_repeats = 500
     at, close = {}, {}
     for stl in (False, True):
-        bound = mg.elbo(num_particles=4, sticking_the_landing=stl).setup(model, guide, (X,), {}, None, jax.random.key(0))
-        compiled = sampler(bound)
-        _, grads = repeated(bound, POSTERIOR, num_repeats, jax.random.key(2), compiled=compiled)
+        compiled = sampler(make_trainer(mg.elbo(num_particles=4, sticking_the_landing=stl)))
+        _, grads = repeated(None, POSTERIOR, num_repeats, jax.random.key(2), compiled=compiled)
         at[stl] = {n: g.var(ddof=1) for n, g in grads.items()}
         if not stl:  # the exact gradient at the optimum is zero
             for name, g in grads.items():
                 assert_unbiased(g, 0.0, f"d/d{name}")
-        _, grads = repeated(bound, near, num_repeats, jax.random.key(3), compiled=compiled)
+        _, grads = repeated(None, near, num_repeats, jax.random.key(3), compiled=compiled)
         close[stl] = {n: g.var(ddof=1) for n, g in grads.items()}
     se_log_ratio = np.sqrt(4 / (num_repeats - 1))
     for param in ("loc", "scale"):
         assert at[False][param] > 1e-2, at
         assert at[True][param] < 1e-8 * at[False][param], (param, at)
         assert np.log(close[False][param] / close[True][param]) > NUM_SE * se_log_ratio, (param, close)
+
+
+# --------------------------------------------------------------------------- the arguments of each call
+
+X_OTHER = jnp.array([-1.2, 0.4, -0.5])  # another minibatch of the same shape
+
+
+def test_estimate_and_step_use_the_arguments_of_each_call():
+    """A trainer built on example data A, called on a new minibatch B, gives exactly what a
+    trainer built on B gives (same state, same key), and not what it gives on A."""
+    on_a, on_b = make_trainer(mg.elbo(4), args=(X,)), make_trainer(mg.elbo(4), args=(X_OTHER,))
+    state = on_a.init(jax.random.key(1))._replace(params=unconstrain(PARAMS))
+    key = jax.random.key(5)
+    new_batch = jax.jit(on_a.estimate)(state, key, X_OTHER)
+    reference = jax.jit(on_b.estimate)(state, key, X_OTHER)
+    old_batch = jax.jit(on_a.estimate)(state, key, X)
+    np.testing.assert_allclose(new_batch[0], reference[0], rtol=1e-6)
+    for name in PARAMS:
+        np.testing.assert_allclose(new_batch[1][name], reference[1][name], rtol=1e-6, atol=1e-7)
+    assert abs(float(new_batch[0]) - float(old_batch[0])) > 0.1, (new_batch[0], old_batch[0])
+    assert abs(float(new_batch[1]["loc"]) - float(old_batch[1]["loc"])) > 0.1, (new_batch[1], old_batch[1])
+
+    # The step too: one SGD step on B from trainer A lands where trainer B's step lands.
+    step_a = make_trainer(mg.elbo(4), args=(X,), optimizer=optax.sgd(0.1))
+    step_b = make_trainer(mg.elbo(4), args=(X_OTHER,), optimizer=optax.sgd(0.1))
+    start = step_a.init(jax.random.key(1))._replace(params=unconstrain(PARAMS))
+    after_new, info_new = jax.jit(step_a.step)(start, X_OTHER)
+    after_ref, info_ref = jax.jit(step_b.step)(start, X_OTHER)
+    after_old, _ = jax.jit(step_a.step)(start, X)
+    np.testing.assert_allclose(info_new.loss, info_ref.loss, rtol=1e-6)
+    for name in PARAMS:
+        np.testing.assert_allclose(after_new.params[name], after_ref.params[name], rtol=1e-6, atol=1e-7)
+    assert abs(float(after_new.params["loc"]) - float(after_old.params["loc"])) > 1e-2, (after_new.params, after_old.params)
+
+
+def test_a_new_minibatch_gives_the_unbiased_gradient_for_that_minibatch():
+    """Over many keys, the trainer built on X and called on X_OTHER estimates the closed-form
+    gradient at X_OTHER (5 standard errors), not the one at X."""
+    training = make_trainer(mg.elbo(4), args=(X,))
+    values, grads = repeated(training, PARAMS, 1000, jax.random.key(6), args=(X_OTHER,))
+    exact_value, exact_grad = jax.value_and_grad(lambda p: exact_loss(p, X_OTHER))(PARAMS)
+    assert_unbiased(values, float(exact_value), "value")
+    for param in PARAMS:
+        assert_unbiased(grads[param], float(exact_grad[param]), f"d/d{param}")
 
 
 # --------------------------------------------------------------------------- subsampled plates
@@ -145,10 +211,11 @@ def local_exact_loss(params):
 def test_subsampled_plate_gives_unbiased_full_data_gradient():
     """A plate with subsample_size=2 of 6: each step sees two slices, scaled by 3; pathwise
     (z) and score-function (b) gradients are unbiased for the full-data ELBO."""
-    params = {"loc": LOCAL_LOC, "logits": LOCAL_LOGITS}
-    bound = mg.elbo(num_particles=8).setup(local_model, local_guide, (LOCAL_X, 2), {}, None, jax.random.key(0))
-    assert bound.estimators["b"].config["name"] == "score_function"
-    values, grads = repeated(bound, params, 3000, jax.random.key(4), args=(LOCAL_X, 2))
+    params = {"loc": LOCAL_LOC, "logits": LOCAL_LOGITS}  # both real: unconstrained as they are
+    training = make_trainer(mg.elbo(num_particles=8), args=(LOCAL_X, 2), model=local_model, guide=local_guide)
+    assert training.estimators["z"].name == "pathwise"
+    assert training.estimators["b"].name == "score_function"
+    values, grads = repeated(training, params, 3000, jax.random.key(4), args=(LOCAL_X, 2))
     exact_value, exact_grad = jax.value_and_grad(local_exact_loss)(params)
     assert_unbiased(values, float(exact_value), "value")
     for name in params:
@@ -165,7 +232,7 @@ def test_guide_missing_a_latent_site():
         numpyro.sample("x", dist.Normal(z, w), obs=x)
 
     with pytest.raises(ValueError) as error:
-        mg.elbo(2).setup(two_latents, guide, (1.0,), {}, None, jax.random.key(0))
+        make_trainer(mg.elbo(2), args=(1.0,), model=two_latents)
     message = str(error.value)
     assert "'w'" in message and "Gamma" in message and "numpyro.sample('w'" in message and "AutoNormal" in message
 
@@ -176,11 +243,17 @@ def test_observed_site_in_the_guide():
         numpyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
 
     with pytest.raises(ValueError) as error:
-        mg.elbo(2).setup(model, observing_guide, (X,), {}, None, jax.random.key(0))
+        make_trainer(mg.elbo(2), guide=observing_guide)
     message = str(error.value)
     assert "'x'" in message and "observed in the guide" in message and "obs=" in message
 
 
 def test_no_guide():
     with pytest.raises(ValueError, match="needs a guide.*maximum_likelihood"):
-        mg.elbo(2).setup(model, None, (X,), {}, None, jax.random.key(0))
+        make_trainer(mg.elbo(2), guide=None)
+
+
+@pytest.mark.parametrize("num_particles", [0, 2.5, True])
+def test_particle_count_is_a_whole_number(num_particles):
+    with pytest.raises(ValueError, match=r"elbo\(num_particles=\.\.\.\) must be a whole number >= 1"):
+        mg.elbo(num_particles)

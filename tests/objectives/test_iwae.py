@@ -1,6 +1,11 @@
-"""``mg.iwae``: the VIMCO gradient is unbiased against an exact enumeration of all K-tuples,
-the pathwise gradient agrees with a hand-written reparameterized IWAE, and the bound sits
-between the ELBO and log p(x), tightening as K grows."""
+"""``mg.iwae``: the VIMCO and measure-valued gradients are unbiased against an exact
+enumeration of all K-tuples, the default score function is VIMCO, the pathwise gradient
+agrees with a hand-written reparameterized IWAE, and the bound sits between the ELBO and
+log p(x), tightening as K grows.
+
+Estimates come from the public :class:`mcgrad.Trainer` (``training.estimate`` at chosen
+parameters and keys), with respect to the unconstrained parameters; ``repeated`` maps
+them back to the guide's own (``d/dscale = d/dlog scale / scale``)."""
 
 import itertools
 
@@ -9,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+import optax
 import pytest
 
 import mcgrad as mg
@@ -17,9 +23,26 @@ NUM_SE = 5.0
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def repeated(bound, params, args, num_repeats, key):
+def make_trainer(model, guide, args, objective, estimators=None):
+    return mg.trainer(
+        model, guide, *args, key=jax.random.key(0), objective=objective, optimizer=optax.sgd(0.0), estimators=estimators
+    )
+
+
+def at_params(training, params, positive=()):
+    """The trainer's initial state at constrained ``params`` (``positive``: stored as logs)."""
+    unconstrained = {n: jnp.log(v) if n in positive else v for n, v in params.items()}
+    return training.init(jax.random.key(1))._replace(params=unconstrained)
+
+
+def repeated(training, params, args, num_repeats, key, positive=()):
+    """``num_repeats`` independent (value, gradient) estimates at constrained ``params``,
+    gradients in the same coordinates."""
+    state = at_params(training, params, positive)
+
     def one(k):
-        return jax.value_and_grad(lambda p: jnp.mean(bound.surrogate(p, bound.init_state, k, args, {})[0]))(params)
+        loss, grads, _ = training.estimate(state, k, *args)
+        return loss, {n: g / params[n] if n in positive else g for n, g in grads.items()}
 
     values, grads = jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)(jax.random.split(key, num_repeats))
     return np.asarray(values, np.float64), {n: np.asarray(g, np.float64) for n, g in grads.items()}
@@ -70,15 +93,40 @@ def exact_iwae_loss(logits):
     return float(value), np.asarray(grad)
 
 
-def test_vimco_gradient_matches_enumeration_of_all_k_tuples():
-    bound = mg.iwae(K).setup(discrete_model, discrete_guide, (X_DISCRETE,), {}, None, jax.random.key(0))
-    assert bound.estimators["z"].config["name"] == "score_function"
-    values, grads = repeated(bound, {"logits": LOGITS}, (X_DISCRETE,), 20000, jax.random.key(1))
+@pytest.mark.parametrize(
+    "name, make, num_repeats",
+    [("score_function", None, 20000), ("measure_valued", mg.measure_valued, 4000)],
+)
+def test_gradient_matches_enumeration_of_all_k_tuples(name, make, num_repeats):
+    """The default (score function with VIMCO's leave-one-out), and a measure-valued site,
+    whose re-costed rows are the bound with one particle's draw replaced."""
+    estimators = None if make is None else {"z": make()}
+    training = make_trainer(discrete_model, discrete_guide, (X_DISCRETE,), mg.iwae(K), estimators)
+    assert training.estimators["z"].name == name
+    values, grads = repeated(training, {"logits": LOGITS}, (X_DISCRETE,), num_repeats, jax.random.key(1))
     exact_value, exact_grad = exact_iwae_loss(LOGITS)
     value, value_se = mean_se(values)
     assert abs(value - exact_value) < NUM_SE * value_se, (value, exact_value, value_se)
     grad, grad_se = mean_se(grads["logits"])
+    assert np.all(grad_se > 0), grad_se
     assert np.all(np.abs(grad - exact_grad) < NUM_SE * grad_se), (grad, exact_grad, grad_se)
+
+
+def test_default_estimator_is_vimco():
+    """The default for a discrete site under a multi-sample bound is the score function with
+    VIMCO's leave-one-out: key for key the estimate of an explicit
+    ``score_function(leave_one_out())``, and not the one without a baseline."""
+    grads = {}
+    for label, estimators in [
+        ("default", None),
+        ("leave_one_out", {"z": mg.score_function(mg.baselines.leave_one_out())}),
+        ("none", {"z": mg.score_function(mg.baselines.none())}),
+    ]:
+        training = make_trainer(discrete_model, discrete_guide, (X_DISCRETE,), mg.iwae(K), estimators)
+        state = at_params(training, {"logits": LOGITS})
+        grads[label] = np.asarray(jax.jit(training.estimate)(state, jax.random.key(7), X_DISCRETE)[1]["logits"])
+    np.testing.assert_allclose(grads["default"], grads["leave_one_out"], rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(grads["default"] - grads["none"])) > 1e-3, grads
 
 
 # --------------------------------------------------------------------------- Gaussian
@@ -118,9 +166,9 @@ def hand_written_iwae_gradients(params, num_particles, num_repeats, key):
 
 def test_pathwise_gradient_matches_hand_written_iwae():
     num_repeats = 4000
-    bound = mg.iwae(8).setup(model, guide, (X,), {}, None, jax.random.key(0))
-    assert bound.estimators["z"].config["name"] == "pathwise"
-    _, grads = repeated(bound, PARAMS, (X,), num_repeats, jax.random.key(2))
+    training = make_trainer(model, guide, (X,), mg.iwae(8))
+    assert training.estimators["z"].name == "pathwise"
+    _, grads = repeated(training, PARAMS, (X,), num_repeats, jax.random.key(2), positive={"scale"})
     reference = hand_written_iwae_gradients(PARAMS, 8, num_repeats, jax.random.key(3))
     for name in PARAMS:
         (a, se_a), (b, se_b) = mean_se(grads[name]), mean_se(reference[name])
@@ -132,9 +180,10 @@ def test_bound_between_elbo_and_log_evidence_and_tightens_with_k():
     num_repeats = 8000  # at 2000 the IWAE-8 → IWAE-64 gap (about 0.033) was only about 5 standard errors
     bounds = {}
     for k, objective in [(1, mg.elbo(1)), (2, mg.iwae(2)), (8, mg.iwae(8)), (64, mg.iwae(64))]:
-        bound = objective.setup(model, guide, (X,), {}, None, jax.random.key(0))
+        training = make_trainer(model, guide, (X,), objective)
+        state = at_params(training, PARAMS, positive={"scale"})
         values = jax.jit(
-            jax.vmap(lambda key, bound=bound: jnp.mean(bound.surrogate(PARAMS, bound.init_state, key, (X,), {})[0])),
+            jax.vmap(lambda key, training=training, state=state: training.estimate(state, key, X)[0]),
             compiler_options=FAST_COMPILE,
         )(jax.random.split(jax.random.key(10 + k), num_repeats))
         bounds[k] = mean_se(-np.asarray(values, np.float64))
@@ -151,16 +200,7 @@ def test_bound_between_elbo_and_log_evidence_and_tightens_with_k():
 # --------------------------------------------------------------------------- errors
 
 
-def test_iwae_with_a_measure_valued_site_is_a_clear_error():
-    with pytest.raises(ValueError) as error:
-        mg.iwae(4).setup(
-            discrete_model, discrete_guide, (X_DISCRETE,), {}, {"z": mg.measure_valued()}, jax.random.key(0)
-        )
-    message = str(error.value)
-    assert "measure-valued" in message and "'z'" in message and "Bernoulli" in message
-    assert "mg.score_function()" in message and "mg.elbo()" in message
-
-
-def test_iwae_needs_two_particles():
-    with pytest.raises(ValueError, match="at least 2"):
-        mg.iwae(1)
+@pytest.mark.parametrize("num_particles", [1, 2.5, True])
+def test_iwae_needs_a_whole_number_of_at_least_two_particles(num_particles):
+    with pytest.raises(ValueError, match=r"iwae\(num_particles=\.\.\.\) must be a whole number >= 2"):
+        mg.iwae(num_particles)

@@ -44,10 +44,14 @@ def test_full_data_fit_reaches_the_closed_form_mle():
 def test_minibatch_gradient_is_unbiased_for_the_full_data_gradient():
     """subsample_size=20 of 200: the surrogate is (n/B)·Σ_batch −log p, unbiased for the full NLL."""
     params = {"loc": jnp.asarray(0.7), "scale": jnp.asarray(2.5)}
-    bound = mg.maximum_likelihood().setup(gaussian, None, (DATA, 20), {}, None, jax.random.key(0))
+    training = mg.trainer(gaussian, None, DATA, 20, key=jax.random.key(0), objective=mg.maximum_likelihood(),
+                          optimizer=optax.sgd(0.0))
+    # The trainer differentiates with respect to log scale: d/dscale = d/dlog scale / scale.
+    state = training.init(jax.random.key(1))._replace(params={**params, "scale": jnp.log(params["scale"])})
 
     def one(key):
-        return jax.value_and_grad(lambda p: jnp.mean(bound.surrogate(p, bound.init_state, key, (DATA, 20), {})[0]))(params)
+        loss, grads, _ = training.estimate(state, key, DATA, 20)
+        return loss, {**grads, "scale": grads["scale"] / params["scale"]}
 
     num_repeats = 2000
     values, grads = jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)(jax.random.split(jax.random.key(2), num_repeats))
@@ -118,13 +122,18 @@ def test_mixture_same_family_fit_matches_expectation_maximisation():
 # --------------------------------------------------------------------------- clear errors
 
 
+def likelihood_trainer(model, guide, *args, estimators=None):
+    return mg.trainer(model, guide, *args, key=jax.random.key(0), objective=mg.maximum_likelihood(),
+                      optimizer=optax.sgd(0.0), estimators=estimators)
+
+
 def test_latent_site_is_a_clear_error():
     def with_latent(x):
         z = numpyro.sample("z", dist.Normal(numpyro.param("m", 0.0), 1.0))
         numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
     with pytest.raises(ValueError) as error:
-        mg.maximum_likelihood().setup(with_latent, None, (1.0,), {}, None, jax.random.key(0))
+        likelihood_trainer(with_latent, None, 1.0)
     message = str(error.value)
     assert "'z'" in message and "Normal" in message and "latent" in message
     assert "MixtureSameFamily" in message and "mg.elbo()" in message
@@ -132,9 +141,9 @@ def test_latent_site_is_a_clear_error():
 
 def test_guide_or_estimators_are_clear_errors():
     with pytest.raises(ValueError, match="guide=None"):
-        mg.maximum_likelihood().setup(gaussian, gaussian, (DATA,), {}, None, jax.random.key(0))
+        likelihood_trainer(gaussian, gaussian, DATA)
     with pytest.raises(ValueError, match="no latent sites"):
-        mg.maximum_likelihood().setup(gaussian, None, (DATA,), {}, {"x": mg.score_function()}, jax.random.key(0))
+        likelihood_trainer(gaussian, None, DATA, estimators={"x": mg.score_function()})
 
 
 def test_data_with_nan_is_a_clear_error():
