@@ -128,8 +128,12 @@ def _log_normal_density(x, loc, log_scale):
 
 def reference_pathwise(cost: Callable, num_samples: int):
     def grad_fn(params, key):
+        # Every mcgrad estimate splits its key into a sampling and a terms key (the terms
+        # of the pathwise estimator are zero and do not use theirs): drawn the same here.
+        key_sample, _ = jax.random.split(key)
+
         def loss(p):
-            epsilon = jax.random.normal(key, (num_samples, p["loc"].shape[0]))
+            epsilon = jax.random.normal(key_sample, (num_samples, p["loc"].shape[0]))
             x = p["loc"][None, :] + epsilon * jnp.exp(p["log_scale"])[None, :]
             return jnp.mean(jax.vmap(cost)(x))
 
@@ -141,7 +145,8 @@ def reference_pathwise(cost: Callable, num_samples: int):
 def _reference_score_function(cost: Callable, num_samples: int, leave_one_out: bool):
     def grad_fn(params, key):
         loc, log_scale = params["loc"], params["log_scale"]
-        epsilon = jax.random.normal(key, (num_samples, loc.shape[0]))
+        key_sample, _ = jax.random.split(key)  # as mcgrad draws (see reference_pathwise)
+        epsilon = jax.random.normal(key_sample, (num_samples, loc.shape[0]))
         x = loc[None, :] + epsilon * jnp.exp(log_scale)[None, :]
         signal = jax.vmap(cost)(x)
         if leave_one_out:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -79,7 +80,11 @@ class Diagnostics(NamedTuple):
             :class:`~mcgrad.EstimatorInfo`).
         seconds: wall time per estimate after compilation (the median over timing runs of
             the compiled batch of ``num_repeats`` estimates, divided by ``num_repeats``).
-        efficiency: ``1 / (total_variance · seconds)``.
+        efficiency: ``1 / (total_variance · seconds)``; NaN when flagged.
+        num_samples, num_repeats: ``N`` and ``R``.
+        flag: why these numbers do not rank the estimator (``""`` when they do): e.g.
+            ``"biased: non-differentiable cost"`` when every estimate is exactly ``0``
+            while the cost varies across samples (see :func:`diagnose`).
     """
 
     mean: Params
@@ -93,6 +98,7 @@ class Diagnostics(NamedTuple):
     efficiency: float
     num_samples: int
     num_repeats: int
+    flag: str = ""
 
 
 class Comparison(NamedTuple):
@@ -102,11 +108,14 @@ class Comparison(NamedTuple):
         table: a pandas DataFrame with one row per estimator (index ``estimator``).
         figure: a matplotlib Figure of the table (variance, time, efficiency).
         diagnostics: ``{name: Diagnostics}``, the full numbers behind the table.
+        best: the name of the most efficient estimator that is not flagged (``rank`` 1),
+            or ``None`` when every one is flagged.
     """
 
     table: pd.DataFrame
     figure: Any
     diagnostics: dict[str, Diagnostics]
+    best: str | None = None
 
 
 # --------------------------------------------------------------------------- core
@@ -182,6 +191,47 @@ def median_seconds(fn: Callable[[], Any], num_runs: int) -> float:
     return statistics.median(times)
 
 
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
+
+
+def check_counts(num_samples, num_repeats, num_timing_runs) -> None:
+    """Clear errors for sample, repeat and timing counts that are not whole numbers in range."""
+    _check_count("num_samples", num_samples, 1)
+    _check_count("num_repeats", num_repeats, 2)
+    _check_count("num_timing_runs", num_timing_runs, 1)
+
+
+NON_DIFFERENTIABLE = "biased: non-differentiable cost"
+
+
+def non_differentiable_flag(gradients: Params, cost_range: tuple[float, float], label: str) -> str:
+    """``NON_DIFFERENTIABLE`` (with a ``UserWarning`` naming ``label``) when every gradient
+    estimate is exactly ``0`` while the cost's values vary across samples, else ``""``.
+
+    A cost whose derivative is ``0`` almost everywhere (a step ``where(x > 0, 1, 0)``,
+    ``floor``, ``round``) has a pathwise gradient of exactly ``0`` at every sample, with
+    variance ``0``: the expectation still moves with the parameters (through the jumps),
+    so such an estimate is biased, however small its variance.
+    """
+    low, high = cost_range
+    varies = np.isfinite(low) and np.isfinite(high) and high > low
+    if not varies or any(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(gradients)):
+        return ""
+    warnings.warn(
+        f"estimator '{label}': every gradient estimate is exactly 0 while cost_fn's values vary "
+        "across samples, so the cost's derivative is 0 almost everywhere (a step, floor, round or "
+        "comparison). Pathwise (and any estimator that differentiates the cost) is biased for "
+        "non-differentiable costs: it misses the jumps. Its variance (0) does not measure its error, "
+        "so it is flagged and left out of the ranking; use mg.score_function() or "
+        "mg.measure_valued() for this cost.",
+        UserWarning,
+        stacklevel=4,  # the caller of diagnose or compare
+    )
+    return NON_DIFFERENTIABLE
+
+
 def diagnose(
     cost_fn: CostFn,
     dist_fn: DistFn,
@@ -213,7 +263,15 @@ def diagnose(
         num_timing_runs: timing runs of the compiled batch (the median is kept).
 
     Returns:
-        A :class:`Diagnostics`.
+        A :class:`Diagnostics`. When every estimate is exactly ``0`` while the cost varies
+        across samples (a cost whose derivative is ``0`` almost everywhere, such as a step,
+        under an estimator that differentiates it, such as pathwise) the estimate is
+        biased: ``flag`` says so, ``efficiency`` is NaN and a ``UserWarning`` names the
+        estimator.
+
+    Raises:
+        ValueError: for ``num_samples < 1``, ``num_repeats < 2``, ``num_timing_runs < 1``
+            or counts that are not whole numbers.
 
     Example:
         >>> import jax, mcgrad as mg, numpyro.distributions as dist
@@ -226,22 +284,32 @@ def diagnose(
         >>> bool(abs(d.bias["loc"]) < 5 * d.bias_standard_error["loc"]), d.num_evaluations
         (True, 10)
     """
+    check_counts(num_samples, num_repeats, num_timing_runs)
+    return _diagnose(cost_fn, dist_fn, estimator, params, key, num_samples, num_repeats, exact, num_timing_runs, estimator.name)
+
+
+def _diagnose(cost_fn, dist_fn, estimator, params, key, num_samples, num_repeats, exact, num_timing_runs, label):
     estimate_fn = estimate(cost_fn, dist_fn, estimator=estimator, num_samples=num_samples)
 
     def one(p, k):
-        return estimate_fn(p, estimator.init(p), k).grad
+        out = estimate_fn(p, estimator.init(p), k)
+        return out.grad, (jnp.min(out.info.costs), jnp.max(out.info.costs))
 
     keys = jax.random.split(key, num_repeats)
     # Call the jitted function, not a `Compiled` object: for a program with a host callback
     # (the finiteness check) the latter takes a slow Python path (~0.25 ms per call on CPU).
     batched = jax.jit(jax.vmap(one, in_axes=(None, 0)))
-    gradients = jax.block_until_ready(batched(params, keys))  # compiles
+    gradients, (low, high) = jax.block_until_ready(batched(params, keys))  # compiles
     seconds = median_seconds(lambda: batched(params, keys), num_timing_runs) / num_repeats
     stats = jax.jit(gradient_statistics)(gradients, exact)
     num_evaluations = count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
+    flag = non_differentiable_flag(gradients, (float(jnp.min(low)), float(jnp.max(high))), label)
     variance_times_seconds = float(stats.total_variance) * seconds
-    efficiency = 1.0 / variance_times_seconds if variance_times_seconds > 0 else math.inf  # a noiseless estimator
-    return Diagnostics(*stats, num_evaluations, seconds, efficiency, num_samples, num_repeats)
+    if flag:
+        efficiency = math.nan
+    else:
+        efficiency = 1.0 / variance_times_seconds if variance_times_seconds > 0 else math.inf  # a noiseless estimator
+    return Diagnostics(*stats, num_evaluations, seconds, efficiency, num_samples, num_repeats, flag)
 
 
 # --------------------------------------------------------------------------- tables
@@ -287,6 +355,7 @@ def diagnostics_row(result: Diagnostics) -> dict[str, float]:
         "total_variance": float(result.total_variance),
         "efficiency": result.efficiency,
         "mean_snr": float(np.mean(_flat(result.snr))),
+        "flag": result.flag,
     }
     for name, variance, snr in zip(
         _leaf_names(result.mean), jax.tree.leaves(result.variance), jax.tree.leaves(result.snr), strict=True
@@ -319,10 +388,14 @@ def compare(
     Every estimator gets the same ``key`` (common random numbers across rows) and the
     same ``num_samples`` and ``num_repeats``; see :func:`diagnose` for what is measured.
     Table columns: ``num_samples``, ``num_evaluations``, ``seconds`` (per estimate),
-    ``total_variance``, ``efficiency`` (``1/(variance·seconds)``), ``mean_snr``, then
-    ``variance[leaf]`` (summed over the leaf) and ``snr[leaf]`` (mean over the leaf) per
-    parameter leaf, and with ``exact`` the bias norm and the largest ``|bias|/SE``
-    (``max_bias_z``, about ``< 4`` for an unbiased estimator).
+    ``total_variance``, ``efficiency`` (``1/(variance·seconds)``), ``mean_snr``, ``flag``
+    (why a row is not ranked: ``"biased: non-differentiable cost"`` for an estimator that
+    differentiates a cost whose derivative is ``0`` almost everywhere, e.g. pathwise on a
+    step; ``""`` otherwise), ``rank`` (by efficiency among the rows without a flag, 1 the
+    best; NaN for flagged rows), then ``variance[leaf]`` (summed over the leaf) and
+    ``snr[leaf]`` (mean over the leaf) per parameter leaf, and with ``exact`` the bias
+    norm and the largest ``|bias|/SE`` (``max_bias_z``, about ``< 4`` for an unbiased
+    estimator). A flagged row also gets a ``UserWarning`` naming it.
 
     Args:
         cost_fn: one sample -> scalar cost.
@@ -336,7 +409,10 @@ def compare(
         num_timing_runs: timing runs per estimator.
 
     Returns:
-        A :class:`Comparison` (``table``, ``figure``, ``diagnostics``).
+        A :class:`Comparison` (``table``, ``figure``, ``diagnostics``, ``best``).
+
+    Raises:
+        ValueError: for invalid counts (see :func:`diagnose`).
 
     Example:
         >>> import jax, mcgrad as mg, numpyro.distributions as dist
@@ -350,23 +426,17 @@ def compare(
     """
     from mcgrad import plotting
 
-    results = {
-        name: diagnose(
-            cost_fn,
-            dist_fn,
-            estimator,
-            params,
-            key=key,
-            num_samples=num_samples,
-            num_repeats=num_repeats,
-            exact=exact,
-            num_timing_runs=num_timing_runs,
-        )
-        for name, estimator in estimators.items()
-    }
+    check_counts(num_samples, num_repeats, num_timing_runs)
+    results = {}
+    for name, estimator in estimators.items():
+        args = (key, num_samples, num_repeats, exact, num_timing_runs, name)
+        results[name] = _diagnose(cost_fn, dist_fn, estimator, params, *args)
     table = pd.DataFrame.from_dict({name: diagnostics_row(r) for name, r in results.items()}, orient="index")
     table.index.name = "estimator"
-    return Comparison(table, plotting.comparison_figure(table), results)
+    ranked = table.loc[table["flag"] == "", "efficiency"]
+    table.insert(table.columns.get_loc("flag") + 1, "rank", ranked.rank(ascending=False, method="min"))
+    best = str(ranked.idxmax()) if len(ranked) and ranked.notna().any() else None
+    return Comparison(table, plotting.comparison_figure(table), results, best)
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -413,6 +483,8 @@ def variance_sweep(
         >>> table["variance"].round().tolist()   # 4σ², whatever k
         [4.0, 4.0]
     """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
+        raise ValueError(f"num_samples must be a whole number >= 2 (a variance needs two samples), got {num_samples!r}.")
     names = coordinate_names(params)
     rows = []
     for estimator_name, estimator in estimators.items():

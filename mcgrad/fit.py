@@ -9,8 +9,11 @@ output).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 import math
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -22,7 +25,7 @@ import numpy as np
 import optax
 
 from mcgrad import checkpoints, parallel
-from mcgrad.inference.params import constrain
+from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
 
 Array = jax.Array
@@ -165,6 +168,7 @@ def trainer(
     estimators: dict | None = None,
     diagnostics_every: int = 0,
     diagnostics_replicates: int = 2,
+    max_nonfinite: int | None = None,
     shard: bool = True,
     **kwargs: Any,
 ) -> Trainer:
@@ -192,6 +196,9 @@ def trainer(
         estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
         diagnostics_every: record gradient variance every this many steps (0: never).
         diagnostics_replicates: extra gradient estimates per record (``≥ 1``).
+        max_nonfinite: after this many skipped (non-finite) steps every further step
+            leaves the state alone (``None``: never), so a compiled run stops where it
+            went wrong.
         shard: lay particles out over ``jax.devices()`` when there are several.
         **kwargs: example keyword arguments of the model and guide.
 
@@ -226,8 +233,18 @@ def trainer(
     def params_of(state: FitState) -> dict:
         return constrain(state.params, param_constraints)
 
-    def init(run_key: Array) -> FitState:
-        params = _strongly_typed(bound.params.unconstrained)
+    traced = [(fn, args, kwargs) for fn in (guide, model) if fn is not None]
+
+    def initial_params(params_key: Array) -> dict:
+        """The unconstrained initial parameters a seeded run of guide and model gives."""
+        if not traced:
+            return bound.params.unconstrained
+        found = find_params(traced, params_key).unconstrained
+        return found if set(found) == set(bound.params.unconstrained) else bound.params.unconstrained
+
+    def init(run_key: Array, params_key: Array | None = None) -> FitState:
+        unconstrained = bound.params.unconstrained if params_key is None else initial_params(params_key)
+        params = _strongly_typed(unconstrained)
         return FitState(
             params,
             optimizer.init(params),
@@ -289,24 +306,27 @@ def trainer(
         else:
             loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
             variance, snr = nan_statistics(state.params)
-        finite = jnp.isfinite(loss)
-        for leaf in jax.tree.leaves(grads):
-            finite = finite & jnp.all(jnp.isfinite(leaf))
+        finite = _all_finite(loss, grads)
         safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
         updates, optimizer_state = optimizer.update(safe_grads, state.optimizer_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        finite = finite & _all_finite(params, optimizer_state)  # an update can overflow too
 
-        def keep_if_finite(new, old):
-            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        def keep_if(condition, new, old):
+            return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
 
         new_state = FitState(
-            keep_if_finite(params, state.params),
-            keep_if_finite(optimizer_state, state.optimizer_state),
-            keep_if_finite(objective_state, state.objective_state),
+            keep_if(finite, params, state.params),
+            keep_if(finite, optimizer_state, state.optimizer_state),
+            keep_if(finite, objective_state, state.objective_state),
             jax.random.key_data(key),
             state.step + 1,
             state.num_nonfinite + (~finite).astype(jnp.int32),
         )
+        if max_nonfinite is not None:  # halted: the state stays where it went wrong
+            halted = state.num_nonfinite > max_nonfinite
+            new_state = keep_if(halted, state, new_state)
+            finite = finite & ~halted
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
     def run(state: FitState, num_steps: int, *args, **kwargs) -> tuple[FitState, StepInfo]:
@@ -316,6 +336,14 @@ def trainer(
         return gradient(state.params, state.objective_state, step_key, args, kwargs)
 
     return Trainer(init, step, run, params_of, estimate, bound.estimators, objective)
+
+
+def _all_finite(*trees) -> Array:
+    finite = jnp.array(True)
+    for leaf in jax.tree.leaves(trees):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+    return finite
 
 
 def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, dict]:
@@ -333,20 +361,25 @@ def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, di
 # --------------------------------------------------------------------------- drivers
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "static_inputs", "length"))
-def _run_chunk(state, array_inputs, num_active=None, *, step_fn, static_inputs, length):
-    """``length`` steps in one ``lax.scan``; with ``num_active`` only the first that many
-    (the rest leave the state alone), so a run's shorter last chunk reuses the program."""
-    args, kwargs = eqx.combine(array_inputs, static_inputs.value)
-    if num_active is None:
-        return jax.lax.scan(lambda s, _: step_fn(s, *args, **kwargs), state, None, length=length)
-    _, info_shape = jax.eval_shape(lambda s: step_fn(s, *args, **kwargs), state)
-    skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), info_shape)
+def _chunk_runner(step_fn: Callable, static_inputs: Any) -> Callable:
+    """A jitted ``(state, array_inputs, num_active, length) -> (state, infos)``: ``length``
+    steps in one ``lax.scan``; with ``num_active`` only the first that many (the rest leave
+    the state alone), so a run's shorter last chunk reuses the program."""
 
-    def masked_step(s, index):
-        return jax.lax.cond(index < num_active, lambda s: step_fn(s, *args, **kwargs), lambda s: (s, skipped), s)
+    @functools.partial(jax.jit, static_argnames=("length",))
+    def run_chunk(state, array_inputs, num_active=None, *, length):
+        args, kwargs = eqx.combine(array_inputs, static_inputs)
+        if num_active is None:
+            return jax.lax.scan(lambda s, _: step_fn(s, *args, **kwargs), state, None, length=length)
+        _, info_shape = jax.eval_shape(lambda s: step_fn(s, *args, **kwargs), state)
+        skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), info_shape)
 
-    return jax.lax.scan(masked_step, state, jnp.arange(length))
+        def masked_step(s, index):
+            return jax.lax.cond(index < num_active, lambda s: step_fn(s, *args, **kwargs), lambda s: (s, skipped), s)
+
+        return jax.lax.scan(masked_step, state, jnp.arange(length))
+
+    return run_chunk
 
 
 def _default_chunk_size(num_steps: int) -> int:
@@ -358,11 +391,98 @@ def _default_chunk_size(num_steps: int) -> int:
     return target
 
 
-class _Static:
-    """Hashable-by-identity holder for the non-array model arguments (plate sizes, flags…)."""
+def _fingerprint(value: Any, seen: dict | None = None, depth: int = 0) -> Any:
+    """A hashable description of ``value`` by structure and content: functions by their code,
+    defaults, closure cells and the globals they name; containers by their items; arrays by
+    shape, dtype and bytes. Two ``optax.adam(1e-2)`` built apart, or two ``mg.elbo(4)``, get
+    the same fingerprint; another learning rate or particle count does not. What it cannot
+    describe (objects, deep structures) it names by identity, which can only cost a
+    recompile, never reuse a program that does something else."""
+    seen = {} if seen is None else seen
+    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
+        return (type(value).__name__, value)
+    if id(value) in seen:  # met before in this walk: its place in the walk, not its address
+        return ("same", seen[id(value)][0])
+    if depth > 12:
+        return ("deep", id(value))
+    if isinstance(value, (np.ndarray, np.generic)) or (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)):
+        if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+            value = jax.random.key_data(value)
+        array = np.asarray(value)
+        return ("array", array.shape, str(array.dtype), array.tobytes() if array.size <= 4096 else hash(array.tobytes()))
+    seen[id(value)] = (len(seen), value)  # kept alive while fingerprinting, so ids stay unique
+    if isinstance(value, (tuple, list)):
+        return (type(value).__qualname__, tuple(_fingerprint(v, seen, depth + 1) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((repr(k), _fingerprint(v, seen, depth + 1)) for k, v in value.items()))
+    if isinstance(value, functools.partial):
+        return ("partial", _fingerprint((value.func, value.args, value.keywords), seen, depth + 1))
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        cells = tuple(_fingerprint(c.cell_contents, seen, depth + 1) if _cell_filled(c) else None for c in value.__closure__ or ())
+        names = tuple(
+            (name, _fingerprint(value.__globals__[name], seen, depth + 1))
+            for name in code.co_names
+            if name in value.__globals__ and not isinstance(value.__globals__[name], types.ModuleType)
+        )
+        return ("function", code, _fingerprint(value.__defaults__, seen, depth + 1), cells, names)
+    if isinstance(value, types.MethodType):
+        return ("method", _fingerprint(value.__func__, seen, depth + 1), _fingerprint(value.__self__, seen, depth + 1))
+    if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
+        return ("named", id(value))
+    if isinstance(value, eqx.Module) or dataclasses.is_dataclass(value):
+        leaves, treedef = jax.tree.flatten(value)
+        return ("pytree", str(treedef), tuple(_fingerprint(v, seen, depth + 1) for v in leaves))
+    if hasattr(value, "__dict__"):  # an object: its class and its attributes, so a mutation shows
+        return ("object", type(value).__qualname__, id(type(value)), _fingerprint(vars(value), seen, depth + 1))
+    return ("object", id(value))
 
-    def __init__(self, value):
-        self.value = value
+
+def _cell_filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
+class ProgramCache:
+    """The compiled training programs of recent fits, so a second ``mg.fit`` of the same
+    model, guide, objective, optimizer and argument shapes reuses the first's program.
+
+    Owned by :func:`fit` (``mg.fit.cache``), for the process's lifetime, holding at most
+    ``max_entries`` programs (least recently used dropped first), so memory stays flat over
+    any number of fits. ``mg.fit.cache.clear()`` drops them all.
+    """
+
+    def __init__(self, max_entries: int = 8):
+        self.max_entries = max_entries
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, fingerprint: Any, build: Callable[[], Any]) -> Any:
+        try:
+            entry = self.entries[fingerprint]
+        except (KeyError, TypeError):  # TypeError: an unhashable fingerprint part
+            self.misses += 1
+            entry = build()
+            try:
+                self.entries[fingerprint] = entry
+            except TypeError:
+                return entry
+            while len(self.entries) > self.max_entries:
+                self.entries.popitem(last=False)
+            return entry
+        self.hits += 1
+        self.entries.move_to_end(fingerprint)
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+_PROGRAMS = ProgramCache()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -466,38 +586,64 @@ def _strongly_typed(tree: Any) -> Any:
     return jax.tree.map(strong, tree)
 
 
-def check_data(args: tuple, kwargs: dict) -> None:
-    """Raise a clear error for model arguments that contain NaN."""
+def check_data(args: tuple, kwargs: dict, model: Callable | None = None) -> None:
+    """Raise a clear error for model arguments with infinite values, or with NaN the model
+    does not mask.
+
+    ``±inf`` is never a missing-value marker (an overflow, ``log 0``), so it is refused up
+    front, masked or not. NaN is how missing data is written: with ``model``, arguments
+    that hold NaN are checked on one trace of it, and only observed values the model does
+    not mask (``numpyro.handlers.mask``) are refused, naming the site
+    (:func:`mcgrad.inference.checks.check_observations`; every variational objective and
+    maximum likelihood also run that check at setup).
+    """
+    from mcgrad.inference import handlers
+    from mcgrad.inference.checks import check_observations, count, is_floating
+
     named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword '{k}'", v) for k, v in kwargs.items()]
+    has_nan = False
     for label, value in named:
-        for leaf in jax.tree.leaves(value):
-            array = np.asarray(leaf) if hasattr(leaf, "shape") or isinstance(leaf, float) else None
-            if array is not None and np.issubdtype(array.dtype, np.floating) and np.isnan(array).any():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if not is_floating(leaf) and not isinstance(leaf, float):
+                continue
+            num_infinite = count(jnp.isinf, leaf)  # a reduction: global (multi-process) arrays too
+            if num_infinite:
                 raise ValueError(
-                    f"model {label} (shape {array.shape}) contains {int(np.isnan(array).sum())} NaN "
-                    "values. Impute or drop them before fitting, or mask them in the model with "
-                    "numpyro.handlers.mask."
+                    f"model {label}{jax.tree_util.keystr(path)} (shape {jnp.shape(leaf)}) contains "
+                    f"{num_infinite} infinite values. Fix or drop them before fitting "
+                    "(for missing values use NaN and mask them in the model with numpyro.handlers.mask)."
                 )
+            has_nan = has_nan or count(jnp.isnan, leaf) > 0
+    if has_nan and model is not None:
+        check_observations(handlers.run(model, args, kwargs, key=jax.random.key(0)), args, kwargs)
 
 
-def _diagnostics_from(infos: list[StepInfo], starts: list[int], previous: TrainingDiagnostics) -> TrainingDiagnostics:
+def _diagnostics_from(
+    infos: list[StepInfo], starts: list[int], previous: TrainingDiagnostics, diagnostics_every: int
+) -> TrainingDiagnostics:
+    """The recorded steps of the chunks' infos after ``previous`` (restarts on a leading axis)."""
     names = list(previous.variance)
-    steps = [previous.steps] + [np.arange(start, start + len(info.loss)) for start, info in zip(starts, infos)]
-    variance = {n: [previous.variance[n]] + [np.asarray(i.gradient_variance[n]) for i in infos] for n in names}
-    snr = {n: [previous.snr[n]] + [np.asarray(i.gradient_snr[n]) for i in infos] for n in names}
-    steps = np.concatenate(steps)
-    variance = {n: np.concatenate(v) for n, v in variance.items()}
-    snr = {n: np.concatenate(v) for n, v in snr.items()}
-    if names:
-        recorded = np.concatenate([np.ones(len(previous.steps), bool)] + [np.isfinite(np.asarray(i.gradient_variance[names[0]])) for i in infos])
-    else:
-        recorded = np.zeros(len(steps), bool)
+    steps = np.concatenate([np.arange(start, start + np.shape(info.loss)[-1]) for start, info in zip(starts, infos)] or [np.zeros(0, np.int64)])
+    recorded = steps % diagnostics_every == 0 if diagnostics_every else np.zeros(len(steps), bool)
+
+    def gather(field):
+        return {
+            n: np.concatenate(
+                [previous_values[n] for previous_values in (getattr(previous, field),)]
+                + [np.asarray(getattr(info, "gradient_" + field)[n])[..., recorded_chunk] for info, recorded_chunk in zip(infos, _split(recorded, infos))],
+                axis=-1,
+            ).astype(np.float32)
+            for n in names
+        }
+
     return TrainingDiagnostics(
-        steps[recorded].astype(np.int64),
-        {n: v[recorded].astype(np.float32) for n, v in variance.items()},
-        {n: v[recorded].astype(np.float32) for n, v in snr.items()},
-        previous.num_nonfinite,
+        np.concatenate([previous.steps, steps[recorded]]).astype(np.int64), gather("variance"), gather("snr"), previous.num_nonfinite
     )
+
+
+def _split(mask: np.ndarray, infos: list[StepInfo]) -> list[np.ndarray]:
+    lengths = np.cumsum([np.shape(info.loss)[-1] for info in infos])[:-1]
+    return np.split(mask, lengths)
 
 
 def fit(
@@ -575,86 +721,116 @@ def fit(
     check_data(args, kwargs)
     if diagnostics_every is None:
         diagnostics_every = max(1, num_steps // 50)
-    key_setup, key_run = jax.random.split(key)
+    _check_whole("diagnostics_every", diagnostics_every, 0)
+    batched = jnp.ndim(key) == 1
+    if batched and resume_from is not None and not isinstance(resume_from, FitState):
+        raise ValueError("fit(key=<a batch of keys>) resumes from a FitState of the same batch, not from a file.")
+    keys = jax.vmap(jax.random.split)(key) if batched else jax.random.split(key)
+    key_setup, key_run = (keys[:, 0], keys[:, 1]) if batched else (keys[0], keys[1])
     mesh = parallel.device_mesh()
     if shard and mesh.size > 1:
         args, kwargs = parallel.shard_data((args, kwargs), mesh)
-    training = trainer(
-        model,
-        guide,
-        *args,
-        key=key_setup,
+    array_inputs, static_inputs = eqx.partition((args, kwargs), eqx.is_array)
+    settings = dict(
         objective=objective,
         optimizer=optimizer,
         estimators=estimators,
         diagnostics_every=diagnostics_every,
         diagnostics_replicates=diagnostics_replicates,
+        max_nonfinite=max_nonfinite,
         shard=shard,
-        **kwargs,
     )
-    initial = training.init(key_run)
-    names = list(initial.params)
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype), str(getattr(a, "sharding", ""))), array_inputs)
+
+    def build():
+        first_key = key_setup[0] if batched else key_setup
+        training = trainer(model, guide, *args, key=first_key, **settings, **kwargs)
+        step_fn = training.step
+        if batched:
+            step_fn = lambda states, *a, **k: jax.vmap(lambda s: training.step(s, *a, **k))(states)  # noqa: E731
+        return training, _chunk_runner(step_fn, static_inputs)
+
+    fingerprint = _fingerprint((model, guide, settings, static_inputs, batched))
+    training, run_chunk = _PROGRAMS.get((fingerprint, _fingerprint(shapes)), build)
+    initial = (
+        jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
+    )
+    names = list(training.init(jax.random.key(0)).params)
+    empty = np.zeros((len(key_run), 0) if batched else (0,), np.float32)
     history = TrainingDiagnostics(
-        np.zeros(0, np.int64), {n: np.zeros(0, np.float32) for n in names}, {n: np.zeros(0, np.float32) for n in names}, 0
+        np.zeros(0, np.int64), {n: empty for n in names}, {n: empty for n in names}, 0
     )
     if resume_from is None:
-        state, losses = initial, np.zeros(0, np.float32)
+        state, losses = initial, empty
     elif isinstance(resume_from, FitState):
-        state, losses = resume_from, np.zeros(0, np.float32)
+        state, losses = resume_from, empty
     else:
         state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective)
 
-    array_inputs, static_inputs = eqx.partition((args, kwargs), eqx.is_array)
-    static_inputs = _Static(static_inputs)
-    remaining = num_steps - int(state.step)
+    done = int(np.max(np.asarray(state.step)))
+    if done > num_steps:
+        raise ValueError(
+            f"fit(num_steps={num_steps}) but the state to resume from has already taken {done} steps; "
+            "num_steps counts all steps, so pass at least that many."
+        )
+    remaining = num_steps - done
     if chunk_size is None:
-        chunk_size = _default_chunk_size(remaining) if progress_bar else max(remaining, 1)
+        periodic = progress_bar or checkpoint_path is not None
+        chunk_size = _default_chunk_size(remaining) if periodic else max(remaining, 1)
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, initial=int(state.step), desc=objective.name)
+        bar = tqdm(total=num_steps, initial=done, desc=objective.name)
     loss_chunks, infos, starts = [losses], [], []
     # Chunks all run one compiled program; a shorter last chunk runs it masked.
     masked = 0 < remaining % chunk_size < remaining
     try:
         while remaining > 0:
             length = min(chunk_size, remaining)
-            starts.append(int(state.step))
-            new_state, info = _run_chunk(
-                state,
-                array_inputs,
-                jnp.int32(length) if masked else None,
-                step_fn=training.step,
-                static_inputs=static_inputs,
-                length=chunk_size if masked else length,
+            starts.append(done)
+            new_state, info = run_chunk(
+                state, array_inputs, jnp.int32(length) if masked else None, length=chunk_size if masked else length
             )
             if masked:
                 info = jax.tree.map(lambda leaf: leaf[:length], info)
+            if batched:  # [steps, restarts] -> [restarts, steps]
+                info = jax.tree.map(lambda leaf: jnp.swapaxes(leaf, 0, 1), info)
             chunk_losses = np.asarray(info.loss)
             loss_chunks.append(chunk_losses)
             infos.append(info)
             state = new_state
             remaining -= length
+            done += length
+            num_nonfinite = int(np.max(np.asarray(state.num_nonfinite)))
             if checkpoint_path is not None:
-                done = _diagnostics_from(infos, starts, history)._replace(num_nonfinite=int(state.num_nonfinite))
-                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), done, objective)
+                record = _diagnostics_from(infos, starts, history, diagnostics_every)
+                save_checkpoint(
+                    checkpoint_path, state, np.concatenate(loss_chunks, axis=-1), record._replace(num_nonfinite=num_nonfinite), objective
+                )
             if bar is not None:
-                finite = chunk_losses[np.isfinite(chunk_losses)]
-                bar.set_postfix(loss=f"{finite[-1]:.4g}" if finite.size else "nan")
+                last = chunk_losses[..., -1]
+                finite = last[np.isfinite(last)]
+                bar.set_postfix(loss=f"{np.min(finite):.4g}" if finite.size else "nan")
                 bar.update(length)
-            if int(state.num_nonfinite) > max_nonfinite:
+            if num_nonfinite > max_nonfinite:
                 raise NonFiniteError(
-                    f"fit stopped at step {int(state.step)}: {int(state.num_nonfinite)} steps had a "
-                    f"non-finite loss or gradient (max_nonfinite={max_nonfinite}). The skipped steps "
-                    "left the parameters unchanged; `error.state` is the last finite state. Check the "
-                    "model for log(0), overflow or invalid parameters, or lower the learning rate.",
+                    f"fit stopped at step {int(np.min(np.asarray(state.step)))}: {num_nonfinite} steps had a "
+                    f"non-finite loss, gradient or update (max_nonfinite={max_nonfinite}). The skipped steps "
+                    "left the parameters unchanged and the run halted inside the compiled loop; `error.state` "
+                    "is the last finite state. Check the model for log(0), overflow or invalid parameters, "
+                    "or lower the learning rate.",
                     state,
-                    np.concatenate(loss_chunks),
+                    np.concatenate(loss_chunks, axis=-1),
                 )
     finally:
         if bar is not None:
             bar.close()
 
-    diagnostics = _diagnostics_from(infos, starts, history)._replace(num_nonfinite=int(state.num_nonfinite))
-    return FitResult(training.params(state), np.concatenate(loss_chunks), state, diagnostics, model, guide, args, kwargs)
+    diagnostics = _diagnostics_from(infos, starts, history, diagnostics_every)
+    diagnostics = diagnostics._replace(num_nonfinite=int(np.max(np.asarray(state.num_nonfinite))))
+    params = jax.vmap(training.params)(state) if batched else training.params(state)
+    return FitResult(params, np.concatenate(loss_chunks, axis=-1), state, diagnostics, model, guide, args, kwargs)
+
+
+fit.cache = _PROGRAMS

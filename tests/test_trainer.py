@@ -164,7 +164,7 @@ def test_run_is_the_same_as_jitted_steps():
 
 def test_fit_is_trainer_run_from_the_run_key():
     key = jax.random.key(5)
-    settings = {"objective": mg.elbo(4), "optimizer": optax.adam(0.05), "diagnostics_every": 3}
+    settings = {"objective": mg.elbo(4), "optimizer": optax.adam(0.05), "diagnostics_every": 3, "max_nonfinite": 10}
     result = mg.fit(normal_model, normal_guide, X, key=key, num_steps=12, progress_bar=False, **settings)
     key_setup, key_run = jax.random.split(key)
     training = mg.trainer(normal_model, normal_guide, X, key=key_setup, **settings)

@@ -45,17 +45,37 @@ def site_log_prob(
     """``log p(value)`` of a sample site with its mask (and its plate scale if ``scaled``).
 
     The log-density's gradient is right at NumPyro's kinks (:mod:`mcgrad.estimators.log_prob`).
+    Masked-out entries (missing data, NaN say) count ``0`` and never reach a gradient: a
+    mask on the distribution (``numpyro.handlers.mask`` and ``dist.mask`` wrap it in a
+    ``MaskedDistribution``) is replayed by ``log_prob``, and a mask on the site itself has
+    its entries replaced by a feasible value before ``log_prob`` (``where(mask, log p, 0)``
+    alone has gradient ``0 · ∇ log p(NaN) = NaN``).
     ``own_sample``: the value was drawn from the site's own distribution (or a weak
     derivative of it), so it is in the support and NumPyro's support check is skipped.
     """
     fn = fn if fn is not None else site["fn"]
+    mask = site.get("mask")
+    value = site["value"] if mask is None else feasible_where_masked(fn, site["value"], mask)
     with numpyro.validation_enabled(False) if own_sample else contextlib.nullcontext():
-        value = log_prob(fn, site["value"])
-    if site.get("mask") is not None:
-        value = jnp.where(site["mask"], value, 0.0)
+        value = log_prob(fn, value)
+    if mask is not None:
+        value = jnp.where(*jnp.broadcast_arrays(mask, value, 0.0))
     if scaled and site.get("scale") is not None:
         value = site["scale"] * value
     return value
+
+
+def feasible_where_masked(fn: dist.Distribution, value: Array, mask: Array) -> Array:
+    """``value`` with its masked-out entries (``mask`` ``False``, over the batch
+    dimensions) replaced by a feasible value of ``fn``'s support, as NumPyro's
+    ``MaskedDistribution.log_prob`` does; unchanged where the support has no feasible value."""
+    try:
+        with jax.numpy_rank_promotion("allow"):
+            default = fn.support.feasible_like(value)
+    except NotImplementedError:
+        return value
+    value_mask = jnp.reshape(mask, jnp.shape(mask) + (1,) * fn.event_dim)
+    return jnp.where(*jnp.broadcast_arrays(value_mask, value, default))
 
 
 def reduce_to_plates(term: Term, plates: Plates, shape: tuple[int, ...]) -> Array:

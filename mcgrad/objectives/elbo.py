@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.inference import handlers
+from mcgrad.inference.checks import check_observations, warn_guide_only_sites, warn_missing_plates
 from mcgrad.inference.costs import Term, describe_site, site_log_prob, site_plates
 from mcgrad.inference.params import ParamInfo, constrain, find_params
 from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states
@@ -29,7 +36,17 @@ def model_terms(model):
 
 
 def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
-    """Clear errors for a guide that does not match its model."""
+    """Clear errors for a guide that does not match its model, and NumPyro's warnings.
+
+    Errors: an observed site in the guide; a latent site of the model the guide does not
+    sample; a latent site whose guide distribution draws values the model cannot score
+    (a discrete model site with a continuous guide, an unconstrained guide for a
+    constrained model site, a guide draw outside the model's support). Warnings, as
+    NumPyro's ``Trace_ELBO`` gives them: a guide site that is not in the model; a batch
+    dimension of a model site that no plate declares (``Missing a plate statement for
+    batch dimension -2``: data of shape ``[n, 1]`` under a plate of ``n``, which
+    broadcasts to ``n²`` observations).
+    """
     for name, site in guide_trace.items():
         if site["type"] == "sample" and site["is_observed"]:
             raise ValueError(
@@ -43,6 +60,57 @@ def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
                 f"numpyro.sample('{name}', ...) to the guide, or use an autoguide such as "
                 "numpyro.infer.autoguide.AutoNormal(model)."
             )
+    for name, site in model_trace.items():
+        guide_site = guide_trace.get(name)
+        if site["type"] == "sample" and not site["is_observed"] and guide_site is not None:
+            check_support(site, guide_site)
+    warn_guide_only_sites(model_trace, guide_trace)
+    warn_missing_plates(model_trace)
+
+
+def _unconstrained(constraint) -> bool:
+    while isinstance(constraint, constraints.independent):
+        constraint = constraint.base_constraint
+    return isinstance(constraint, type(constraints.real))
+
+
+def check_support(model_site: dict, guide_site: dict) -> None:
+    """A site-named error when the guide's distribution draws values outside the model's support.
+
+    Otherwise ``log p(x, z)`` is ``−∞`` (or NaN) for the guide's draws and every step is
+    skipped as non-finite.
+    """
+    name, model_fn, guide_fn = model_site["name"], model_site["fn"], guide_site["fn"]
+    model_support, guide_support = model_fn.support, guide_fn.support
+    if isinstance(unwrap(guide_fn), dist.Delta) or any(isinstance(c, type(constraints.dependent)) for c in (model_support, guide_support)):
+        problem = None  # a point mass (AutoDelta) or a support known only per value: checked by value below
+    elif model_support.is_discrete and not guide_support.is_discrete:
+        problem = "is discrete, but the guide's distribution is continuous"
+    elif guide_support.is_discrete and not model_support.is_discrete:
+        problem = "is continuous, but the guide's distribution is discrete"
+    elif _unconstrained(guide_support) and not _unconstrained(model_support):
+        problem = f"is constrained ({model_support}), but the guide's distribution is unconstrained"
+    else:
+        problem = None
+    value = guide_site["value"]
+    if problem is None and not isinstance(value, jax.core.Tracer):
+        with jax.numpy_rank_promotion("allow"):
+            in_support = model_support(value)
+        if not isinstance(in_support, jax.core.Tracer) and not bool(jnp.all(in_support)):
+            problem = f"is {model_support}, but the guide drew values outside it"
+    if problem is not None:
+        fix = (
+            "a discrete guide distribution on the same values (e.g. dist.Bernoulli(logits=numpyro.param(...)) "
+            "or dist.Categorical(logits=...))"
+            if model_support.is_discrete
+            else "a guide distribution with the model's support (e.g. dist.LogNormal for a positive site, "
+            "dist.Beta for the unit interval), or numpyro.infer.autoguide.AutoNormal(model), which maps "
+            "to each site's support"
+        )
+        raise ValueError(
+            f"site '{name}': the model's {describe(model_fn)} support {problem} ({describe(guide_fn)}), so "
+            f"log p(x, z) is not finite for the guide's draws. Give '{name}' {fix}."
+        )
 
 
 class Variational(NamedTuple):
@@ -62,6 +130,7 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
     guide_trace, num_site_keys = count_site_keys(guide, params, key, args, kwargs)
     model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
     check_model_and_guide(model_trace, guide_trace)
+    check_observations(model_trace, args, kwargs)
     # replay copies the guide's `infer` onto the model's sites, so read the model's own
     # `infer={"estimator": ...}` annotations from a run that substitutes the guide's draws.
     guide_values = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mcgrad.inference import handlers
+from mcgrad.inference.checks import check_observations, warn_missing_plates
 from mcgrad.inference.costs import describe_site, site_log_prob
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective, ObjectiveSetup
@@ -48,6 +49,8 @@ def maximum_likelihood() -> Objective:
                     "latent. Marginalise it in the model (e.g. dist.MixtureSameFamily for a mixture "
                     "assignment), or fit a guide with mg.elbo()."
                 )
+        check_observations(model_trace, args, kwargs)
+        warn_missing_plates(model_trace)
 
         def surrogate(params, state, key, args, kwargs, shard=None):
             trace = handlers.run(model, args, kwargs, key=key, params=params)

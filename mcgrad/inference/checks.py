@@ -1,0 +1,176 @@
+"""Checks of a traced program before it is fitted: its data and its shapes.
+
+Run once, at setup, on the trace of the model with its example arguments (never inside
+``jit``: a site whose value is a tracer is skipped).
+
+* :func:`check_observations`: an observed value that is not finite (NaN, ±inf) where the
+  model does not mask it is an error naming the site and the argument it came from.
+  Entries masked with ``numpyro.handlers.mask`` (or ``dist.mask``, or ``obs_mask``) may
+  hold anything: their log-density is ``0`` and the value is replaced by a feasible one
+  before ``log_prob``, so it never reaches a gradient.
+* :func:`warn_like_numpyro`: NumPyro's own warnings for a model and guide (a missing
+  ``plate`` for a batch dimension, a guide site that is not in the model), shown once,
+  at the user's line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpyro
+import numpyro.distributions as dist
+from numpyro.util import _validate_model, check_model_guide_match
+
+from mcgrad.estimators.distributions import describe
+
+_INTERNAL = tuple(
+    os.path.dirname(module.__file__) + os.sep for module in (sys.modules["mcgrad"], numpyro, jax)
+)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` of the first frame outside mcgrad, NumPyro and JAX, for a
+    ``warnings.warn`` called by this function's caller."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def warn_like_numpyro(check: Callable[..., None], *traces: dict) -> None:
+    """Run one of NumPyro's trace checks and re-emit its warnings at the user's line.
+
+    ``check`` is e.g. ``numpyro.util.check_model_guide_match`` (a guide site not in the
+    model) or ``numpyro.util._validate_model`` (a missing plate): the same checks and the
+    same messages as NumPyro's ``Trace_ELBO``. Errors it raises pass through.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(*traces)
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=_user_stacklevel())
+
+
+def warn_missing_plates(model_trace: dict) -> None:
+    """NumPyro's warning for a site with a batch dimension no plate declares.
+
+    E.g. data of shape ``[4, 1]`` under ``plate("data", 4)`` broadcasts against the
+    distribution's ``[4]`` to ``[4, 4]``: sixteen observations instead of four. NumPyro's
+    ``Trace_ELBO`` warns ``Missing a plate statement for batch dimension -2 at site 'x'``;
+    so does mcgrad, once, at setup.
+    """
+    warn_like_numpyro(_validate_model, model_trace)
+
+
+def warn_guide_only_sites(model_trace: dict, guide_trace: dict) -> None:
+    """NumPyro's warnings when the guide and model disagree on their sample sites (a guide
+    site that is not in the model, an auxiliary site in the model), and its errors when
+    their event dimensions disagree."""
+    warn_like_numpyro(check_model_guide_match, model_trace, guide_trace)
+
+
+# --------------------------------------------------------------------------- data
+#
+# Arrays are reduced with jax.numpy, never read whole with np.asarray: a model argument
+# may be a global array spanning other processes' devices (multi-process fits), which no
+# process can read, while a reduction of it gives every process the same scalar.
+
+
+def count(predicate: Callable[[jax.Array], jax.Array], array) -> int:
+    """How many entries of ``array`` satisfy ``predicate`` (one reduction, on any array)."""
+    return int(jnp.sum(predicate(jnp.asarray(array))))
+
+
+def is_floating(array) -> bool:
+    return hasattr(array, "dtype") and jnp.issubdtype(array.dtype, jnp.floating)
+
+
+def _with_trailing_ones(mask, num_ones: int):
+    mask = jnp.asarray(mask)
+    return jnp.reshape(mask, mask.shape + (1,) * num_ones)
+
+
+def observation_mask(distribution: dist.Distribution) -> tuple[jax.Array | bool, int]:
+    """``(mask, event_dim)``: which entries of a value the distribution scores.
+
+    ``mask`` (an array or ``True``) broadcasts against ``value.shape[:ndim - event_dim]``;
+    an entry where it is ``False`` has log-density ``0`` whatever the value there. Masks
+    of ``MaskedDistribution`` (what ``numpyro.handlers.mask``, ``dist.mask`` and
+    ``obs_mask`` make) are found through ``Independent`` and ``expand`` wrappers.
+    """
+    if isinstance(distribution, dist.MaskedDistribution):
+        inner, inner_event_dim = observation_mask(distribution.base_dist)
+        own, event_dim = distribution._mask, distribution.base_dist.event_dim  # own: over base's batch
+        if own is True:
+            return inner, inner_event_dim
+        if inner is True:
+            return jnp.asarray(own), event_dim
+        # An inner mask sits at a finer level (event dimensions only grow outwards).
+        own = _with_trailing_ones(own, event_dim - inner_event_dim)
+        return jnp.logical_and(*jnp.broadcast_arrays(own, inner)), inner_event_dim
+    if isinstance(distribution, (dist.Independent, dist.ExpandedDistribution)):
+        return observation_mask(distribution.base_dist)
+    return True, distribution.event_dim
+
+
+def _is_tracer(x) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x))
+
+
+def argument_label(value: jax.Array, args: tuple, kwargs: dict) -> str:
+    """Which model argument ``value`` is, for error messages (``"argument 0"``,
+    ``"keyword 'y'"``), or a description when it is none of them as it is (a slice, a
+    transformation)."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"keyword '{k}'", v) for k, v in kwargs.items()]
+    for label, argument in named:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(argument)[0]:
+            if _is_tracer(leaf) or not hasattr(leaf, "shape") or jnp.shape(leaf) != jnp.shape(value):
+                continue
+            if bool(jnp.array_equal(leaf, value, equal_nan=True)):
+                return label + jax.tree_util.keystr(path)
+    return "a model argument (the site's value is derived from it: a slice or a transformation)"
+
+
+def check_observations(model_trace: dict, args: tuple, kwargs: dict) -> None:
+    """Raise a clear error for an observed value that is not finite where it is not masked.
+
+    Masked entries (``numpyro.handlers.mask(mask=...)``, ``dist.mask``, ``obs_mask``) may
+    be NaN: that is how missing data is written. Anywhere else a NaN or ±inf would make
+    every log-density, and so every step, non-finite.
+    """
+    for name, site in model_trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        value = site["value"]
+        if _is_tracer(value) or (not is_floating(value) and not isinstance(value, float)):
+            continue  # a tracer: traced inside jit (NumPyro's SVI), checked at setup instead
+        value = jnp.asarray(value)
+        if not count(lambda v: ~jnp.isfinite(v), value):
+            continue
+        mask, event_dim = observation_mask(site["fn"])
+        if site.get("mask") is not None:  # a mask on the site itself (older NumPyro handlers)
+            site_mask = _with_trailing_ones(site["mask"], max(site["fn"].event_dim - event_dim, 0))
+            mask = site_mask if mask is True else jnp.logical_and(*jnp.broadcast_arrays(mask, site_mask))
+        if _is_tracer(mask):
+            continue
+        nonfinite = ~jnp.isfinite(value)
+        if event_dim:
+            nonfinite = jnp.any(nonfinite, axis=tuple(range(-min(event_dim, value.ndim), 0)))
+        if mask is not True:
+            nonfinite, mask = jnp.broadcast_arrays(nonfinite, mask)
+            nonfinite = nonfinite & mask  # scored entries only
+        num_bad = count(lambda v: v, nonfinite)
+        if num_bad:
+            kinds = "NaN or infinite" if count(jnp.isinf, value) else "NaN"
+            raise ValueError(
+                f"observed site '{name}' ({describe(site['fn'])}) has {num_bad} {kinds} values where the "
+                f"model does not mask them (value shape {value.shape}, from "
+                f"{argument_label(value, args, kwargs)}). Impute or drop them before fitting, or mask "
+                f"them in the model: `with numpyro.handlers.mask(mask=~jnp.isnan(x)): "
+                f"numpyro.sample('{name}', ..., obs=x)` (masked entries may stay NaN)."
+            )
