@@ -504,12 +504,13 @@ def save_checkpoint(
     losses: np.ndarray,
     diagnostics: TrainingDiagnostics,
     objective: Objective | None = None,
+    key: Array | None = None,
 ) -> None:
     """Write the whole state (params, optimizer, objective state, key, step) and history.
 
     The file is :mod:`mcgrad.checkpoints`' format: arrays and a structure description,
-    never code, so loading it never executes anything. With ``objective``, its name and
-    particle count are recorded and checked on resume.
+    never code, so loading it never executes anything. With ``objective`` (its name and
+    particle count) and ``key`` (the run's key), they are recorded and checked on resume.
     """
     tree = _Checkpoint(
         state,
@@ -525,11 +526,13 @@ def save_checkpoint(
     }
     if objective is not None:
         metadata["objective"] = {"name": objective.name, "num_particles": int(objective.num_particles)}
+    if key is not None:
+        metadata["key"] = np.asarray(jax.random.key_data(key)).tolist()
     checkpoints.save(path, tree, metadata)
 
 
 def load_checkpoint(
-    path: str | Path, like: FitState, objective: Objective | None = None
+    path: str | Path, like: FitState, objective: Objective | None = None, key: Array | None = None
 ) -> tuple[FitState, np.ndarray, TrainingDiagnostics]:
     """Read a checkpoint written by :func:`save_checkpoint` (or ``fit(checkpoint_path=...)``).
 
@@ -537,10 +540,16 @@ def load_checkpoint(
     state has another structure (another model or guide, another optimizer's state, other
     estimator states) is refused with :class:`mcgrad.checkpoints.CheckpointMismatchError`
     naming the first leaf that differs; with ``objective``, so is a file written under
-    another objective or particle count. An optimizer's settings (its learning rate, say)
-    leave no trace in its state and are not checked.
+    another objective or particle count, and with ``key`` a file a run with another key
+    wrote. An optimizer's settings (its learning rate, say) leave no trace in its state and
+    are not checked.
     """
     _, metadata = checkpoints.load(path)
+    if key is not None and "key" in metadata and metadata["key"] != np.asarray(jax.random.key_data(key)).tolist():
+        raise checkpoints.CheckpointMismatchError(
+            f"checkpoint {path} was written by a run with another key: resuming it with this key would "
+            "not continue that run. Pass the key the run started with, or start afresh."
+        )
     recorded = metadata.get("objective")
     if objective is not None and recorded is not None:
         expected = {"name": objective.name, "num_particles": int(objective.num_particles)}
@@ -765,7 +774,7 @@ def fit(
     elif isinstance(resume_from, FitState):
         state, losses = resume_from, empty
     else:
-        state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective)
+        state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective, key=key)
 
     done = int(np.max(np.asarray(state.step)))
     if done > num_steps:
@@ -806,7 +815,8 @@ def fit(
             if checkpoint_path is not None:
                 record = _diagnostics_from(infos, starts, history, diagnostics_every)
                 save_checkpoint(
-                    checkpoint_path, state, np.concatenate(loss_chunks, axis=-1), record._replace(num_nonfinite=num_nonfinite), objective
+                    checkpoint_path, state, np.concatenate(loss_chunks, axis=-1), record._replace(num_nonfinite=num_nonfinite), objective,
+                    key if not batched else None,
                 )
             if bar is not None:
                 last = chunk_losses[..., -1]

@@ -15,7 +15,9 @@ from numpyro.infer import Predictive, log_likelihood
 def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = None) -> az.InferenceData:
     """An ArviZ ``InferenceData`` from a :class:`mcgrad.fit.FitResult`.
 
-    Groups: ``posterior`` (``num_samples`` draws of the guide's latent sites, one chain; for
+    Groups: ``posterior`` (``num_samples`` draws of the guide's latent sites, one chain per
+    fit: restarts of a batched fit are chains, so ``arviz.rhat`` across them tells whether
+    they found the same optimum; for
     a model without a guide, the fitted parameters as one draw), ``log_likelihood`` (of
     every observed site, per draw), ``observed_data``, and ``fit`` (the loss trace and the
     gradient variance / SNR recorded during training). ``arviz.summary`` and ``arviz.loo``
@@ -37,33 +39,53 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
         ((1, 100), (1, 100, 3))
     """
     key = key if key is not None else jax.random.key(0)
-    model = handlers.substitute(result.model, data=result.params)
+    losses = np.asarray(result.losses)
+    restarts = losses.shape[0] if losses.ndim == 2 else None
+    chains = range(restarts) if restarts is not None else [None]
+    posterior, likelihood = {}, {}
+    for chain in chains:
+        params = result.params if chain is None else jax.tree.map(lambda v, c=chain: v[c], result.params)
+        chain_posterior, chain_likelihood, observed = _one_chain(result, params, num_samples, jax.random.fold_in(key, chain or 0))
+        for name, value in chain_posterior.items():
+            posterior.setdefault(name, []).append(value)
+        for name, value in chain_likelihood.items():
+            likelihood.setdefault(name, []).append(value)
+    idata = az.from_dict(
+        posterior={name: np.stack(values) for name, values in posterior.items()},
+        log_likelihood={name: np.stack(values) for name, values in likelihood.items()},
+        observed_data=observed,
+    )
+    diagnostics = result.diagnostics
+    chain_dims = ("chain",) if restarts is not None else ()
+    fit_group = {"loss": (chain_dims + ("step",), losses)}
+    for name in diagnostics.variance:
+        fit_group[f"gradient_variance_{name}"] = (chain_dims + ("recorded_step",), diagnostics.variance[name])
+        fit_group[f"gradient_snr_{name}"] = (chain_dims + ("recorded_step",), diagnostics.snr[name])
+    coords = {"step": np.arange(losses.shape[-1]), "recorded_step": diagnostics.steps}
+    if restarts is not None:
+        coords["chain"] = np.arange(restarts)
+    idata.add_groups({"fit": xr.Dataset(fit_group, coords=coords)})
+    return idata
+
+
+def _one_chain(result, params, num_samples: int, key: jax.Array):
+    """One fit's posterior draws (from the guide; the parameters themselves without one),
+    the log-likelihood of each draw, and the observed data."""
+    model = handlers.substitute(result.model, data=params)
     if result.guide is not None:
-        predictive = Predictive(result.guide, params=result.params, num_samples=num_samples)
+        predictive = Predictive(result.guide, params=params, num_samples=num_samples)
         draws = predictive(key, *result.args, **result.kwargs)
-        guide_trace = program_handlers.run(result.guide, result.args, result.kwargs, key=key, params=result.params)
+        guide_trace = program_handlers.run(result.guide, result.args, result.kwargs, key=key, params=params)
         latent = [n for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]]
         samples = {name: draws[name] for name in latent}
-        posterior = {name: np.asarray(value)[None] for name, value in samples.items()}
+        posterior = {name: np.asarray(value) for name, value in samples.items()}
     else:
         samples = {}
-        posterior = {name: np.asarray(value)[None, None] for name, value in result.params.items()}
+        posterior = {name: np.asarray(value)[None] for name, value in params.items()}
     if samples:
         likelihood = log_likelihood(model, samples, *result.args, **result.kwargs)
     else:
         likelihood = {n: v[None] for n, v in log_likelihood(model, {}, *result.args, batch_ndims=0, **result.kwargs).items()}
-    model_trace = program_handlers.run(result.model, result.args, result.kwargs, key=key, params=result.params)
+    model_trace = program_handlers.run(result.model, result.args, result.kwargs, key=key, params=params)
     observed = {n: np.asarray(s["value"]) for n, s in model_trace.items() if s["type"] == "sample" and s["is_observed"]}
-    idata = az.from_dict(
-        posterior=posterior,
-        log_likelihood={name: np.asarray(value)[None] for name, value in likelihood.items()},
-        observed_data=observed,
-    )
-    diagnostics = result.diagnostics
-    fit_group = {"loss": (("step",), np.asarray(result.losses))}
-    for name in diagnostics.variance:
-        fit_group[f"gradient_variance_{name}"] = (("recorded_step",), diagnostics.variance[name])
-        fit_group[f"gradient_snr_{name}"] = (("recorded_step",), diagnostics.snr[name])
-    coords = {"step": np.arange(len(result.losses)), "recorded_step": diagnostics.steps}
-    idata.add_groups({"fit": xr.Dataset(fit_group, coords=coords)})
-    return idata
+    return posterior, {name: np.asarray(value) for name, value in likelihood.items()}, observed

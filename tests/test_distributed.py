@@ -35,6 +35,7 @@ SCRIPT = textwrap.dedent(
     num_processes, process_id, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     if num_processes > 1:
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id,
+                                   coordinator_bind_address=f"127.0.0.1:{port}",  # loopback only
                                    initialization_timeout=60, shutdown_timeout_seconds=30)
     import jax.numpy as jnp, numpy as np, numpyro, numpyro.distributions as dist, optax
     import mcgrad as mg
@@ -164,17 +165,8 @@ def test_runtimes_joined(runs):
     assert runs["4 devices"]["device_count"] == 4 and runs["1 device"]["device_count"] == 1
 
 
-# mg.fit's data checks (mcgrad/fit.py check_data, mcgrad/inference/checks.py
-# check_observations) read the model's arguments with np.asarray, which no process can do
-# for a global array spanning other processes' devices. Until they test such arrays on the
-# devices, a multi-process fit fails there: the tests below report it as an expected failure.
-UNREADABLE_GLOBAL_ARRAY = "RuntimeError: Fetching value for `jax.Array` that spans non-addressable"
-
-
 def check_fitted(*fits: dict) -> None:
     for fit in fits:
-        if fit.get("error", "").startswith(UNREADABLE_GLOBAL_ARRAY):
-            pytest.xfail("mg.fit reads a global array with np.asarray: " + fit["error"][-300:])
         assert "error" not in fit, fit["error"]
 
 
@@ -201,8 +193,6 @@ def test_infinite_data_refused_on_every_process(runs):
     alone in a collective)."""
     for name, report in runs.items():
         error = report["infinite_data_error"] or ""
-        if error.startswith(UNREADABLE_GLOBAL_ARRAY):
-            pytest.xfail("mg.fit reads a global array with np.asarray: " + error[-300:])
         assert error.startswith("ValueError") and "1 infinite value" in error, (name, error)
 
 

@@ -82,8 +82,10 @@ def warn_guide_only_sites(model_trace: dict, guide_trace: dict) -> None:
 
 
 def count(predicate: Callable[[jax.Array], jax.Array], array) -> int:
-    """How many entries of ``array`` satisfy ``predicate`` (one reduction, on any array)."""
-    return int(jnp.sum(predicate(jnp.asarray(array))))
+    """How many entries of ``array`` satisfy ``predicate`` (one reduction, on any concrete
+    array, also while a function is being traced)."""
+    with jax.ensure_compile_time_eval():
+        return int(jnp.sum(predicate(jnp.asarray(array))))
 
 
 def is_floating(array) -> bool:
@@ -143,34 +145,39 @@ def check_observations(model_trace: dict, args: tuple, kwargs: dict) -> None:
     be NaN: that is how missing data is written. Anywhere else a NaN or ±inf would make
     every log-density, and so every step, non-finite.
     """
-    for name, site in model_trace.items():
-        if site["type"] != "sample" or not site["is_observed"]:
-            continue
-        value = site["value"]
-        if _is_tracer(value) or (not is_floating(value) and not isinstance(value, float)):
-            continue  # a tracer: traced inside jit (NumPyro's SVI), checked at setup instead
-        value = jnp.asarray(value)
-        if not count(lambda v: ~jnp.isfinite(v), value):
-            continue
-        mask, event_dim = observation_mask(site["fn"])
-        if site.get("mask") is not None:  # a mask on the site itself (older NumPyro handlers)
-            site_mask = _with_trailing_ones(site["mask"], max(site["fn"].event_dim - event_dim, 0))
-            mask = site_mask if mask is True else jnp.logical_and(*jnp.broadcast_arrays(mask, site_mask))
-        if _is_tracer(mask):
-            continue
-        nonfinite = ~jnp.isfinite(value)
-        if event_dim:
-            nonfinite = jnp.any(nonfinite, axis=tuple(range(-min(event_dim, value.ndim), 0)))
-        if mask is not True:
-            nonfinite, mask = jnp.broadcast_arrays(nonfinite, mask)
-            nonfinite = nonfinite & mask  # scored entries only
-        num_bad = count(lambda v: v, nonfinite)
-        if num_bad:
-            kinds = "NaN or infinite" if count(jnp.isinf, value) else "NaN"
-            raise ValueError(
-                f"observed site '{name}' ({describe(site['fn'])}) has {num_bad} {kinds} values where the "
-                f"model does not mask them (value shape {value.shape}, from "
-                f"{argument_label(value, args, kwargs)}). Impute or drop them before fitting, or mask "
-                f"them in the model: `with numpyro.handlers.mask(mask=~jnp.isnan(x)): "
-                f"numpyro.sample('{name}', ..., obs=x)` (masked entries may stay NaN)."
-            )
+    with jax.ensure_compile_time_eval():  # concrete data inside a trace (NumPyro's SVI): eager
+        for name, site in model_trace.items():
+            if site["type"] == "sample" and site["is_observed"]:
+                _check_observed_site(name, site, args, kwargs)
+
+
+def _check_observed_site(name: str, site: dict, args: tuple, kwargs: dict) -> None:
+    """Raise for non-finite entries of one observed site's value that its masks score."""
+    value = site["value"]
+    if _is_tracer(value) or (not is_floating(value) and not isinstance(value, float)):
+        return  # a tracer: traced inside jit (NumPyro's SVI), checked at setup instead
+    value = jnp.asarray(value)
+    if not count(lambda v: ~jnp.isfinite(v), value):
+        return
+    mask, event_dim = observation_mask(site["fn"])
+    if site.get("mask") is not None:  # a mask on the site itself (older NumPyro handlers)
+        site_mask = _with_trailing_ones(site["mask"], max(site["fn"].event_dim - event_dim, 0))
+        mask = site_mask if mask is True else jnp.logical_and(*jnp.broadcast_arrays(mask, site_mask))
+    if _is_tracer(mask):
+        return
+    nonfinite = ~jnp.isfinite(value)
+    if event_dim:
+        nonfinite = jnp.any(nonfinite, axis=tuple(range(-min(event_dim, value.ndim), 0)))
+    if mask is not True:
+        nonfinite, mask = jnp.broadcast_arrays(nonfinite, mask)
+        nonfinite = nonfinite & mask  # scored entries only
+    num_bad = count(lambda v: v, nonfinite)
+    if num_bad:
+        kinds = "NaN or infinite" if count(jnp.isinf, value) else "NaN"
+        raise ValueError(
+            f"observed site '{name}' ({describe(site['fn'])}) has {num_bad} {kinds} values where the "
+            f"model does not mask them (value shape {value.shape}, from "
+            f"{argument_label(value, args, kwargs)}). Impute or drop them before fitting, or mask "
+            f"them in the model: `with numpyro.handlers.mask(mask=~jnp.isnan(x)): "
+            f"numpyro.sample('{name}', ..., obs=x)` (masked entries may stay NaN)."
+        )

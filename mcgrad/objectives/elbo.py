@@ -93,11 +93,11 @@ def check_support(model_site: dict, guide_site: dict) -> None:
     else:
         problem = None
     value = guide_site["value"]
-    if problem is None and not isinstance(value, jax.core.Tracer):
-        with jax.numpy_rank_promotion("allow"):
+    if problem is None and not isinstance(value, jax.core.Tracer):  # (a tracer: inside NumPyro's SVI)
+        with jax.numpy_rank_promotion("allow"), jax.ensure_compile_time_eval():
             in_support = model_support(value)
-        if not isinstance(in_support, jax.core.Tracer) and not bool(jnp.all(in_support)):
-            problem = f"is {model_support}, but the guide drew values outside it"
+            if not isinstance(in_support, jax.core.Tracer) and not bool(jnp.all(in_support)):
+                problem = f"is {model_support}, but the guide drew values outside it"
     if problem is not None:
         fix = (
             "a discrete guide distribution on the same values (e.g. dist.Bernoulli(logits=numpyro.param(...)) "
