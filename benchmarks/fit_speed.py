@@ -69,8 +69,9 @@ def blr_guide(features, labels):
     numpyro.sample("w", dist.Normal(loc, scale).to_event(1))
 
 
-def pure_jax_fit(features, labels, key, num_steps, num_particles, learning_rate):
-    """The same ELBO and optimizer by hand: reparameterized Gaussian, exp for the scale."""
+def pure_jax_loop(features, labels, key, num_steps, num_particles, learning_rate):
+    """The same ELBO and optimizer by hand: reparameterized Gaussian, exp for the scale;
+    ``num_steps`` Adam steps in one ``lax.scan`` (to be jitted)."""
     optimizer = optax.adam(learning_rate)
     dim = features.shape[1]
 
@@ -84,21 +85,23 @@ def pure_jax_fit(features, labels, key, num_steps, num_particles, learning_rate)
         log_q = jnp.sum(-0.5 * eps**2 - jnp.log(scale), axis=1) - 0.5 * dim * jnp.log(2 * jnp.pi)
         return jnp.mean(log_q - log_prior - log_likelihood)
 
-    @jax.jit
-    def run(key):
-        params = {"loc": jnp.zeros(dim), "scale": jnp.zeros(dim)}
+    def step(carry, _):
+        params, opt_state, key = carry
+        key, step_key = jax.random.split(key)
+        value, grads = jax.value_and_grad(loss)(params, step_key)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, key), value
 
-        def step(carry, _):
-            params, opt_state, key = carry
-            key, step_key = jax.random.split(key)
-            value, grads = jax.value_and_grad(loss)(params, step_key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, key), value
+    params = {"loc": jnp.zeros(dim), "scale": jnp.zeros(dim)}
+    (params, _, _), losses = jax.lax.scan(step, (params, optimizer.init(params), key), None, length=num_steps)
+    return params, losses
 
-        (params, _, _), losses = jax.lax.scan(step, (params, optimizer.init(params), key), None, length=num_steps)
-        return params, losses
 
-    params, losses = run(key)
+def pure_jax_fit(features, labels, key, num_steps, num_particles, learning_rate):
+    """The hand-written loop, compiled afresh in every call as a user's script would."""
+    run = jax.jit(functools.partial(pure_jax_loop, num_steps=num_steps, num_particles=num_particles,
+                                    learning_rate=learning_rate))
+    _, losses = run(features, labels, key)
     return jax.block_until_ready(losses)
 
 
@@ -244,30 +247,8 @@ def blr_memory(features, labels, num_particles: int, learning_rate: float, num_s
         state = training.init(jax.random.key(1))
         return compiled_temp_bytes(lambda s, f, y: training.run(s, num_steps, f, y), state, features, labels)
 
-    optimizer = optax.adam(learning_rate)
-    dim = features.shape[1]
-
     def pure_loop(features, labels):
-        def loss(params, key):
-            loc, scale = params["loc"], jnp.exp(params["scale"])
-            eps = jax.random.normal(key, (num_particles, dim))
-            w = loc + scale * eps
-            logits = w @ features.T
-            log_likelihood = jnp.sum(labels * logits - jnp.logaddexp(0.0, logits), axis=1)
-            log_prior = -0.5 * jnp.sum(w**2, axis=1)
-            log_q = jnp.sum(-0.5 * eps**2 - jnp.log(scale), axis=1)
-            return jnp.mean(log_q - log_prior - log_likelihood)
-
-        params = {"loc": jnp.zeros(dim), "scale": jnp.zeros(dim)}
-
-        def step(carry, _):
-            params, opt_state, key = carry
-            key, step_key = jax.random.split(key)
-            value, grads = jax.value_and_grad(loss)(params, step_key)
-            updates, opt_state = optimizer.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, key), value
-
-        return jax.lax.scan(step, (params, optimizer.init(params), jax.random.key(0)), None, length=num_steps)
+        return pure_jax_loop(features, labels, jax.random.key(0), num_steps, num_particles, learning_rate)
 
     return {
         "mcgrad_diagnostics_every_1": mcgrad_loop(1),
