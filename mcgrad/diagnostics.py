@@ -169,6 +169,7 @@ def count_evaluations(
         ...                      {"loc": 0.0, "scale": 1.0}, num_samples=10)   # N + 2·D·N, D = 2
         50
     """
+    _check_count("num_samples", num_samples, 1)
     problem = Problem(cost_fn, dist_fn, num_samples)
     counted: list[int] = []
 
@@ -196,18 +197,18 @@ def _check_count(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
 
 
-def check_counts(num_samples, num_repeats, num_timing_runs) -> None:
+def _check_counts(num_samples, num_repeats, num_timing_runs) -> None:
     """Clear errors for sample, repeat and timing counts that are not whole numbers in range."""
     _check_count("num_samples", num_samples, 1)
     _check_count("num_repeats", num_repeats, 2)
     _check_count("num_timing_runs", num_timing_runs, 1)
 
 
-NON_DIFFERENTIABLE = "biased: non-differentiable cost"
+_NON_DIFFERENTIABLE = "biased: non-differentiable cost"
 
 
-def non_differentiable_flag(gradients: Params, cost_range: tuple[float, float], label: str) -> str:
-    """``NON_DIFFERENTIABLE`` (with a ``UserWarning`` naming ``label``) when every gradient
+def _non_differentiable_flag(gradients: Params, cost_range: tuple[float, float], label: str) -> str:
+    """``_NON_DIFFERENTIABLE`` (with a ``UserWarning`` naming ``label``) when every gradient
     estimate is exactly ``0`` while the cost's values vary across samples, else ``""``.
 
     A cost whose derivative is ``0`` almost everywhere (a step ``where(x > 0, 1, 0)``,
@@ -229,7 +230,7 @@ def non_differentiable_flag(gradients: Params, cost_range: tuple[float, float], 
         UserWarning,
         stacklevel=4,  # the caller of diagnose or compare
     )
-    return NON_DIFFERENTIABLE
+    return _NON_DIFFERENTIABLE
 
 
 def diagnose(
@@ -284,11 +285,13 @@ def diagnose(
         >>> bool(abs(d.bias["loc"]) < 5 * d.bias_standard_error["loc"]), d.num_evaluations
         (True, 10)
     """
-    check_counts(num_samples, num_repeats, num_timing_runs)
-    return _diagnose(cost_fn, dist_fn, estimator, params, key, num_samples, num_repeats, exact, num_timing_runs, estimator.name)
+    _check_counts(num_samples, num_repeats, num_timing_runs)
+    settings = {"num_samples": num_samples, "num_repeats": num_repeats, "exact": exact, "num_timing_runs": num_timing_runs}
+    return _diagnose(cost_fn, dist_fn, estimator, params, key, label=estimator.name, **settings)
 
 
-def _diagnose(cost_fn, dist_fn, estimator, params, key, num_samples, num_repeats, exact, num_timing_runs, label):
+def _diagnose(cost_fn, dist_fn, estimator, params, key, *, num_samples, num_repeats, exact, num_timing_runs, label):
+    """:func:`diagnose`, with ``label`` the estimator's name in the warning for a flag."""
     estimate_fn = estimate(cost_fn, dist_fn, estimator=estimator, num_samples=num_samples)
 
     def one(p, k):
@@ -303,7 +306,7 @@ def _diagnose(cost_fn, dist_fn, estimator, params, key, num_samples, num_repeats
     seconds = median_seconds(lambda: batched(params, keys), num_timing_runs) / num_repeats
     stats = jax.jit(gradient_statistics)(gradients, exact)
     num_evaluations = count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
-    flag = non_differentiable_flag(gradients, (float(jnp.min(low)), float(jnp.max(high))), label)
+    flag = _non_differentiable_flag(gradients, (float(jnp.min(low)), float(jnp.max(high))), label)
     variance_times_seconds = float(stats.total_variance) * seconds
     if flag:
         efficiency = math.nan
@@ -426,11 +429,11 @@ def compare(
     """
     from mcgrad import plotting
 
-    check_counts(num_samples, num_repeats, num_timing_runs)
+    _check_counts(num_samples, num_repeats, num_timing_runs)
+    settings = {"num_samples": num_samples, "num_repeats": num_repeats, "exact": exact, "num_timing_runs": num_timing_runs}
     results = {}
-    for name, estimator in estimators.items():
-        args = (key, num_samples, num_repeats, exact, num_timing_runs, name)
-        results[name] = _diagnose(cost_fn, dist_fn, estimator, params, *args)
+    for name, estimator in estimators.items():  # (a loop, not a comprehension: the warning's stacklevel)
+        results[name] = _diagnose(cost_fn, dist_fn, estimator, params, key, label=name, **settings)
     table = pd.DataFrame.from_dict({name: diagnostics_row(r) for name, r in results.items()}, orient="index")
     table.index.name = "estimator"
     ranked = table.loc[table["flag"] == "", "efficiency"]

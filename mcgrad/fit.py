@@ -722,7 +722,7 @@ def fit(
     _check_whole("max_nonfinite", max_nonfinite, 0)
     if chunk_size is not None:
         _check_whole("chunk_size", chunk_size, 1)
-    check_data(args, kwargs)
+    check_data(args, kwargs, model)
     if diagnostics_every is None:
         diagnostics_every = max(1, num_steps // 50)
     _check_whole("diagnostics_every", diagnostics_every, 0)

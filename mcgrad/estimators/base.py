@@ -34,6 +34,7 @@ from typing import Any, NamedTuple, Protocol
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro.distributions import Distribution
 
 from mcgrad.estimators.distributions import describe
@@ -350,6 +351,13 @@ def surrogate_jacobian(
 # --------------------------------------------------------------------------- drivers
 
 
+def _problem(cost_fn: CostFn, dist_fn: DistFn, num_samples: int) -> Problem:
+    """The :class:`Problem`, with a clear error for a sample count that is not a whole number ``≥ 1``."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}.")
+    return Problem(cost_fn, dist_fn, int(num_samples))
+
+
 class Estimate(NamedTuple):
     """The output of :func:`estimate`: objective value, gradient, new state and info."""
 
@@ -405,7 +413,7 @@ def estimate(
         >>> out.grad.shape, jax.tree.structure(out.state) == jax.tree.structure(state)
         ((), True)
     """
-    return _estimate_fn(estimator, Problem(cost_fn, dist_fn, num_samples), "value" if check_finite else None)
+    return _estimate_fn(estimator, _problem(cost_fn, dist_fn, num_samples), "value" if check_finite else None)
 
 
 def _estimate_fn(estimator: GradientEstimator, problem: Problem, check: str | None):
@@ -474,7 +482,7 @@ def grad(
         >>> bool(abs(g - 1.0) < 0.2)
         True
     """
-    inner = _estimate_fn(estimator, Problem(cost_fn, dist_fn, num_samples), "gradient" if check_finite else None)
+    inner = _estimate_fn(estimator, _problem(cost_fn, dist_fn, num_samples), "gradient" if check_finite else None)
     return lambda params, key: inner(params, estimator.init(params), key).grad
 
 
@@ -497,7 +505,7 @@ def per_sample_grads(
         >>> g.shape
         (5,)
     """
-    problem = Problem(cost_fn, dist_fn, num_samples)
+    problem = _problem(cost_fn, dist_fn, num_samples)
 
     def fn(params: Params, key: Array) -> Params:
         jacobian, _ = surrogate_jacobian(estimator, key, params, estimator.init(params), problem)

@@ -1,16 +1,17 @@
 """Checks of a traced program before it is fitted: its data and its shapes.
 
-Run once, at setup, on the trace of the model with its example arguments (never inside
-``jit``: a site whose value is a tracer is skipped).
+Run once, at setup, on the trace of the model with its example arguments. (NumPyro's
+``SVI`` sets an objective up inside ``jit``: concrete values are still checked there,
+and values that are tracers are skipped.)
 
 * :func:`check_observations`: an observed value that is not finite (NaN, ±inf) where the
   model does not mask it is an error naming the site and the argument it came from.
   Entries masked with ``numpyro.handlers.mask`` (or ``dist.mask``, or ``obs_mask``) may
   hold anything: their log-density is ``0`` and the value is replaced by a feasible one
   before ``log_prob``, so it never reaches a gradient.
-* :func:`warn_like_numpyro`: NumPyro's own warnings for a model and guide (a missing
-  ``plate`` for a batch dimension, a guide site that is not in the model), shown once,
-  at the user's line.
+* :func:`warn_missing_plates`, :func:`warn_guide_only_sites`: NumPyro's warnings for a
+  model and guide (a missing ``plate`` for a batch dimension, a guide site that is not in
+  the model), shown once, at the user's line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
-from numpyro.util import _validate_model, check_model_guide_match
+from numpyro.util import _validate_model
 
 from mcgrad.estimators.distributions import describe
 
@@ -36,24 +37,10 @@ _INTERNAL = tuple(
 def _user_stacklevel() -> int:
     """The ``stacklevel`` of the first frame outside mcgrad, NumPyro and JAX, for a
     ``warnings.warn`` called by this function's caller."""
-    frame, level = sys._getframe(2), 2
+    frame, level = sys._getframe(2), 2  # the frame of stacklevel=2: the caller's caller
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def warn_like_numpyro(check: Callable[..., None], *traces: dict) -> None:
-    """Run one of NumPyro's trace checks and re-emit its warnings at the user's line.
-
-    ``check`` is e.g. ``numpyro.util.check_model_guide_match`` (a guide site not in the
-    model) or ``numpyro.util._validate_model`` (a missing plate): the same checks and the
-    same messages as NumPyro's ``Trace_ELBO``. Errors it raises pass through.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        check(*traces)
-    for warning in caught:
-        warnings.warn(warning.message, warning.category, stacklevel=_user_stacklevel())
 
 
 def warn_missing_plates(model_trace: dict) -> None:
@@ -61,17 +48,36 @@ def warn_missing_plates(model_trace: dict) -> None:
 
     E.g. data of shape ``[4, 1]`` under ``plate("data", 4)`` broadcasts against the
     distribution's ``[4]`` to ``[4, 4]``: sixteen observations instead of four. NumPyro's
-    ``Trace_ELBO`` warns ``Missing a plate statement for batch dimension -2 at site 'x'``;
-    so does mcgrad, once, at setup.
+    ``Trace_ELBO`` warns ``Missing a plate statement for batch dimension -2 at site 'x'``
+    (its ``numpyro.util._validate_model``, run here); so does mcgrad, once, at setup, at the
+    user's line.
     """
-    warn_like_numpyro(_validate_model, model_trace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _validate_model(model_trace, plate_warning="loose")
+    for warning in caught:
+        warnings.warn(warning.message, warning.category, stacklevel=_user_stacklevel())
 
 
 def warn_guide_only_sites(model_trace: dict, guide_trace: dict) -> None:
-    """NumPyro's warnings when the guide and model disagree on their sample sites (a guide
-    site that is not in the model, an auxiliary site in the model), and its errors when
-    their event dimensions disagree."""
-    warn_like_numpyro(check_model_guide_match, model_trace, guide_trace)
+    """NumPyro's warnings (``numpyro.util.check_model_guide_match``, same messages) for a
+    guide sample site that is not in the model and not marked auxiliary, and for an
+    auxiliary site in the model.
+
+    Not its error for event dimensions that disagree: mcgrad estimates a guide site that
+    is ``to_event`` where the model's is a plate of the same values.
+    """
+    guide_sites = {n for n, s in guide_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    auxiliary = {n for n in guide_sites if guide_trace[n]["infer"].get("is_auxiliary")}
+    model_sites = {n for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"]}
+    if auxiliary & model_sites:
+        warnings.warn(f"Found auxiliary vars in the model: {auxiliary & model_sites}", stacklevel=_user_stacklevel())
+    if guide_sites - auxiliary - model_sites:
+        warnings.warn(
+            "Found non-auxiliary vars in guide but not model, consider marking these "
+            f"infer={{'is_auxiliary': True}}:\n{guide_sites - auxiliary - model_sites}",
+            stacklevel=_user_stacklevel(),
+        )
 
 
 # --------------------------------------------------------------------------- data

@@ -82,18 +82,21 @@ def check_support(model_site: dict, guide_site: dict) -> None:
     """
     name, model_fn, guide_fn = model_site["name"], model_site["fn"], guide_site["fn"]
     model_support, guide_support = model_fn.support, guide_fn.support
-    if isinstance(unwrap(guide_fn), dist.Delta) or any(isinstance(c, type(constraints.dependent)) for c in (model_support, guide_support)):
-        problem = None  # a point mass (AutoDelta) or a support known only per value: checked by value below
+    if any(isinstance(c, type(constraints.dependent)) for c in (model_support, guide_support)):
+        return  # a support known only per value
+    problem = None
+    if isinstance(unwrap(guide_fn), dist.Delta):
+        pass  # a point mass (AutoDelta): its support says nothing of its value, checked below
     elif model_support.is_discrete and not guide_support.is_discrete:
         problem = "is discrete, but the guide's distribution is continuous"
     elif guide_support.is_discrete and not model_support.is_discrete:
         problem = "is continuous, but the guide's distribution is discrete"
     elif _unconstrained(guide_support) and not _unconstrained(model_support):
         problem = f"is constrained ({model_support}), but the guide's distribution is unconstrained"
-    else:
-        problem = None
+    # The guide's draw, for elementwise supports only: a check with a tolerance (simplex,
+    # positive definite) could refuse a float32 draw that is fine. (A tracer: in NumPyro's SVI.)
     value = guide_site["value"]
-    if problem is None and not isinstance(value, jax.core.Tracer):  # (a tracer: inside NumPyro's SVI)
+    if problem is None and model_support.event_dim == 0 and not isinstance(value, jax.core.Tracer):
         with jax.numpy_rank_promotion("allow"), jax.ensure_compile_time_eval():
             in_support = model_support(value)
             if not isinstance(in_support, jax.core.Tracer) and not bool(jnp.all(in_support)):

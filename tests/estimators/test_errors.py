@@ -157,3 +157,10 @@ def test_score_function_on_a_parameter_dependent_support_is_a_clear_error():
     assert np.isfinite(exponential(1.5, KEY))
     fixed = mg.grad(lambda x: x, lambda p: dist.Uniform(0.0, 2.0), estimator=mg.score_function(), num_samples=8)
     assert fixed(1.5, KEY) == 0.0
+
+
+@pytest.mark.parametrize("num_samples", [0, -2, 2.5, True])
+def test_invalid_sample_counts_are_clear_errors(num_samples):
+    for entry in (mg.grad, mg.value_and_grad, mg.per_sample_grads, mg.estimate):
+        with pytest.raises(ValueError, match=r"num_samples must be a whole number >= 1"):
+            entry(lambda x: x, lambda p: dist.Normal(p, 1.0), estimator=mg.pathwise(), num_samples=num_samples)

@@ -23,7 +23,7 @@ from mcgrad.inference.costs import site_log_prob
 
 X = jnp.array([0.5, jnp.nan, 1.5, 2.0, jnp.nan, -0.3])
 OBSERVED = ~jnp.isnan(X)
-FIT = dict(key=jax.random.key(0), num_steps=150, optimizer=optax.adam(0.05), progress_bar=False)
+FIT = {"key": jax.random.key(0), "num_steps": 150, "optimizer": optax.adam(0.05), "progress_bar": False}
 
 
 def model(x, mask=None):
@@ -142,6 +142,18 @@ def test_infinite_data_is_refused_up_front():
                    optimizer=optax.sgd(0.1))
 
 
+def test_check_data_with_the_model_checks_every_call():
+    """``check_data(args, kwargs, model)`` checks on a trace of the model, needing no
+    setup: a fit that reuses a compiled program for new data of the same shapes (which
+    skips setup) checks its data with it."""
+    from mcgrad.fit import check_data
+
+    check_data((X, OBSERVED), {}, model)  # masked: fine
+    with pytest.raises(ValueError, match=r"site 'x'.* 2 NaN .*argument 0"):
+        check_data((X, jnp.ones_like(OBSERVED)), {}, model)
+    check_data((X, jnp.ones_like(OBSERVED)), {})  # without the model: only ±inf is checked
+
+
 # --------------------------------------------------------------------------- NumPyro's warnings
 
 
@@ -158,8 +170,9 @@ def test_missing_plate_warns_once_like_numpyro():
     data = jnp.array([0.3, 1.2, -0.4, 0.8])[:, None]
     caught = record(lambda: mg.fit(model, guide, data, objective=mg.elbo(2), **{**FIT, "num_steps": 3}))
     messages = [str(w.message) for w in caught]
-    assert messages == ["Missing a plate statement for batch dimension -2 at site 'x'. You can use "
-                        "`numpyro.util.format_shapes` utility to check shapes at all sites of your model."]
+    expected = ("Missing a plate statement for batch dimension -2 at site 'x'. You can use "
+                "`numpyro.util.format_shapes` utility to check shapes at all sites of your model.")
+    assert messages == [expected]
     assert caught[0].filename == __file__
     # The right shape: no warning.
     assert record(lambda: mg.fit(model, guide, data[:, 0], objective=mg.elbo(2), **{**FIT, "num_steps": 3})) == []
@@ -227,3 +240,15 @@ def test_autoguides_match_the_support(autoguide):
     positive value: neither is a mismatch."""
     result = mg.fit(half_normal_model, autoguide(half_normal_model), objective=mg.elbo(2), **{**FIT, "num_steps": 3})
     assert np.all(np.isfinite(result.losses))
+
+
+def test_guide_draws_outside_a_discrete_support():
+    """Both discrete, different supports: the guide's draw (always 2) is checked."""
+
+    def categorical_guide():
+        numpyro.sample("b", dist.Categorical(probs=jnp.array([0.0, 0.0, 1.0])))
+
+    with pytest.raises(ValueError, match=r"site 'b': .*BernoulliProbs support is Boolean\(\), but the guide drew values "
+                                         r"outside it \(CategoricalProbs\)"):
+        mg.trainer(bernoulli_model, categorical_guide, key=jax.random.key(0), objective=mg.elbo(2),
+                   optimizer=optax.sgd(0.1))
