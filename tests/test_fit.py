@@ -146,7 +146,8 @@ def test_checkpoint_is_data_not_a_pickle(tmp_path):
     run(num_steps=10, checkpoint_path=path)
     leaves, metadata = mg.checkpoints.load(path)  # readable without a template, nothing executed
     assert metadata == {  # every step recorded: max(1, 10 // 50)
-        "num_losses": 10, "num_records": 10, "num_nonfinite": 0, "objective": {"name": "elbo", "num_particles": 4}
+        "num_losses": 10, "num_records": 10, "num_nonfinite": 0, "objective": {"name": "elbo", "num_particles": 4},
+        "key": np.asarray(jax.random.key_data(jax.random.key(0))).tolist(),
     }
     assert ".state.params['loc']" in leaves and ".state.objective_state['b'].average" in leaves
 

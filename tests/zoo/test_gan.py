@@ -1,7 +1,7 @@
 import pytest
 
 from models import gan
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 @pytest.mark.parametrize("data", ["ring", "digits"])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models import discrete_gan
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

@@ -1,7 +1,7 @@
 import numpy as np
 
 from models import data, mixture
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import pytest
 
 from models import data, discrete_vae
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

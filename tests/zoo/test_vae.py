@@ -1,5 +1,5 @@
 from models import vae
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

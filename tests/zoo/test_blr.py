@@ -1,7 +1,7 @@
 import pytest
 
 from models import blr
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from models import gaussian
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 def test_smoke(tmp_path):

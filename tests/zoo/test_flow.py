@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from models import data, flow
-from tests.models._helpers import check_metrics
+from tests.zoo._helpers import check_metrics
 
 
 @pytest.mark.parametrize("data_name", ["moons", "digits"])
