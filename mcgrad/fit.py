@@ -270,23 +270,28 @@ def trainer(
 
     def estimates(state: FitState, step_key: Array, record: Array, args, kwargs):
         """The step's gradient estimate and, where ``record``, ``diagnostics_replicates``
-        more at the same parameters and state (vectorised, under ``lax.cond``): their mean
-        and summed squared deviations per coordinate."""
-        first = gradient(state.params, state.objective_state, step_key, args, kwargs)
-        grads = first[1]
+        more at the same parameters and state: one ``while_loop`` whose body holds the only
+        copy of the gradient computation (1 or ``1 + R`` trips), with Welford's running
+        mean and sum of squared deviations."""
+        keys = jnp.concatenate(
+            [step_key[None], jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)]
+        )
+        shapes = jax.eval_shape(lambda: gradient(state.params, state.objective_state, step_key, args, kwargs))
+        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+        num_trips = jnp.where(record, diagnostics_replicates + 1, 1)
 
-        def replicates(_):
-            keys = jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)
-            extra = jax.vmap(lambda k: gradient(state.params, state.objective_state, k, args, kwargs)[1])(keys)
-            stacked = jax.tree.map(lambda g, e: jnp.concatenate([g[None], e]), grads, extra)
-            mean = jax.tree.map(lambda a: jnp.mean(a, axis=0), stacked)
-            squares = jax.tree.map(lambda a, m: jnp.sum((a - m) ** 2, axis=0), stacked, mean)
-            return mean, squares
+        def body(carry):
+            trip, first, mean, squares = carry
+            estimate = gradient(state.params, state.objective_state, keys[trip], args, kwargs)
+            first = jax.tree.map(lambda new, old: jnp.where(trip == 0, new, old), estimate, first)
+            grads = estimate[1]
+            delta = jax.tree.map(lambda g, m: g - m, grads, mean)
+            mean = jax.tree.map(lambda m, d: m + d / (trip + 1).astype(d.dtype), mean, delta)
+            squares = jax.tree.map(lambda q, d, g, m: q + d * (g - m), squares, delta, grads, mean)
+            return trip + 1, first, mean, squares
 
-        def nothing(_):
-            return grads, jax.tree.map(jnp.zeros_like, grads)
-
-        mean, squares = jax.lax.cond(record, replicates, nothing, None)
+        carry = (jnp.zeros((), jnp.int32), zeros, zeros[1], zeros[1])
+        _, first, mean, squares = jax.lax.while_loop(lambda c: c[0] < num_trips, body, carry)
         return first, mean, squares
 
     def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
