@@ -41,6 +41,7 @@ from mcgrad.estimators.base import (
     GradientEstimator,
     Params,
     Problem,
+    check_whole_number,
     estimate,
     per_sample_grads,
     surrogate,
@@ -169,7 +170,7 @@ def count_evaluations(
         ...                      {"loc": 0.0, "scale": 1.0}, num_samples=10)   # N + 2·D·N, D = 2
         50
     """
-    _check_count("num_samples", num_samples, 1)
+    check_whole_number("num_samples", num_samples, 1)
     problem = Problem(cost_fn, dist_fn, num_samples)
     counted: list[int] = []
 
@@ -192,16 +193,11 @@ def median_seconds(fn: Callable[[], Any], num_runs: int) -> float:
     return statistics.median(times)
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
-
-
 def _check_counts(num_samples, num_repeats, num_timing_runs) -> None:
     """Clear errors for sample, repeat and timing counts that are not whole numbers in range."""
-    _check_count("num_samples", num_samples, 1)
-    _check_count("num_repeats", num_repeats, 2)
-    _check_count("num_timing_runs", num_timing_runs, 1)
+    check_whole_number("num_samples", num_samples, 1)
+    check_whole_number("num_repeats", num_repeats, 2)
+    check_whole_number("num_timing_runs", num_timing_runs, 1)
 
 
 _NON_DIFFERENTIABLE = "biased: non-differentiable cost"
@@ -486,8 +482,7 @@ def variance_sweep(
         >>> table["variance"].round().tolist()   # 4σ², whatever k
         [4.0, 4.0]
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
-        raise ValueError(f"num_samples must be a whole number >= 2 (a variance needs two samples), got {num_samples!r}.")
+    check_whole_number("num_samples", num_samples, 2, " (a variance needs two samples)")
     names = coordinate_names(params)
     rows = []
     for estimator_name, estimator in estimators.items():

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from mcgrad import checkpoints, parallel
+from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
 
@@ -153,11 +154,6 @@ class Trainer(NamedTuple):
     objective: Objective
 
 
-def _check_whole(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}.")
-
-
 def trainer(
     model: Callable | None,
     guide: Callable | None,
@@ -223,8 +219,8 @@ def trainer(
         >>> round(float(training.params(state)["loc"]), 1)   # between the two batches' 4x̄/5 (0.34, 1.26)
         0.8
     """
-    _check_whole("diagnostics_every", diagnostics_every, 0)
-    _check_whole("diagnostics_replicates", diagnostics_replicates, 1)
+    check_whole_number("diagnostics_every", diagnostics_every, 0)
+    check_whole_number("diagnostics_replicates", diagnostics_replicates, 1)
     bound = objective.setup(model, guide, args, kwargs, estimators, key)
     param_constraints = bound.params.constraints
     mesh = parallel.device_mesh()
@@ -636,11 +632,12 @@ def _diagnostics_from(
     recorded = steps % diagnostics_every == 0 if diagnostics_every else np.zeros(len(steps), bool)
 
     def gather(field):
+        before = getattr(previous, field)
+        chunks = [getattr(info, "gradient_" + field) for info in infos]
+        masks = _split(recorded, infos)
         return {
             n: np.concatenate(
-                [previous_values[n] for previous_values in (getattr(previous, field),)]
-                + [np.asarray(getattr(info, "gradient_" + field)[n])[..., recorded_chunk] for info, recorded_chunk in zip(infos, _split(recorded, infos))],
-                axis=-1,
+                [before[n]] + [np.asarray(chunk[n])[..., mask] for chunk, mask in zip(chunks, masks)], axis=-1
             ).astype(np.float32)
             for n in names
         }
@@ -723,14 +720,14 @@ def fit(
         >>> sorted(result.params), result.losses.shape
         (['loc', 'scale'], (100,))
     """
-    _check_whole("num_steps", num_steps, 0)
-    _check_whole("max_nonfinite", max_nonfinite, 0)
+    check_whole_number("num_steps", num_steps, 0)
+    check_whole_number("max_nonfinite", max_nonfinite, 0)
     if chunk_size is not None:
-        _check_whole("chunk_size", chunk_size, 1)
+        check_whole_number("chunk_size", chunk_size, 1)
     check_data(args, kwargs, model)
     if diagnostics_every is None:
         diagnostics_every = max(1, num_steps // 50)
-    _check_whole("diagnostics_every", diagnostics_every, 0)
+    check_whole_number("diagnostics_every", diagnostics_every, 0)
     batched = jnp.ndim(key) == 1
     if batched and resume_from is not None and not isinstance(resume_from, FitState):
         raise ValueError("fit(key=<a batch of keys>) resumes from a FitState of the same batch, not from a file.")
@@ -764,7 +761,7 @@ def fit(
     initial = (
         jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
     )
-    names = list(training.init(jax.random.key(0)).params)
+    names = list(initial.params)
     empty = np.zeros((len(key_run), 0) if batched else (0,), np.float32)
     history = TrainingDiagnostics(
         np.zeros(0, np.int64), {n: empty for n in names}, {n: empty for n in names}, 0

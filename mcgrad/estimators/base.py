@@ -351,10 +351,16 @@ def surrogate_jacobian(
 # --------------------------------------------------------------------------- drivers
 
 
+def check_whole_number(name: str, value, minimum: int, why: str = "") -> None:
+    """Raise a clear ``ValueError`` unless ``value`` is a whole number ``≥ minimum`` (``True``
+    is not a count); ``why`` is appended to the message."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}{why}, got {value!r}.")
+
+
 def _problem(cost_fn: CostFn, dist_fn: DistFn, num_samples: int) -> Problem:
     """The :class:`Problem`, with a clear error for a sample count that is not a whole number ``≥ 1``."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ValueError(f"num_samples must be a whole number >= 1, got {num_samples!r}.")
+    check_whole_number("num_samples", num_samples, 1)
     return Problem(cost_fn, dist_fn, int(num_samples))
 
 

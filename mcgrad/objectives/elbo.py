@@ -11,6 +11,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from mcgrad.estimators.distributions import describe, unwrap
+from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference import handlers
 from mcgrad.inference.checks import check_observations, warn_guide_only_sites, warn_missing_plates
 from mcgrad.inference.costs import Term, describe_site, site_log_prob, site_plates
@@ -201,7 +202,4 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
 
 def check_num_particles(objective: str, num_particles, minimum: int) -> None:
     """A clear error for a particle count that is not a whole number ``≥ minimum``."""
-    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < minimum:
-        raise ValueError(
-            f"{objective}(num_particles=...) must be a whole number >= {minimum}, got {num_particles!r}."
-        )
+    check_whole_number(f"{objective}(num_particles=...)", num_particles, minimum)
