@@ -13,15 +13,19 @@ from mcgrad.estimators.base import (
     gradient_only,
     grad,
     linear_terms,
+    per_coordinate,
     per_sample_grads,
     problem_site,
     row_sum,
     surrogate,
     value_and_grad,
 )
+from mcgrad.estimators.antithetic import arm, disarm
+from mcgrad.estimators.enumeration import enumerate
 from mcgrad.estimators.log_prob import log_prob
 from mcgrad.estimators.measure_valued import measure_valued
 from mcgrad.estimators.pathwise import pathwise
+from mcgrad.estimators.relaxed import gumbel_softmax
 from mcgrad.estimators.score_function import score_function
 from mcgrad.estimators.weak_derivatives import (
     WeakDerivative,
@@ -39,14 +43,19 @@ __all__ = [
     "Site",
     "SiteInfo",
     "WeakDerivative",
+    "arm",
+    "disarm",
     "draw_without_gradient",
+    "enumerate",
     "estimate",
     "grad",
     "gradient_only",
+    "gumbel_softmax",
     "linear_terms",
     "log_prob",
     "measure_valued",
     "pathwise",
+    "per_coordinate",
     "per_sample_grads",
     "problem_site",
     "register_weak_derivative",

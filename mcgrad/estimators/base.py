@@ -113,6 +113,13 @@ class Site(NamedTuple):
             parameters in :func:`grad`; a program site's distribution leaves, such as
             Categorical ``probs`` on the simplex, need not be). Per-coordinate baselines
             need it.
+        recost_slices: ``values [N, ...] -> shaped like cost``: :attr:`recost` per slice,
+            Rao-Blackwellized as ``cost`` is; ``None`` where ``cost`` has one entry per row
+            (then it is ``recost``). Use :meth:`recost_like_cost`.
+        plate_axes: axes of one row's draw (``value.shape[1:]``) that are plates of
+            conditionally independent slices: replacing the draw in slice ``j`` changes only
+            slice ``j``'s entry of ``recost_slices``. Estimators that replace coordinates
+            (measure-valued, enumeration) replace every slice at once along them.
     """
 
     name: str
@@ -125,10 +132,37 @@ class Site(NamedTuple):
     resample: Callable[[SampleFn, Any], Array]
     leave_one_out: Array | None = None
     free_parameters: bool = False
+    recost_slices: Callable[[Array], Array] | None = None
+    plate_axes: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
         return self.value.shape[0]
+
+    def recost_like_cost(self, values: Array) -> Array:
+        """Each row's cost had its draw been ``values[i]``, shaped like :attr:`cost`."""
+        return (self.recost_slices or self.recost)(values)
+
+    def slice_axes(self) -> tuple[int, ...]:
+        """The plate axes an estimator may replace all at once: :attr:`plate_axes` where
+        costs come per slice, none otherwise."""
+        return self.plate_axes if self.recost_slices is not None else ()
+
+
+def per_coordinate(cost: Array, value_shape: tuple[int, ...]) -> Array:
+    """A learning signal ``[N, *s]`` (one entry per row, or per slice) broadcast to the draws'
+    ``[N, *value_shape]``: every coordinate of a slice sees its slice's signal."""
+    cost = jnp.reshape(cost, cost.shape + (1,) * (1 + len(value_shape) - cost.ndim))
+    return jnp.broadcast_to(cost, cost.shape[:1] + tuple(value_shape))
+
+
+def coordinate_groups(value_shape: tuple[int, ...], plate_axes: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """Coordinates of one draw that may be replaced together: those that differ only along
+    ``plate_axes``. Returns ``(group of each flattened coordinate, number of groups)``."""
+    group_shape = tuple(1 if axis in plate_axes else size for axis, size in enumerate(value_shape))
+    num_groups = int(np.prod(group_shape, dtype=int))
+    groups = np.broadcast_to(np.arange(num_groups).reshape(group_shape), value_shape).ravel()
+    return groups, num_groups
 
 
 class SiteInfo(NamedTuple):
@@ -178,6 +212,8 @@ class GradientEstimator(NamedTuple):
         reparameterized: whether ``sample`` carries the gradient through the draw. An
             ELBO then keeps ``∇ log q`` at the drawn value (the pathwise estimate needs
             it); otherwise it drops that zero-mean term, which only adds variance.
+        bias: ``None`` for an unbiased estimator; otherwise what makes it biased (the
+            relaxations), shown by ``compare`` and ``diagnose``.
     """
 
     init: Callable[[Params], EstimatorState]
@@ -186,6 +222,7 @@ class GradientEstimator(NamedTuple):
     check: Callable[[Distribution, str], None] = check_nothing
     name: str = "custom"
     reparameterized: bool = False
+    bias: str | None = None
 
 
 class EmptyState(NamedTuple):

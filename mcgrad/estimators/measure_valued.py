@@ -6,7 +6,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import numpyro.distributions as dist
 
 from mcgrad import baselines as baselines_lib
@@ -14,9 +13,11 @@ from mcgrad.estimators.base import (
     GradientEstimator,
     Site,
     SiteInfo,
+    coordinate_groups,
     draw_without_gradient,
     gradient_only,
     init_empty_state,
+    per_coordinate,
 )
 from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.estimators.score_function import score_function
@@ -80,6 +81,9 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     Requires: a registered family with scalar events (``expand`` and ``to_event`` are
     fine); ``f`` need not be differentiable. With ``coupling`` the positive and negative
     draws share their randomness, which lowers the variance.
+    At a site inside a ``plate`` each slice's cost sees only its own draw, so the
+    coordinates of all slices are replaced at once: ``D`` counts the parameter elements
+    of one slice (a VAE's latent dimension, not batch × latent dimension).
     Cost: ``N + 2·D·N`` evaluations of ``f`` for ``D`` parameter elements, batched with
     ``vmap``; ``batch_size`` evaluates ``batch_size`` perturbed coordinates (each for all
     ``N`` samples) at a time (``lax.map``) when all ``2·D·N`` at once would not fit in
@@ -103,6 +107,9 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
         value_shape = site.value.shape[1:]
         num_coordinates = math.prod(value_shape)
         flat_values = jnp.reshape(site.value, (num_rows, num_coordinates))
+        # Coordinates that differ only along a plate are replaced together (each slice's
+        # cost sees only its own): 2·(per-slice coordinates) re-runs, not 2·(all of them).
+        group_of, num_groups = coordinate_groups(value_shape, site.slice_axes())
         families = []  # the family, seen while the rows' parameters are traced
 
         def base_parameters(distribution):
@@ -113,45 +120,46 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
         frozen = jax.lax.stop_gradient(parameters)
         entry = weak_derivative_for(families[0])
 
-        def recost_replaced(coordinate, replacement):
-            # Every row's draw with `coordinate` set to that row's replacement value. A select
-            # rather than a scatter (`.at[].set`): XLA fuses it into the cost.
-            mask = jnp.arange(num_coordinates) == coordinate
-            rows = jnp.where(mask, jnp.expand_dims(replacement, 1).astype(flat_values.dtype), flat_values)
-            return jax.lax.stop_gradient(site.recost(jnp.reshape(rows, site.value.shape)))
+        def recost_replaced(group, replacement):
+            # Every row's draw with the coordinates of `group` set to that row's replacement
+            # values; each coordinate's cost (its slice's). A select rather than a scatter
+            # (`.at[].set`): XLA fuses it into the cost.
+            rows = jnp.where(jnp.asarray(group_of) == group, replacement.astype(flat_values.dtype), flat_values)
+            costs = site.recost_like_cost(jnp.reshape(rows, site.value.shape))
+            return jnp.reshape(per_coordinate(jax.lax.stop_gradient(costs), value_shape), (num_rows, num_coordinates))
 
         terms = jnp.zeros((num_rows,))
         num_evaluations = 0
         for index, (name, sampler) in enumerate(entry.samplers.items()):
             constant, positive, negative = sampler(jax.random.fold_in(key, index), frozen, 1, coupling)
             parameter_shape = jnp.shape(parameters[name])[1:]
-            size = math.prod(parameter_shape)
-            # The draw coordinate each parameter element governs (static).
-            coordinate_of = np.broadcast_to(
-                np.arange(num_coordinates).reshape(value_shape + (1,) * (len(parameter_shape) - len(value_shape))),
-                parameter_shape,
-            ).ravel()
-            columns = (
-                jnp.asarray(coordinate_of),
-                jnp.reshape(positive, (num_rows, size)).T,
-                jnp.reshape(negative, (num_rows, size)).T,
-            )
+            extra = math.prod(parameter_shape[len(value_shape) :])  # Categorical's K, else 1
+            # [N, coordinates, extra]: the replacement of each coordinate for each parameter element
+            positive, negative = (jnp.reshape(v, (num_rows, num_coordinates, extra)) for v in (positive, negative))
+            # One column of re-runs per (group, element of the extra axis): every coordinate
+            # of the group takes its own replacement for that element.
+            columns = (jnp.repeat(jnp.arange(num_groups), extra), jnp.tile(jnp.arange(extra), num_groups))
 
             def both_sides(column):
-                coordinate, plus, minus = column
-                return recost_replaced(coordinate, plus), recost_replaced(coordinate, minus)
+                group, element = column
+                return recost_replaced(group, positive[:, :, element]), recost_replaced(group, negative[:, :, element])
 
+            num_columns = num_groups * extra
             chunk = batch_size
-            if chunk is None and num_rows * size * num_coordinates > _MAX_ROWS_ELEMENTS:
+            if chunk is None and num_rows * num_columns * num_coordinates > _MAX_ROWS_ELEMENTS:
                 chunk = max(1, _MAX_ROWS_ELEMENTS // (num_rows * num_coordinates))
-            if chunk is None or chunk >= size:
+            if chunk is None or chunk >= num_columns:
                 cost_plus, cost_minus = jax.vmap(both_sides)(columns)
             else:
                 cost_plus, cost_minus = jax.lax.map(both_sides, columns, batch_size=chunk)
-            weak_gradient = jnp.reshape(constant, (num_rows, size)) * (cost_plus - cost_minus).T
-            direction = jnp.reshape(gradient_only(parameters[name]), (num_rows, size))
-            terms = terms + jnp.sum(direction * jax.lax.stop_gradient(weak_gradient), axis=1)
-            num_evaluations += 2 * size * num_rows
+            # [columns, N, coordinates] -> each parameter element's own column: [N, coordinates, extra]
+            column_of = jnp.asarray(group_of)[:, None] * extra + jnp.arange(extra)[None, :]
+            difference = jnp.moveaxis(cost_plus - cost_minus, 0, -1)
+            own = jnp.take_along_axis(difference, column_of[None], axis=2)
+            weak_gradient = jnp.reshape(constant, (num_rows, num_coordinates, extra)) * own
+            direction = jnp.reshape(gradient_only(parameters[name]), (num_rows, num_coordinates, extra))
+            terms = terms + jnp.sum(direction * jax.lax.stop_gradient(weak_gradient), axis=(1, 2))
+            num_evaluations += 2 * num_columns * num_rows
 
         if entry.stop_covered is not None:  # uncovered parameters: score function, leave-one-out
             stopped = site._replace(

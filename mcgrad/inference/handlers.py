@@ -19,7 +19,7 @@ Handlers are applied inside the traced function, never around ``jit``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 from numpyro import handlers
@@ -35,16 +35,37 @@ def needs_key(msg: dict) -> bool:
     return msg["type"] in _RANDOM_MESSAGES and msg["kwargs"].get("rng_key") is None and msg["value"] is None
 
 
+class KeyTable(NamedTuple):
+    """The keys one run of a program takes, in program order.
+
+    Attributes:
+        width: how many (the width of a particle's row of keys).
+        shared: the positions of the ``plate`` messages among them: a subsampled plate
+            draws its minibatch with that key, and every particle of a step takes the
+            same one, so all particles see the same data (their learning signals are
+            then comparable, which baselines across particles need).
+    """
+
+    width: int = 0
+    shared: tuple[int, ...] = ()
+
+
 class CountKeys(Messenger):
-    """Counts the keys a run takes (the size of its key table)."""
+    """Records the keys a run takes (its :class:`KeyTable`)."""
 
     def __init__(self, fn):
-        self.count = 0
+        self.count, self.shared = 0, []
         super().__init__(fn)
 
     def process_message(self, msg):
         if needs_key(msg):
+            if msg["type"] == "plate":
+                self.shared.append(self.count)
             self.count += 1
+
+    @property
+    def table(self) -> KeyTable:
+        return KeyTable(self.count, tuple(self.shared))
 
 
 class SiteKeys(Messenger):
@@ -94,7 +115,7 @@ def run(
     replay_trace: dict | None = None,
     estimators: dict | None = None,
     count_keys: bool = False,
-) -> dict | tuple[dict, int]:
+) -> dict | tuple[dict, KeyTable]:
     """One traced run of ``fn(*args, **kwargs)`` through the documented stack.
 
     Args:
@@ -103,10 +124,10 @@ def run(
         params, values: substituted (``values`` win over ``params``).
         replay_trace: a trace whose sample sites the run replays (a model given its guide).
         estimators: site name -> estimator; each draws its site's value.
-        count_keys: also return how many keys the run took.
+        count_keys: also return the run's :class:`KeyTable`.
 
     Returns:
-        The trace (an ordered dict of sites), and the key count with ``count_keys``.
+        The trace (an ordered dict of sites), and the key table with ``count_keys``.
     """
     counter = CountKeys(fn) if count_keys else None
     program = counter if counter is not None else fn
@@ -122,4 +143,4 @@ def run(
     if estimators:
         program = Draw(program, estimators)
     trace = handlers.trace(program).get_trace(*args, **kwargs)
-    return (trace, counter.count) if count_keys else trace
+    return (trace, counter.table) if count_keys else trace

@@ -12,12 +12,14 @@ estimator it holds. What the engine does for every estimator alike:
   count, and inside a ``plate`` only the terms of the site's own slice (plus the terms
   outside that plate);
 * re-costs a particle with one site's value replaced and every other draw kept (the
-  same key table), for estimators that ask (measure-valued, control variates).
+  same key table), for estimators that ask (measure-valued, antithetic pairs, control
+  variates): its total, or per plate slice like the site's signal.
 
 Particles take their keys from one table drawn per step: ``[M, 3 + S]`` keys, a key for
 the cost terms, two spares, and one per random site of the program in program order
 (``seed`` would split a key at every site instead, a threefry loop per site in the
-compiled step).
+compiled step). A subsampled plate's key is the same for every particle: all particles of
+a step see one minibatch, so their learning signals compare like with like.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class Program(NamedTuple):
         stop_log_density: ``estimator -> bool``: evaluate the site's ``log q`` with its
             distribution's parameters under ``stop_gradient`` (sticking the landing for
             reparameterized sites; the zero-mean direct term of the others).
-        num_site_keys: the random sites of the program (the key table's width).
+        keys: the keys one run of the program takes (:class:`~mcgrad.inference.handlers.KeyTable`).
     """
 
     fn: Callable
@@ -65,17 +67,24 @@ class Program(NamedTuple):
     estimators: dict[str, GradientEstimator]
     log_density: bool = True
     stop_log_density: Callable[[GradientEstimator], bool] = drop_for_unreparameterized
-    num_site_keys: int = 0
+    keys: handlers.KeyTable = handlers.KeyTable()
 
 
-def count_site_keys(fn: Callable, params: Params, key: Array, args: tuple, kwargs: dict) -> tuple[dict, int]:
+def count_site_keys(
+    fn: Callable, params: Params, key: Array, args: tuple, kwargs: dict
+) -> tuple[dict, handlers.KeyTable]:
     """One seeded run of ``fn`` with ``params``: its trace and the keys it takes."""
     return handlers.run(fn, args, kwargs, key=key, params=params, count_keys=True)
 
 
 def particle_keys(program: Program, key: Array, num_particles: int) -> Array:
-    """``[num_particles, 3 + num_site_keys]`` keys, one row per particle, in one call."""
-    return jax.random.split(key, (num_particles, _FIRST_SITE_KEY + program.num_site_keys))
+    """``[num_particles, 3 + width]`` keys, one row per particle, in one call; the columns
+    of subsampled plates hold the first particle's key in every row."""
+    keys = jax.random.split(key, (num_particles, _FIRST_SITE_KEY + program.keys.width))
+    if program.keys.shared:
+        columns = jnp.asarray(program.keys.shared) + _FIRST_SITE_KEY
+        keys = keys.at[:, columns].set(keys[0, columns])
+    return keys
 
 
 def run_particle(
@@ -129,10 +138,25 @@ class Particles(NamedTuple):
 
 class _Layout(NamedTuple):
     """What the vmapped particles cannot return as arrays: how to rebuild each site's
-    distribution from its leaves, and its sample shape (seen while tracing)."""
+    distribution from its leaves, its sample shape and its plate axes (seen while tracing)."""
 
     rebuild: Callable
     sample_shape: tuple[int, ...]
+    plate_axes: tuple[int, ...]
+
+
+def site_signal(site: dict, order: int, terms: list[Term]) -> Array:
+    """The learning signal of the program's ``order``-th latent site: the cost terms at or
+    after it, each reduced to the site's plates, shaped like its log-density."""
+    shape = jax.eval_shape(lambda: site_log_prob(site, scaled=False, own_sample=True)).shape
+    downstream = [t for t in terms if t.order >= order]
+    return sum((reduce_to_plates(t, site_plates(site), shape) for t in downstream), jnp.zeros(shape))
+
+
+def plate_axes(site: dict, signal_ndim: int) -> tuple[int, ...]:
+    """Axes of the site's draw that are plates with more than one slice."""
+    axes = [signal_ndim + dim for _, dim in site_plates(site) if -dim <= signal_ndim]
+    return tuple(sorted(axis for axis in axes if jnp.shape(site["value"])[axis] > 1))
 
 
 def draw_particles(
@@ -150,10 +174,9 @@ def draw_particles(
         for order, site in enumerate(latent_sites(trace)):
             name = site["name"]
             parameters, others, rebuild = split_parameters(site["fn"])
-            layouts[name] = _Layout(rebuild, tuple(site["kwargs"].get("sample_shape", ())))
-            shape = jnp.shape(site_log_prob(site, scaled=False, own_sample=True))
-            downstream = [t for t in terms if t.order >= order]
-            signal = sum((reduce_to_plates(t, site_plates(site), shape) for t in downstream), jnp.zeros(shape))
+            signal = site_signal(site, order, terms)
+            sample_shape = tuple(site["kwargs"].get("sample_shape", ()))
+            layouts[name] = _Layout(rebuild, sample_shape, plate_axes(site, signal.ndim))
             sites[name] = SiteRows(
                 jax.lax.stop_gradient(site["value"]),
                 site["kwargs"]["rng_key"],
@@ -204,6 +227,14 @@ def site_terms(
             )
             return row_cost(replaced) if row_cost is not None else replaced
 
+        def recost_slices(values, name=name):
+            def one(row_keys, value):
+                trace, terms = run_particle(program, frozen, row_keys, args, kwargs, {name: value})
+                order = [site["name"] for site in latent_sites(trace)].index(name)
+                return site_signal(trace[name], order, terms)
+
+            return jax.vmap(one)(particles.keys, values)
+
         def resample(sample_fn, parameters, rows=rows, layout=layout):
             return jax.vmap(lambda k, p, o: sample_fn(k, layout.rebuild(p, o), layout.sample_shape))(
                 rows.key, parameters, rows.others
@@ -219,6 +250,8 @@ def site_terms(
             recost=recost,
             resample=resample,
             leave_one_out=leave_one_out,
+            recost_slices=recost_slices if cost is None else None,
+            plate_axes=layout.plate_axes,
         )
         terms, new_states[name], info = program.estimators[name].terms(
             jax.random.fold_in(key, index), states[name], site

@@ -122,7 +122,7 @@ def adversarial(
             raise ValueError("adversarial() trains the model as a generator; pass guide=None.")
         param_info = find_params([(model, args, kwargs)], key)
         params = constrain(param_info.unconstrained, param_info.constraints)
-        model_trace, num_site_keys = count_site_keys(model, params, key, args, kwargs)
+        model_trace, key_table = count_site_keys(model, params, key, args, kwargs)
         if site not in model_trace:
             raise ValueError(f"adversarial(site='{site}'): the generator has no site '{site}' "
                              f"(its sites: {list(model_trace)}).")
@@ -155,7 +155,7 @@ def adversarial(
                 per_sample = generator_loss(scores, loss) / scores.shape[0]
                 return [Term(per_sample, site_plates(output), float("inf"))]
 
-            program = Program(model, cost_terms, chosen, log_density=False, num_site_keys=num_site_keys)
+            program = Program(model, cost_terms, chosen, log_density=False, keys=key_table)
             s, (site_states, losses) = average_surrogate(
                 program, params, state.site_states, key_generator, num_particles, args, kwargs, shard
             )

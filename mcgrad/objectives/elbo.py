@@ -131,7 +131,7 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
         raise ValueError("an ELBO-type objective needs a guide; for a model without latents use mg.maximum_likelihood().")
     param_info = find_params([(guide, args, kwargs), (model, args, kwargs)], key)
     params = constrain(param_info.unconstrained, param_info.constraints)
-    guide_trace, num_site_keys = count_site_keys(guide, params, key, args, kwargs)
+    guide_trace, key_table = count_site_keys(guide, params, key, args, kwargs)
     model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
     check_model_and_guide(model_trace, guide_trace)
     check_observations(model_trace, args, kwargs)
@@ -145,7 +145,7 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
     chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles)
-    program = Program(guide, model_terms(model), chosen, num_site_keys=num_site_keys)
+    program = Program(guide, model_terms(model), chosen, keys=key_table)
     return Variational(param_info, program, guide_trace)
 
 

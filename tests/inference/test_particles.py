@@ -503,19 +503,20 @@ def _two_site_program(x):
 
 
 def test_the_key_table_counts_what_seed_would_key():
-    from mcgrad.inference import particles
+    from mcgrad.inference import handlers, particles
 
     # a, b and the prng_key call; not the observed x, nor the plate (no subsampling: its
     # indices need no key)
-    trace, num_site_keys = particles.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {})
-    assert num_site_keys == 3 and {"a", "b", "x"} <= set(trace)
+    trace, table = particles.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {})
+    assert table == handlers.KeyTable(3, ()) and {"a", "b", "x"} <= set(trace)
 
 
 @pytest.mark.parametrize("num_site_keys", [3, 1])  # the full table, and one too short (spare keys)
 def test_each_site_and_particle_draws_from_its_own_key(num_site_keys):
     from mcgrad.inference import handlers, particles
 
-    program = particles.Program(_two_site_program, cost_terms=None, estimators={}, num_site_keys=num_site_keys)
+    table = handlers.KeyTable(num_site_keys)
+    program = particles.Program(_two_site_program, cost_terms=None, estimators={}, keys=table)
     keys = particles.particle_keys(program, jax.random.key(0), 2)
     assert keys.shape == (2, 3 + num_site_keys)
 
@@ -527,3 +528,27 @@ def test_each_site_and_particle_draws_from_its_own_key(num_site_keys):
     flat = np.concatenate(values)
     assert len(np.unique(flat)) == flat.size  # no two draws share a key
     np.testing.assert_array_equal(np.concatenate([np.ravel(v) for v in draws(keys[0])]), np.concatenate(values[:3]))
+
+
+def _subsampled_program():
+    with numpyro.plate("data", 100, subsample_size=5) as index:
+        numpyro.sample("z", dist.Normal(0.0, 1.0))
+    return index
+
+
+def test_every_particle_of_a_step_sees_the_same_minibatch():
+    # Baselines across particles compare their learning signals: under a subsampled plate
+    # each particle drawing its own minibatch made leave-one-out compare different data.
+    from mcgrad.inference import handlers, particles
+
+    trace, table = particles.count_site_keys(_subsampled_program, {}, jax.random.key(0), (), {})
+    assert table == handlers.KeyTable(2, (0,))  # the plate's key first, then z's
+    program = particles.Program(_subsampled_program, cost_terms=None, estimators={}, keys=table)
+    keys = particles.particle_keys(program, jax.random.key(1), 4)
+    runs = [handlers.run(_subsampled_program, (), {}, site_keys=(row[3:], row[2])) for row in keys]
+    indices = np.stack([np.asarray(run["data"]["value"]) for run in runs])
+    draws = np.stack([np.asarray(run["z"]["value"]) for run in runs])
+    assert (indices == indices[0]).all() and len(np.unique(indices[0])) == 5
+    assert len(np.unique(draws)) == draws.size  # the latent draws stay independent
+    other_step = particles.particle_keys(program, jax.random.key(2), 4)[0]
+    assert not (np.asarray(handlers.run(_subsampled_program, (), {}, site_keys=(other_step[3:], other_step[2]))["data"]["value"]) == indices[0]).all()
