@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import (
     CostFn,
     DistFn,
@@ -43,9 +44,12 @@ from mcgrad.estimators.base import (
     Problem,
     check_whole_number,
     estimate,
+    grad,
     per_sample_grads,
     surrogate,
 )
+from mcgrad.estimators.enumeration import enumerate as enumerate_estimator
+from mcgrad.estimators.score_function import score_function
 
 Array = jax.Array
 
@@ -85,7 +89,10 @@ class Diagnostics(NamedTuple):
         num_samples, num_repeats: ``N`` and ``R``.
         flag: why these numbers do not rank the estimator (``""`` when they do): e.g.
             ``"biased: non-differentiable cost"`` when every estimate is exactly ``0``
-            while the cost varies across samples (see :func:`diagnose`).
+            while the cost varies across samples (see :func:`diagnose`), or a biased
+            estimator's own :attr:`~mcgrad.GradientEstimator.bias` (the relaxations), whose
+            ``bias`` is then measured against an unbiased reference when no ``exact``
+            gradient is given (:func:`unbiased_reference`).
     """
 
     mean: Params
@@ -300,15 +307,44 @@ def _diagnose(cost_fn, dist_fn, estimator, params, key, *, num_samples, num_repe
     batched = jax.jit(jax.vmap(one, in_axes=(None, 0)))
     gradients, (low, high) = jax.block_until_ready(batched(params, keys))  # compiles
     seconds = median_seconds(lambda: batched(params, keys), num_timing_runs) / num_repeats
+    reference_error = None
+    if estimator.bias is not None and exact is None:  # its bias against an unbiased reference
+        exact, reference_error = unbiased_reference(cost_fn, dist_fn, params, key, num_samples, num_repeats)
     stats = jax.jit(gradient_statistics)(gradients, exact)
+    if reference_error is not None:  # the reference's own noise widens the bias's standard error
+        stats = stats._replace(
+            bias_standard_error=jax.tree.map(jnp.hypot, stats.bias_standard_error, reference_error)
+        )
     num_evaluations = count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
     flag = _non_differentiable_flag(gradients, (float(jnp.min(low)), float(jnp.max(high))), label)
+    flag = flag or (estimator.bias or "")
     variance_times_seconds = float(stats.total_variance) * seconds
     if flag:
         efficiency = math.nan
     else:
         efficiency = 1.0 / variance_times_seconds if variance_times_seconds > 0 else math.inf  # a noiseless estimator
     return Diagnostics(*stats, num_evaluations, seconds, efficiency, num_samples, num_repeats, flag)
+
+
+def unbiased_reference(cost_fn, dist_fn, params, key, num_samples: int, num_repeats: int) -> tuple[Params, Params]:
+    """The gradient a biased estimator is measured against, and its standard error.
+
+    Exact enumeration where the distribution allows it (standard error ``0``); otherwise
+    the mean of ``num_repeats`` score-function estimates with a leave-one-out baseline
+    (unbiased for every family whose support does not move), with its standard error.
+    """
+    enumeration = enumerate_estimator()
+    try:
+        enumeration.check(dist_fn(params), "x")
+        exact = grad(cost_fn, dist_fn, estimator=enumeration, num_samples=1)(params, key)
+        return exact, jax.tree.map(jnp.zeros_like, exact)
+    except ValueError:  # not enumerable (a continuous family, or too many configurations)
+        pass
+    reference = score_function(baseline=baselines_lib.leave_one_out())
+    estimate_fn = grad(cost_fn, dist_fn, estimator=reference, num_samples=max(num_samples, 2))
+    gradients = jax.jit(jax.vmap(estimate_fn, in_axes=(None, 0)))(params, jax.random.split(jax.random.fold_in(key, 1), num_repeats))
+    stats = gradient_statistics(gradients)
+    return stats.mean, jax.tree.map(lambda v: jnp.sqrt(v / num_repeats), stats.variance)
 
 
 # --------------------------------------------------------------------------- tables

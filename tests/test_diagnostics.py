@@ -215,3 +215,29 @@ def test_noiseless_estimator_has_infinite_efficiency():
     )
     assert float(result.total_variance) < 1e-8
     assert result.efficiency > 1e6
+
+
+def test_biased_relaxations_are_flagged_and_measured_against_an_unbiased_reference():
+    # No exact gradient given: the Gumbel rows' bias is measured against enumeration, and
+    # they are left out of the ranking however small their variance.
+    bernoulli = lambda p: dist.Bernoulli(logits=p).to_event(1)  # noqa: E731
+    estimators = {"disarm": mg.disarm(), "straight_through": mg.gumbel_softmax(0.5, straight_through=True)}
+    with jax.numpy_rank_promotion("allow"):
+        result = mg.compare(
+            lambda b: jnp.sum((b - 0.45) ** 2), bernoulli, estimators, jnp.array([0.0, 2.0, -2.0]),
+            key=jax.random.key(0), num_samples=2, num_repeats=400,
+        )
+    table = result.table
+    assert table.loc["straight_through", "flag"].startswith("biased")
+    assert table.loc["straight_through", "max_bias_z"] > 5  # measurably off the reference
+    assert np.isnan(table.loc["straight_through", "rank"]) and result.best == "disarm"
+    assert table.loc["disarm", "flag"] == ""
+
+
+def test_a_noisy_reference_widens_the_bias_standard_error():
+    biased = mg.pathwise()._replace(bias="biased: for the test")  # unbiased in fact; not enumerable
+    d = mg.diagnose(lambda x: x ** 2, lambda p: dist.Normal(p, 1.0), biased, 1.0,
+                    key=jax.random.key(0), num_samples=4, num_repeats=400)
+    assert d.flag == "biased: for the test" and math.isnan(d.efficiency)
+    assert abs(d.bias) < 5 * d.bias_standard_error
+    assert d.bias_standard_error > np.sqrt(d.variance / 400)  # the score-function reference's noise
