@@ -106,3 +106,24 @@ def test_register_a_subcommand(monkeypatch, capsys):
 def test_no_subcommand_is_an_error():
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+def test_compare_discrete_vae(tmp_path, capsys):
+    """``mcgrad compare discrete-vae`` with tiny settings: the table (CSV and printed) and the PNG."""
+    code = cli.main(
+        ["compare", "discrete-vae", "--num-steps", "8", "--methods", "hand_disarm", "mcgrad_disarm",
+         "--output-dir", str(tmp_path)]
+    )
+    assert code == 0
+    table = pd.read_csv(tmp_path / "discrete_vae_comparison.csv").set_index("method")
+    assert list(table.index) == ["hand_disarm", "mcgrad_disarm", "mcgrad_disarm_no_diagnostics"]
+    for column in ["final -ELBO", "IWAE-100 (test, -bound)", "ms/step", "compile s", "time to target s",
+                   "time to target / hand_disarm", "encoder variance @0", "encoder variance @8"]:
+        assert column in table.columns, column
+    assert (table["ms/step"] > 0).all() and (table["encoder variance @8"] > 0).all()
+    assert table.loc["mcgrad_disarm", "evaluations per datum"] == 2
+    assert (tmp_path / "discrete_vae_comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "Discrete VAE" in out and "mcgrad_disarm" in out
+    with pytest.raises(SystemExit, match="multiple of 4"):
+        cli.main(["compare", "discrete-vae", "--num-steps", "6"])

@@ -25,7 +25,8 @@ from mcgrad.estimators.enumeration import enumerate
 from mcgrad.estimators.log_prob import log_prob
 from mcgrad.estimators.measure_valued import measure_valued
 from mcgrad.estimators.pathwise import pathwise
-from mcgrad.estimators.relaxed import gumbel_softmax
+from mcgrad.estimators.relaxed_control_variate import rebar, relax
+from mcgrad.estimators.gumbel import gumbel_softmax
 from mcgrad.estimators.score_function import score_function
 from mcgrad.estimators.weak_derivatives import (
     WeakDerivative,
@@ -58,8 +59,10 @@ __all__ = [
     "per_coordinate",
     "per_sample_grads",
     "problem_site",
+    "rebar",
     "register_weak_derivative",
     "registered_families",
+    "relax",
     "row_sum",
     "score_function",
     "surrogate",

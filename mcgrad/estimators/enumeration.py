@@ -56,7 +56,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:  # noqa: A001
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
         >>> g = mg.grad(lambda b: jnp.sum((b - 0.45) ** 2), lambda p: dist.Bernoulli(logits=p),
         ...             estimator=mg.enumerate(), num_samples=1)(jnp.zeros(3), jax.random.key(0))
-        >>> g.round(6).tolist()   # exactly (1 − 2t)·θ(1 − θ)
+        >>> [round(float(v), 6) for v in g]   # exactly (1 − 2t)·θ(1 − θ)
         [0.025, 0.025, 0.025]
     """
     check_whole_number("max_configurations", max_configurations, 1)

@@ -91,7 +91,7 @@ from numpyro.distributions.discrete import (
     ZeroInflatedLogits,
     ZeroInflatedProbs,
 )
-from numpyro.distributions.util import binary_cross_entropy_with_logits, sum_rightmost
+from numpyro.distributions.util import sum_rightmost
 
 Array = jax.Array
 LogProbFn = Callable[[Distribution, ArrayLike], Array]
@@ -163,8 +163,15 @@ def _float(value) -> Array:
 
 @jax.custom_jvp
 def _bernoulli_logits_log_prob(logits: Array, value: Array) -> Array:
-    with jax.numpy_rank_promotion("allow"):
-        return -binary_cross_entropy_with_logits(logits, value)
+    # NumPyro's stable formula, `−(max(l, 0) + log1p(e^{−|l|}) − l·x)`, and its limits at
+    # infinite logits, written without its `inf · xor(x, l > 0)` trick: that needs a
+    # boolean value, and a relaxed (continuous) value differentiated under a transform
+    # (REBAR's control variate) sent jax 0.10.2 into unbounded recursion there.
+    finite = jnp.isfinite(logits)
+    safe = jnp.where(finite, logits, 0.0)
+    usual = -(jnp.clip(safe, 0) + jnp.log1p(jnp.exp(-jnp.abs(safe))) - safe * value)
+    missing = jnp.where(logits > 0, 1.0 - value, value)  # the mass the infinite logit gives 0
+    return jnp.where(finite, usual, jnp.where(missing == 0, 0.0, -jnp.inf))
 
 
 @_bernoulli_logits_log_prob.defjvp

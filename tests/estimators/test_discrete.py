@@ -64,6 +64,8 @@ UNBIASED = {
     "enumerate": mg.enumerate,
     "score_function_loo": lambda: mg.score_function(baseline=mg.baselines.leave_one_out()),
     "measure_valued": mg.measure_valued,
+    "rebar": mg.rebar,
+    "relax": lambda: mg.relax(lambda w, z: w[0] * jnp.sum(jnp.tanh(z)) + w[1] * jnp.sum(z**2), jnp.array([0.3, -0.1])),
 }
 FOR_CATEGORICAL = ("enumerate", "score_function_loo", "measure_valued")
 
@@ -165,6 +167,26 @@ def test_disarm_has_zero_variance_on_the_one_coordinate_toy(t):
     np.testing.assert_allclose(g, (1 - 2 * t) * 0.25, rtol=1e-5)
 
 
+def test_rebar_learns_its_control_variate_down_the_variance():
+    # Started without a control variate (η = 0: the plain score function), the variance
+    # gradient steps η and λ to a control variate that cuts the variance.
+    f = lambda b: jnp.sum((b - 0.45) ** 2)  # noqa: E731
+    bernoulli = lambda p: dist.Bernoulli(logits=p)  # noqa: E731
+    estimator, params = mg.rebar(scale=0.0, learning_rate=5e-2), jnp.array([0.0, 2.0])
+    step = jax.jit(mg.estimate(f, bernoulli, estimator=estimator, num_samples=1))
+
+    def variance(state):
+        grads = jax.jit(jax.vmap(lambda k: step(params, state, k).grad))(jax.random.split(jax.random.key(1), 4000))
+        return float(jnp.sum(jnp.var(grads, axis=0)))
+
+    state = estimator.init(params)
+    before = variance(state)
+    for i in range(200):
+        state = step(params, state, jax.random.key(100 + i)).state
+    after = variance(state)
+    assert state.parameters["scale"] > 0.3 and after < 0.7 * before, (before, after, state.parameters)
+
+
 def test_evaluation_counts():
     normal = lambda p: dist.Bernoulli(logits=p).to_event(1)  # noqa: E731
     params = jnp.zeros(3)
@@ -251,7 +273,7 @@ def exact_elbo_gradient(logits):
 
 @pytest.mark.parametrize(
     ("estimator", "num_particles"),
-    [("disarm", 1), ("arm", 1), ("enumerate", 1), ("measure_valued", 1), ("score_function_loo", 2)],
+    [("disarm", 1), ("arm", 1), ("enumerate", 1), ("measure_valued", 1), ("score_function_loo", 2), ("rebar", 1), ("relax", 1)],
 )
 def test_per_site_elbo_gradient_unbiased_inside_a_plate(estimator, num_particles):
     # Each slice of the plate replaced at once (measure-valued, enumeration) or its own

@@ -34,13 +34,13 @@ def test_cli_passes_its_flags_to_run_and_prints_the_variances(monkeypatch, capsy
 @pytest.mark.slow
 def test_trains_well_with_leave_one_out():
     # From ~45 nats at initialization to below the factorized Bernoulli baseline (24.5).
-    metrics = discrete_vae.run(num_steps=800, num_eval_samples=20, variance_estimators=None)
+    metrics = discrete_vae.run(num_steps=800, estimator="score_function", num_eval_samples=20, variance_estimators=None)
     assert metrics["initial_nll_bound"] > 40
     assert metrics["metric"] < metrics["baseline"], metrics
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("estimator", ["score_function_none", "moving_average", "measure_valued"])
+@pytest.mark.parametrize("estimator", ["score_function_none", "moving_average", "measure_valued", "disarm", "arm"])
 def test_every_estimator_improves_the_bound(estimator):
     # Unbiased estimators all move the bound down: clearly within 100 small steps.
     metrics = discrete_vae.run(
@@ -67,6 +67,13 @@ def test_baselines_and_measure_valued_lower_the_variance():
     # The decoder's gradient does not go through the estimator: similar across estimators.
     decoder = table["decoder_variance"]
     assert decoder.max() < 3.0 * decoder.min(), table
+
+
+def test_disarm_is_the_default():
+    assert discrete_vae.DEFAULT_ESTIMATOR == "disarm"
+    assert discrete_vae.estimator_from_name("default").name == "disarm"
+    assert discrete_vae.estimator_from_name("straight_through_gumbel").bias is not None
+    assert {"disarm", "arm", "straight_through_gumbel"} <= set(discrete_vae.ESTIMATORS)
 
 
 def test_gradient_variance_refuses_params_of_another_shape():
