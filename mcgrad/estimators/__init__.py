@@ -28,6 +28,7 @@ from mcgrad.estimators.pathwise import pathwise
 from mcgrad.estimators.relaxed_control_variate import rebar, relax
 from mcgrad.estimators.gumbel import gumbel_softmax
 from mcgrad.estimators.score_function import score_function
+from mcgrad.estimators.taylor_control_variate import double_control_variate
 from mcgrad.estimators.weak_derivatives import (
     WeakDerivative,
     register_weak_derivative,
@@ -46,6 +47,7 @@ __all__ = [
     "WeakDerivative",
     "arm",
     "disarm",
+    "double_control_variate",
     "draw_without_gradient",
     "enumerate",
     "estimate",
