@@ -1,4 +1,4 @@
-r"""Antithetic estimators for Bernoulli sites: ARM and DisARM.
+r"""Antithetic estimators for Bernoulli and Categorical sites: ARM and DisARM.
 
 Both draw a site's Bernoulli coordinates from uniforms, ``b = 1[u < σ(φ)]``, and cost the
 antithetic partner ``b̃ = 1[1 − u < σ(φ)]`` as well (every other draw of the row kept),
@@ -14,6 +14,14 @@ site), the per-coordinate estimates of ``∂/∂φ_d E[f(b)]`` are
 DisARM integrates ARM's ``u`` out given the pair, so its variance is never larger; both
 are unbiased for any ``f``. Each row's pair is independent of the other rows', so ``N``
 rows (particles) average ``N`` pairs.
+
+A Categorical draw over ``K`` categories is made of ``K − 1`` independent binary
+decisions by stick breaking (Dong, Mnih & Tucker 2021): decision ``k`` says yes with
+probability ``p_k / Σ_{j≥k} p_j`` and the draw is the first category whose decision says
+yes (the last when none does). ``E[f(c)]`` is then an expectation over independent
+Bernoullis, and the same pair estimates apply to the decisions' logits, pulled back to the
+Categorical's parameters by autodiff. (The paper's refinements, importance weighting and
+ordering the categories by logit, are not applied.)
 """
 
 from __future__ import annotations
@@ -51,40 +59,92 @@ def check_bernoulli(distribution: dist.Distribution, site: str, name: str) -> No
         )
 
 
+def check_bernoulli_or_categorical(distribution: dist.Distribution, site: str, name: str) -> None:
+    """Raise a clear error unless ``distribution`` is a Bernoulli or a Categorical with scalar
+    events (``expand`` and ``to_event`` wrappers allowed)."""
+    base = unwrap(distribution)
+    if _is_categorical(distribution) and base.event_shape == ():
+        return
+    if not isinstance(base, (dist.BernoulliLogits, dist.BernoulliProbs)):
+        raise ValueError(
+            f"{name}() applies to Bernoulli and Categorical sites, but site '{site}' is {describe(distribution)}. "
+            "For other discrete families use mg.score_function(baseline=mg.baselines.leave_one_out()) or "
+            "mg.measure_valued(); for a family with rsample, mg.pathwise()."
+        )
+
+
 def _logits(distribution: dist.Distribution, shape: tuple[int, ...]) -> Array:
     """The Bernoulli logits inside ``distribution``, broadcast to one draw's ``shape``."""
     return jnp.broadcast_to(unwrap(distribution).logits, shape)
 
 
+def _is_categorical(distribution: dist.Distribution) -> bool:
+    return isinstance(unwrap(distribution), (dist.CategoricalLogits, dist.CategoricalProbs))
+
+
+def _binary_logits(distribution: dist.Distribution, shape: tuple[int, ...]) -> Array:
+    """The logits of the independent binary decisions behind one draw of ``shape``: the
+    Bernoulli's own, or a Categorical's stick-breaking logits ``[*shape, K − 1]``,
+    ``η_k = log p_k − log Σ_{j>k} p_j`` (category ``k`` is taken where the first decision
+    says yes; the last category where none does)."""
+    base = unwrap(distribution)
+    if not _is_categorical(distribution):
+        return jnp.broadcast_to(base.logits, shape)
+    logits = base.logits  # normalised log-probabilities
+    later = jax.lax.cumlogsumexp(logits[..., ::-1], axis=logits.ndim - 1)[..., ::-1]  # log Σ_{j≥k} p_j
+    eta = logits[..., :-1] - later[..., 1:]
+    return jnp.broadcast_to(eta, tuple(shape) + eta.shape[-1:])
+
+
 def _uniforms(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...]) -> Array:
-    """The uniforms behind a draw: the same for ``b`` and its antithetic partner."""
-    return jax.random.uniform(key, tuple(sample_shape) + distribution.shape())
+    """The uniforms behind a draw, one per binary decision: the same for ``b`` and its
+    antithetic partner."""
+    shape = tuple(sample_shape) + distribution.shape()
+    if _is_categorical(distribution):
+        shape = shape + (unwrap(distribution).logits.shape[-1] - 1,)
+    return jax.random.uniform(key, shape)
+
+
+def _value(decisions: Array, categorical: bool) -> Array:
+    """A draw from its binary decisions: the decisions (Bernoulli), or the first category
+    whose decision is yes (Categorical), as integers like NumPyro's own draws."""
+    if categorical:
+        num_decisions = decisions.shape[-1]
+        value = jnp.where(jnp.any(decisions, axis=-1), jnp.argmax(decisions, axis=-1), num_decisions)
+    else:
+        value = decisions
+    return jax.lax.stop_gradient(value.astype(jax.dtypes.canonicalize_dtype(jnp.int_)))
 
 
 def _draw(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = ()) -> Array:
-    """``b = 1[u < σ(φ)]``, integers as NumPyro's own Bernoulli draws are."""
+    """``b = 1[u < σ(η)]`` for the binary decisions, and the draw they make."""
     u = _uniforms(key, distribution, sample_shape)
-    b = u < jax.nn.sigmoid(_logits(distribution, u.shape))
-    return jax.lax.stop_gradient(b.astype(jax.dtypes.canonicalize_dtype(jnp.int_)))
+    value_shape = u.shape[:-1] if _is_categorical(distribution) else u.shape
+    return _value(u < jax.nn.sigmoid(_binary_logits(distribution, value_shape)), _is_categorical(distribution))
 
 
 def _antithetic(name: str, rule: PairRule) -> GradientEstimator:
     def terms(key: Array, state, site: Site):
         del key
         value_shape = site.value.shape[1:]
-        logits = site.map(lambda d: _logits(d, value_shape), site.parameters)  # [N, *value_shape]
+        categorical = []
+        logits = site.map(  # [N, *value_shape(, K − 1)]
+            lambda d: categorical.append(_is_categorical(d)) or _binary_logits(d, value_shape), site.parameters
+        )
         frozen = jax.lax.stop_gradient(logits)
         u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))
-        b = site.value.astype(frozen.dtype)
+        decisions = (u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)
         partner = (1.0 - u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)
-        cost = per_coordinate(site.cost, value_shape)
-        partner_cost = per_coordinate(site.recost_like_cost(partner.astype(site.value.dtype)), value_shape)
-        gradient = rule(jax.lax.stop_gradient(partner_cost - cost), u, b, partner, frozen)
+        partner_value = _value(partner, categorical[0]).astype(site.value.dtype)
+        decision_shape = logits.shape[1:]
+        cost = per_coordinate(site.cost, decision_shape)
+        partner_cost = per_coordinate(site.recost_like_cost(partner_value), decision_shape)
+        gradient = rule(jax.lax.stop_gradient(partner_cost - cost), u, decisions, partner, frozen)
         terms = row_sum(jax.lax.stop_gradient(gradient) * gradient_only(logits), site.num_rows)
         return terms, state, SiteInfo(num_evaluations=site.num_rows)
 
     def check(distribution, site):
-        check_bernoulli(distribution, site, name)
+        check_bernoulli_or_categorical(distribution, site, name)
 
     return GradientEstimator(init_empty_state, _draw, terms, check, name)
 
@@ -105,7 +165,8 @@ def arm() -> GradientEstimator:
 
     .. math::  ∂_{φ_d} E[f(b)] ≈ (f(b̃) − f(b))\,(u_d − ½),\quad b = 1[u < σ(φ)],\ b̃ = 1[1 − u < σ(φ)]
 
-    Requires: a Bernoulli site (logits or probs; ``expand`` and ``to_event`` are fine).
+    Requires: a Bernoulli site (logits or probs; ``expand`` and ``to_event`` are fine), or
+    a Categorical one (by stick breaking, see :mod:`mcgrad.estimators.antithetic`).
     ``f`` need not be differentiable. Unbiased. Prefer :func:`disarm`, which has the same
     cost and never more variance.
     Cost: 2 evaluations of ``f`` per row (the draw and its antithetic partner).
@@ -133,7 +194,9 @@ def disarm() -> GradientEstimator:
     constant instead of ARM's ``u − ½``: variance never above ARM's, and zero at ``D = 1``.
     At a model site inside a ``plate`` each slice's difference is its own cost's.
 
-    Requires: a Bernoulli site (logits or probs; ``expand`` and ``to_event`` are fine).
+    Requires: a Bernoulli site (logits or probs; ``expand`` and ``to_event`` are fine), or
+    a Categorical one: its ``K − 1`` stick-breaking decisions are the coordinates (the
+    coupled categorical estimator of Dong, Mnih & Tucker 2021).
     ``f`` need not be differentiable. Unbiased.
     Cost: 2 evaluations of ``f`` per row (the draw and its antithetic partner).
 
@@ -145,6 +208,7 @@ def disarm() -> GradientEstimator:
         True
 
     Reference: Dong, Mnih & Tucker (2020), "DisARM: An Antithetic Gradient Estimator for
-    Binary Latent Variables".
+    Binary Latent Variables"; (2021), "Coupled Gradient Estimators for Discrete Latent
+    Variables".
     """
     return _antithetic("disarm", _disarm_rule)

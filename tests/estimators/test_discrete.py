@@ -68,7 +68,7 @@ UNBIASED = {
     "double_control_variate": lambda: mg.double_control_variate(alpha=0.7),
     "relax": lambda: mg.relax(lambda w, z: w[0] * jnp.sum(jnp.tanh(z)) + w[1] * jnp.sum(z**2), jnp.array([0.3, -0.1])),
 }
-FOR_CATEGORICAL = ("enumerate", "score_function_loo", "measure_valued")
+FOR_CATEGORICAL = ("arm", "disarm", "enumerate", "score_function_loo", "measure_valued")
 
 
 def repeated_estimates(estimator, dist_fn, params, key, num_repeats=NUM_REPEATS, num_samples=NUM_SAMPLES):
@@ -221,12 +221,20 @@ def test_evaluation_counts():
 # --------------------------------------------------------------------------- errors and marks
 
 
-@pytest.mark.parametrize("make", [mg.arm, mg.disarm, lambda: mg.gumbel_softmax(0.5)])
+@pytest.mark.parametrize(
+    "make", [lambda: mg.gumbel_softmax(0.5), mg.rebar, mg.relax, mg.double_control_variate]
+)
 def test_bernoulli_only_estimators_name_the_site_and_the_fix(make):
     with pytest.raises(ValueError, match=r"site 'x'.*Categorical.*mg\.(score_function|enumerate)"):
         mg.grad(lambda k: 1.0 * k, lambda p: dist.Categorical(logits=p), estimator=make(), num_samples=2)(
             jnp.zeros(3), jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize("make", [mg.arm, mg.disarm])
+def test_antithetic_estimators_refuse_other_families(make):
+    with pytest.raises(ValueError, match=r"Bernoulli and Categorical sites.*site 'x' is Poisson.*mg\.score_function"):
+        mg.grad(lambda k: 1.0 * k, lambda p: dist.Poisson(p), estimator=make(), num_samples=2)(1.0, jax.random.key(0))
 
 
 def test_enumerate_refuses_large_supports_and_continuous_families():
