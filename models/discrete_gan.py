@@ -16,7 +16,9 @@ signal is its own critic score (Rao-Blackwellized):
 
 The critic judges packs of 4 samples (PacGAN, as in :mod:`models.gan`), which halves the
 pixel-mean error against an unpacked critic. ``--estimator measure_valued`` replaces it with Bernoulli weak derivatives (each pixel
-flipped to 1 and to 0: ``2·64·B`` critic evaluations per particle — slow).
+flipped to 1 and to 0 in every sample of the batch at once: ``2·64`` critic evaluations
+per particle). It relies on the plate's promise that samples are scored independently,
+which a packed critic breaks, so it needs ``pack=1``.
 
 Evaluation against the 360 held-out binarized digits: the mean absolute error between
 the generator's and the data's pixel means (the metric; the factorized Bernoulli fit
@@ -130,6 +132,11 @@ def run(
     untrained generator, ``baseline`` the error of the training pixel means themselves,
     and the classifier two-sample test (``c2st_accuracy``, ``c2st_p_value``).
     """
+    if estimator == "measure_valued" and pack > 1:
+        raise ValueError(
+            "measure_valued replaces every slice of the 'batch' plate at once, which needs the slices' "
+            f"costs independent; a critic on packs of {pack} samples couples them. Pass pack=1."
+        )
     split = data.binarized_digits()
     key_init, key_fit, key_sample = jax.random.split(jax.random.key(seed), 3)
     generator, critic = make_networks(noise_dim, hidden, key_init, pack)

@@ -1,28 +1,36 @@
-"""Discrete VAE on binarized 8×8 digits: Bernoulli latents trained by score function or measure-valued gradients.
+"""Discrete VAE on binarized 8×8 digits: Bernoulli latents trained by DisARM, score function or measure-valued gradients.
 
 The generative model (a one-layer sigmoid belief network with an MLP decoder ``f_θ``)::
 
     z_i ~ Π_l Bernoulli(½),  z_i ∈ {0, 1}^L,     x_i | z_i ~ Π_d Bernoulli(σ(f_θ(z_i)_d)),
 
 and the amortized guide ``q_φ(z_i | x_i) = Π_l Bernoulli(σ(g_φ(x_i)_l))``, both in one
-``numpyro.plate("data", N, subsample_size=B)``. ``z`` has no ``rsample``, so ``mg.elbo``
-cannot go pathwise through it. The decoder's gradient is exact given the samples; the
-encoder's is where the estimators differ:
+``numpyro.plate("data", N, subsample_size=B)`` (the model, guide and networks are
+:mod:`mcgrad.experiments.discrete_vae`'s, shared with ``mcgrad compare discrete-vae``).
+``z`` has no ``rsample``, so ``mg.elbo`` cannot go pathwise through it. The decoder's
+gradient is exact given the samples; the encoder's is where the estimators differ:
 
-* ``score_function`` (the default for such a site): ``(L_i − b_i) ∇φ log q_φ(z_i | x_i)``
+* ``disarm`` (the default here): each particle is an antithetic pair ``b = 1[u < σ(φ)]``,
+  ``b̃ = 1[1 − u < σ(φ)]`` and the encoder's estimate is
+  ``½ (f(b̃) − f(b)) 1[b ≠ b̃] (−1)^b σ(|φ|)`` per datum — 2 model evaluations per particle;
+* ``arm``: the same pair with ARM's weight ``(f(b̃) − f(b)) (u − ½)`` (never less variance);
+* ``score_function`` (mcgrad's default for such a site): ``(L_i − b_i) ∇φ log q_φ(z_i | x_i)``
   with the leave-one-out baseline ``b_i`` over the ``M`` particles, Rao-Blackwellized so
   that each datum's score sees only its own learning signal;
 * ``score_function_none``: the same without a baseline;
 * ``moving_average``: the baseline is a running mean of past signals;
 * ``measure_valued``: for each latent coordinate, ``L(z with z_l = 1) − L(z with z_l = 0)``
-  (the Bernoulli weak derivative, common random numbers for everything else) — ``2·B·L``
-  re-evaluations of the model per particle, so keep ``L`` small.
+  (the Bernoulli weak derivative, common random numbers for everything else) — ``2·L``
+  batched re-evaluations of the model per particle, so keep ``L`` small;
+* ``straight_through_gumbel``: the straight-through Gumbel-softmax at temperature ½ —
+  **biased** (the cost's gradient at the discrete value stands in for the relaxation's).
 
 The script fits with ``--estimator``, reports the held-out IWAE-K bound, and then
 measures each estimator's gradient variance at the *same* parameters (the fitted ones)
 on one fixed minibatch from many independent keys: what swapping ``--estimator`` changes
-is the variance (and the cost per step), not the expected gradient. ``--compare`` also
-fits with every estimator and tabulates the held-out bounds side by side.
+is the variance (and the cost per step), not the expected gradient (except for the
+biased straight-through estimator). ``--compare`` also fits with every estimator and
+tabulates the held-out bounds side by side.
 
     python -m models.discrete_vae --estimator measure_valued
     python -m models.discrete_vae --compare
@@ -32,26 +40,43 @@ from __future__ import annotations
 
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import optax
 import pandas as pd
-from numpyro.contrib.module import eqx_module
 
 import mcgrad as mg
+from mcgrad.experiments.discrete_vae import (  # noqa: F401  (re-exported: this module's public names)
+    NUM_PIXELS,
+    DiscreteVAE,
+    initial_params,
+    make_discrete_vae,
+    network,
+)
 from models import common, data
 
-NUM_PIXELS = 64
-ESTIMATORS = ("score_function", "score_function_none", "moving_average", "measure_valued")
+DEFAULT_ESTIMATOR = "disarm"
+ESTIMATORS = (
+    "disarm",
+    "arm",
+    "score_function",
+    "score_function_none",
+    "moving_average",
+    "measure_valued",
+    "straight_through_gumbel",
+)
 
 
 def estimator_from_name(name: str) -> mg.GradientEstimator:
-    """The estimator of the latent site ``z`` for each ``--estimator`` choice."""
-    if name in ("score_function", "default"):
+    """The estimator of the latent site ``z`` for each ``--estimator`` choice (``"default"``: DisARM)."""
+    if name in ("disarm", "default"):
+        return mg.disarm()
+    if name == "arm":
+        return mg.arm()
+    if name == "straight_through_gumbel":
+        return mg.gumbel_softmax(0.5, straight_through=True)
+    if name == "score_function":
         return mg.score_function(baseline=mg.baselines.leave_one_out())
     if name == "score_function_none":
         return mg.score_function(baseline=mg.baselines.none())
@@ -60,46 +85,6 @@ def estimator_from_name(name: str) -> mg.GradientEstimator:
     if name == "measure_valued":
         return mg.measure_valued()
     raise ValueError(f"unknown estimator '{name}'; choose one of {ESTIMATORS}.")
-
-
-class DiscreteVAE(eqx.Module):
-    """Encoder and decoder networks and the NumPyro ``model`` / ``guide`` that use them."""
-
-    encoder: eqx.nn.MLP
-    decoder: eqx.nn.MLP
-    latent_dim: int = eqx.field(static=True)
-
-    def model(self, x, batch_size=None):
-        decoder = eqx_module("decoder", self.decoder)
-        with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as index:
-            z = numpyro.sample("z", dist.Bernoulli(probs=0.5).expand([self.latent_dim]).to_event(1))
-            logits = jax.vmap(decoder)(z)
-            numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x[index])
-
-    def guide(self, x, batch_size=None):
-        encoder = eqx_module("encoder", self.encoder)
-        with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as index:
-            logits = jax.vmap(encoder)(x[index])
-            numpyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
-
-
-def make_discrete_vae(latent_dim: int = 8, hidden: int = 64, key: jax.Array | None = None) -> DiscreteVAE:
-    """One-hidden-layer tanh MLPs ``64 → hidden → L`` (encoder logits) and ``L → hidden → 64``."""
-    key_encoder, key_decoder = jax.random.split(key if key is not None else jax.random.key(0))
-    encoder = eqx.nn.MLP(NUM_PIXELS, latent_dim, hidden, 1, activation=jnp.tanh, key=key_encoder)
-    decoder = eqx.nn.MLP(latent_dim, NUM_PIXELS, hidden, 1, activation=jnp.tanh, key=key_decoder)
-    return DiscreteVAE(encoder, decoder, latent_dim)
-
-
-def network(vae: DiscreteVAE, params: dict, name: str):
-    """The fitted network ``name`` ("encoder" / "decoder") from ``FitResult.params``."""
-    _, static = eqx.partition(getattr(vae, name), eqx.is_inexact_array)
-    return eqx.combine(params[f"{name}$params"], static)
-
-
-def initial_params(vae: DiscreteVAE) -> dict:
-    """The networks' initial weights, keyed as ``FitResult.params``."""
-    return {f"{name}$params": eqx.filter(getattr(vae, name), eqx.is_inexact_array) for name in ("encoder", "decoder")}
 
 
 def gradient_variance(
@@ -233,7 +218,7 @@ def held_out_bound(vae, params, test, key, num_samples):
 def run(
     num_steps: int = 2000,
     seed: int = 0,
-    estimator: str = "score_function",
+    estimator: str = DEFAULT_ESTIMATOR,
     output_dir: str | None = None,
     progress_bar: bool = False,
     latent_dim: int = 8,
@@ -254,7 +239,7 @@ def run(
     each name in ``variance_estimators``, ``variance_<name>`` (total encoder gradient
     variance at the fitted params) and ``seconds_<name>`` (per estimate).
     """
-    estimator = "score_function" if estimator in (None, "default") else estimator
+    estimator = DEFAULT_ESTIMATOR if estimator in (None, "default") else estimator
     split = data.binarized_digits()
     key_init, key_fit, key_eval, key_variance, key_figure = jax.random.split(jax.random.key(seed), 5)
     vae = make_discrete_vae(latent_dim, hidden, key_init)
@@ -287,7 +272,7 @@ def run(
             metrics[f"seconds_{name}"] = float(row["seconds_per_estimate"])
     if output_dir is not None:
         fig = figure(vae, result.params, split.test, result.losses / split.train.shape[0], key_figure)
-        name = "discrete_vae" if estimator == "score_function" else f"discrete_vae_{estimator}"
+        name = "discrete_vae" if estimator == DEFAULT_ESTIMATOR else f"discrete_vae_{estimator}"
         metrics["figure"] = common.save_figure(fig, output_dir, name)
     return metrics
 
@@ -308,7 +293,7 @@ def compare(num_steps: int = 2000, seed: int = 0, progress_bar: bool = False, **
 
 def main(argv=None):
     parser = common.parser(__doc__, num_steps=2000)
-    parser.add_argument("--estimator", choices=ESTIMATORS, default="score_function", help="estimator of the latent z")
+    parser.add_argument("--estimator", choices=ESTIMATORS, default=DEFAULT_ESTIMATOR, help="estimator of the latent z")
     parser.add_argument("--latent-dim", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-particles", type=int, default=4)
@@ -328,8 +313,9 @@ def main(argv=None):
             ratio = f"  ({variance / reference:.3g}× no baseline)" if reference else ""
             print(f"  {name:22s} {variance:10.4g}{ratio}  {1e3 * metrics[f'seconds_{name}']:.1f} ms/estimate")
     print(
-        "Swapping --estimator changes the variance of the encoder's gradient (and the cost per step): all four are "
-        "unbiased, so with enough steps they reach similar bounds; lower variance gets there in fewer steps."
+        "Swapping --estimator changes the variance of the encoder's gradient (and the cost per step): all but "
+        "straight_through_gumbel are unbiased, so with enough steps they reach similar bounds; lower variance gets "
+        "there in fewer steps."
     )
     if do_compare:
         kwargs.pop("estimator")

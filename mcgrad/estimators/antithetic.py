@@ -1,9 +1,12 @@
 r"""Antithetic estimators for Bernoulli and Categorical sites: ARM and DisARM.
 
-Both draw a site's Bernoulli coordinates from uniforms, ``b = 1[u < σ(φ)]``, and cost the
-antithetic partner ``b̃ = 1[1 − u < σ(φ)]`` as well (every other draw of the row kept),
-so each row costs two evaluations. With ``f`` the row's cost (per plate slice at a model
-site), the per-coordinate estimates of ``∂/∂φ_d E[f(b)]`` are
+Both draw a site's Bernoulli coordinates in antithetic pairs from one set of uniforms,
+``b = 1[u < σ(φ)]`` and ``b̃ = 1[1 − u < σ(φ)]``: rows ``i`` and ``i + N/2`` (in a model,
+particles ``i`` and ``i + M/2``) are a pair, so ``N = 2`` is one pair and two
+evaluations. Each member is an ordinary draw, so each row's cost is a plain sample of the
+objective and a model's other parameters (a decoder) learn from both. With ``f`` each
+member's cost (per plate slice at a model site), the per-coordinate estimates of
+``∂/∂φ_d E[f(b)]`` are
 
 .. math::
 
@@ -12,8 +15,8 @@ site), the per-coordinate estimates of ``∂/∂φ_d E[f(b)]`` are
     \text{DisARM:}\quad ½\,(f(b̃) − f(b))\;1[b_d ≠ b̃_d]\;(−1)^{b_d}\;σ(|φ_d|).
 
 DisARM integrates ARM's ``u`` out given the pair, so its variance is never larger; both
-are unbiased for any ``f``. Each row's pair is independent of the other rows', so ``N``
-rows (particles) average ``N`` pairs.
+are unbiased for any ``f``. Both members of a pair carry the pair's estimate, and pairs
+are independent of each other, so ``N`` rows average ``N/2`` pairs.
 
 A Categorical draw over ``K`` categories is made of ``K − 1`` independent binary
 decisions by stick breaking (Dong, Mnih & Tucker 2021): decision ``k`` says yes with
@@ -38,6 +41,7 @@ from mcgrad.estimators.base import (
     SiteInfo,
     gradient_only,
     init_empty_state,
+    paired_rows,
     per_coordinate,
     row_sum,
 )
@@ -116,37 +120,47 @@ def _value(decisions: Array, categorical: bool) -> Array:
     return jax.lax.stop_gradient(value.astype(jax.dtypes.canonicalize_dtype(jnp.int_)))
 
 
-def _draw(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = ()) -> Array:
-    """``b = 1[u < σ(η)]`` for the binary decisions, and the draw they make."""
+def _draw(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = (), flip: bool = False) -> Array:
+    """``b = 1[u < σ(η)]`` for the binary decisions (``1[1 − u < σ(η)]`` for the antithetic
+    partner, ``flip``), and the draw they make."""
     u = _uniforms(key, distribution, sample_shape)
+    u = 1.0 - u if flip else u
     value_shape = u.shape[:-1] if _is_categorical(distribution) else u.shape
     return _value(u < jax.nn.sigmoid(_binary_logits(distribution, value_shape)), _is_categorical(distribution))
+
+
+def _draw_partner(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = ()) -> Array:
+    return _draw(key, distribution, sample_shape, flip=True)
 
 
 def _antithetic(name: str, rule: PairRule) -> GradientEstimator:
     def terms(key: Array, state, site: Site):
         del key
-        value_shape = site.value.shape[1:]
-        categorical = []
-        logits = site.map(  # [N, *value_shape(, K − 1)]
-            lambda d: categorical.append(_is_categorical(d)) or _binary_logits(d, value_shape), site.parameters
-        )
+        if site.leave_one_out is not None:
+            raise ValueError(
+                f"{name}() at site '{site.name}' pairs the particles of an objective that averages them "
+                "(mg.elbo, mg.adversarial, mg.expectation); a multi-sample bound (mg.iwae, mg.renyi) couples "
+                "them instead. Use its default there (score function with the VIMCO baseline)."
+            )
+        num_rows, value_shape = site.num_rows, site.value.shape[1:]
+        half = paired_rows(num_rows, site.name, f"{name}()")
+        logits = site.map(lambda d: _binary_logits(d, value_shape), site.parameters)  # [N, *decisions]
         frozen = jax.lax.stop_gradient(logits)
-        u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))
-        decisions = (u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)
-        partner = (1.0 - u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)
-        partner_value = _value(partner, categorical[0]).astype(site.value.dtype)
-        decision_shape = logits.shape[1:]
-        cost = per_coordinate(site.cost, decision_shape)
-        partner_cost = per_coordinate(site.recost_like_cost(partner_value), decision_shape)
-        gradient = rule(jax.lax.stop_gradient(partner_cost - cost), u, decisions, partner, frozen)
-        terms = row_sum(jax.lax.stop_gradient(gradient) * gradient_only(logits), site.num_rows)
-        return terms, state, SiteInfo(num_evaluations=site.num_rows)
+        u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))  # equal within a pair
+        below = (u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)  # the first row's decisions
+        above = (1.0 - u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)  # its partner's
+        cost = per_coordinate(site.cost, logits.shape[1:])
+        first = jnp.reshape(jnp.arange(num_rows) < half, (num_rows,) + (1,) * (cost.ndim - 1))
+        partner_cost = jnp.roll(cost, half, axis=0)
+        difference = jnp.where(first, partner_cost - cost, cost - partner_cost)  # f(above) − f(below)
+        gradient = rule(jax.lax.stop_gradient(difference), u, below, above, frozen)
+        terms = row_sum(jax.lax.stop_gradient(gradient) * gradient_only(logits), num_rows)
+        return terms, state, SiteInfo()
 
     def check(distribution, site):
         check_bernoulli_or_categorical(distribution, site, name)
 
-    return GradientEstimator(init_empty_state, _draw, terms, check, name)
+    return GradientEstimator(init_empty_state, _draw, terms, check, name, partner=_draw_partner)
 
 
 def _arm_rule(difference, u, b, partner, logits):
@@ -169,7 +183,7 @@ def arm() -> GradientEstimator:
     a Categorical one (by stick breaking, see :mod:`mcgrad.estimators.antithetic`).
     ``f`` need not be differentiable. Unbiased. Prefer :func:`disarm`, which has the same
     cost and never more variance.
-    Cost: 2 evaluations of ``f`` per row (the draw and its antithetic partner).
+    Cost: 1 evaluation of ``f`` per row; an even number of rows (2 per pair).
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
@@ -198,7 +212,7 @@ def disarm() -> GradientEstimator:
     a Categorical one: its ``K − 1`` stick-breaking decisions are the coordinates (the
     coupled categorical estimator of Dong, Mnih & Tucker 2021).
     ``f`` need not be differentiable. Unbiased.
-    Cost: 2 evaluations of ``f`` per row (the draw and its antithetic partner).
+    Cost: 1 evaluation of ``f`` per row; an even number of rows (2 per pair).
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist

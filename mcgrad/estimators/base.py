@@ -214,6 +214,12 @@ class GradientEstimator(NamedTuple):
             it); otherwise it drops that zero-mean term, which only adds variance.
         bias: ``None`` for an unbiased estimator; otherwise what makes it biased (the
             relaxations), shown by ``compare`` and ``diagnose``.
+        partner: for antithetic estimators, ``(key, distribution, sample_shape) ->
+            values``, the draw paired with ``sample``'s from the same key. Rows then come
+            in pairs, row ``i + N/2`` the partner of row ``i`` (``N`` must be even): both
+            are ordinary draws of the distribution, so each row's cost is a plain Monte
+            Carlo sample (and a model's other parameters learn from both), and ``terms``
+            reads the pair from ``site.value`` and ``site.cost``.
     """
 
     init: Callable[[Params], EstimatorState]
@@ -223,6 +229,7 @@ class GradientEstimator(NamedTuple):
     name: str = "custom"
     reparameterized: bool = False
     bias: str | None = None
+    partner: SampleFn | None = None
 
 
 class EmptyState(NamedTuple):
@@ -312,12 +319,27 @@ def shared_jacobian(fn: Callable[[Any], Array], parameters: Any, num_rows: int) 
 # --------------------------------------------------------------------------- the driver
 
 
+def paired_rows(num_rows: int, site: str, name: str) -> int:
+    """Half of ``num_rows``, the number of antithetic pairs.
+
+    Raises:
+        ValueError: for an odd number of rows.
+    """
+    if num_rows % 2:
+        raise ValueError(
+            f"{name} draws antithetic pairs, so site '{site}' needs an even number of rows "
+            f"(num_samples in mg.grad, num_particles in a model), got {num_rows}: 2 is one pair."
+        )
+    return num_rows // 2
+
+
 def problem_site(
-    problem: Problem, params: Params, key: Array, sample: SampleFn = None
+    problem: Problem, params: Params, key: Array, sample: SampleFn = None, partner: SampleFn | None = None
 ) -> tuple[Site, Array]:
     """The :class:`Site` of ``problem``'s ``N`` draws at ``params`` (drawn with ``sample``,
     default without gradient), and their costs ``[N]`` (with whatever gradient the draw
     carries). The rows share one distribution; ``parameters`` are the user's ``params``.
+    With ``partner``, rows ``i`` and ``i + N/2`` are an antithetic pair from one key.
 
     Example:
         >>> import jax, jax.numpy as jnp, mcgrad as mg, numpyro.distributions as dist
@@ -328,7 +350,14 @@ def problem_site(
     """
     num_samples = problem.num_samples
     sample = sample if sample is not None else draw_without_gradient
-    value = sample(key, problem.dist_fn(params), (num_samples,))
+
+    def draw(first: SampleFn, second: SampleFn, distribution) -> Array:
+        if partner is None:
+            return first(key, distribution, (num_samples,))
+        half = paired_rows(num_samples, problem.site, "the estimator")
+        return jnp.concatenate([first(key, distribution, (half,)), second(key, distribution, (half,))])
+
+    value = draw(sample, partner, problem.dist_fn(params))
     costs = evaluate_costs(problem.cost_fn, value, problem.site)
 
     def map_rows(fn, parameters, *row_args):
@@ -345,7 +374,7 @@ def problem_site(
         map=map_rows,
         jacobian=lambda fn, parameters: shared_jacobian(fn, parameters, num_samples),
         recost=lambda values: evaluate_costs(problem.cost_fn, values, problem.site),
-        resample=lambda sample_fn, parameters: sample_fn(key, problem.dist_fn(parameters), (num_samples,)),
+        resample=lambda sample_fn, parameters: draw(sample_fn, sample_fn, problem.dist_fn(parameters)),
         free_parameters=True,
     )
     return site, costs
@@ -362,7 +391,9 @@ def surrogate(
     """
     key_sample, key_terms = jax.random.split(key)
     estimator.check(problem.dist_fn(params), problem.site)
-    site, costs = problem_site(problem, params, key_sample, estimator.sample)
+    if estimator.partner is not None:
+        paired_rows(problem.num_samples, problem.site, f"{estimator.name}()")
+    site, costs = problem_site(problem, params, key_sample, estimator.sample, estimator.partner)
     terms, new_state, info = estimator.terms(key_terms, state, site)
     return costs + terms, (new_state, EstimatorInfo(site.cost, problem.num_samples + info.num_evaluations))
 

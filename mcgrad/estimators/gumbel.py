@@ -18,7 +18,8 @@ def gumbel_softmax(temperature: float = 0.5, straight_through: bool = False) -> 
     A Bernoulli coordinate is drawn as ``z = σ((φ + log u − log(1 − u)) / τ)`` (the
     binary Concrete, logistic noise) and the gradient goes pathwise through ``z``. The
     relaxed estimator hands the cost the continuous ``z`` (the cost must accept values
-    between 0 and 1, and the model's ``log p(z)`` is its formula at those values);
+    between 0 and 1, and the model's ``log p(z)`` is its formula at those values: a
+    program with a relaxed site runs with NumPyro's support checks off);
     ``straight_through`` hands it the discrete value ``1[z > ½]`` and differentiates as if
     it were ``z``.
 
@@ -64,7 +65,8 @@ def gumbel_softmax(temperature: float = 0.5, straight_through: bool = False) -> 
         soft = jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / temperature)
         if not straight_through:
             return soft
-        return (soft > 0.5).astype(soft.dtype) + soft - jax.lax.stop_gradient(soft)
+        hard = (soft > 0.5).astype(soft.dtype)
+        return hard + (soft - jax.lax.stop_gradient(soft))  # exactly 0 or 1 in value
 
     def terms(key, state, site):
         return jnp.zeros((site.num_rows,)), state, SiteInfo()

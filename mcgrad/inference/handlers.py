@@ -44,28 +44,35 @@ class KeyTable(NamedTuple):
             draws its minibatch with that key, and every particle of a step takes the
             same one, so all particles see the same data (their learning signals are
             then comparable, which baselines across particles need).
+        sites: the name of the sample site each key goes to (``None`` for the others).
     """
 
     width: int = 0
     shared: tuple[int, ...] = ()
+    sites: tuple[str | None, ...] = ()
+
+    def columns(self, names) -> tuple[int, ...]:
+        """The positions of the keys of the sample sites in ``names``."""
+        return tuple(index for index, site in enumerate(self.sites) if site in names)
 
 
 class CountKeys(Messenger):
     """Records the keys a run takes (its :class:`KeyTable`)."""
 
     def __init__(self, fn):
-        self.count, self.shared = 0, []
+        self.count, self.shared, self.sites = 0, [], []
         super().__init__(fn)
 
     def process_message(self, msg):
         if needs_key(msg):
             if msg["type"] == "plate":
                 self.shared.append(self.count)
+            self.sites.append(msg["name"] if msg["type"] == "sample" else None)
             self.count += 1
 
     @property
     def table(self) -> KeyTable:
-        return KeyTable(self.count, tuple(self.shared))
+        return KeyTable(self.count, tuple(self.shared), tuple(self.sites))
 
 
 class SiteKeys(Messenger):
@@ -88,10 +95,11 @@ class SiteKeys(Messenger):
 
 
 class Draw(Messenger):
-    """Draws each latent site that has no value yet with its estimator's ``sample``."""
+    """Draws each latent site that has no value yet with its estimator's ``sample`` (or,
+    in a partner particle, with its ``partner``: the antithetic draw from the same key)."""
 
-    def __init__(self, fn, estimators: dict[str, Any]):
-        self.estimators = estimators
+    def __init__(self, fn, estimators: dict[str, Any], partner: Array | None = None):
+        self.estimators, self.partner = estimators, partner
         super().__init__(fn)
 
     def process_message(self, msg):
@@ -99,8 +107,11 @@ class Draw(Messenger):
             return
         estimator = self.estimators.get(msg["name"])
         if estimator is not None:
-            shape = tuple(msg["kwargs"].get("sample_shape", ()))
-            msg["value"] = estimator.sample(msg["kwargs"]["rng_key"], msg["fn"], shape)
+            key, shape = msg["kwargs"]["rng_key"], tuple(msg["kwargs"].get("sample_shape", ()))
+            value = estimator.sample(key, msg["fn"], shape)
+            if estimator.partner is not None and self.partner is not None:
+                value = jax.numpy.where(self.partner, estimator.partner(key, msg["fn"], shape), value)
+            msg["value"] = value
 
 
 def run(
@@ -114,6 +125,7 @@ def run(
     values: dict | None = None,
     replay_trace: dict | None = None,
     estimators: dict | None = None,
+    partner: Array | None = None,
     count_keys: bool = False,
 ) -> dict | tuple[dict, KeyTable]:
     """One traced run of ``fn(*args, **kwargs)`` through the documented stack.
@@ -124,6 +136,8 @@ def run(
         params, values: substituted (``values`` win over ``params``).
         replay_trace: a trace whose sample sites the run replays (a model given its guide).
         estimators: site name -> estimator; each draws its site's value.
+        partner: whether this run is a partner particle (a boolean, traced or not): sites
+            whose estimator pairs its draws take the ``partner`` draw.
         count_keys: also return the run's :class:`KeyTable`.
 
     Returns:
@@ -141,6 +155,6 @@ def run(
     if replay_trace is not None:
         program = handlers.replay(program, trace=replay_trace)
     if estimators:
-        program = Draw(program, estimators)
+        program = Draw(program, estimators, partner)
     trace = handlers.trace(program).get_trace(*args, **kwargs)
     return (trace, counter.table) if count_keys else trace

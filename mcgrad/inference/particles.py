@@ -24,11 +24,13 @@ a step see one minibatch, so their learning signals compare like with like.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpyro
 
 from mcgrad.estimators.base import GradientEstimator, Site, split_parameters
 from mcgrad.inference import handlers
@@ -84,13 +86,54 @@ def particle_keys(program: Program, key: Array, num_particles: int) -> Array:
     if program.keys.shared:
         columns = jnp.asarray(program.keys.shared) + _FIRST_SITE_KEY
         keys = keys.at[:, columns].set(keys[0, columns])
+    paired = program.keys.columns(paired_sites(program))
+    if paired:  # a partner particle draws its paired sites from its first-half twin's keys
+        columns, half = jnp.asarray(paired) + _FIRST_SITE_KEY, num_particles // 2
+        keys = keys.at[half:, columns].set(keys[:half, columns])
     return keys
 
 
+def paired_sites(program: Program) -> tuple[str, ...]:
+    """The sites whose estimator draws antithetic pairs (``GradientEstimator.partner``)."""
+    return tuple(name for name, estimator in program.estimators.items() if estimator.partner is not None)
+
+
+def partner_flags(program: Program, num_particles: int) -> Array:
+    """``[M]``: which particles are partners (the second half; none if no site pairs).
+
+    Raises:
+        ValueError: for an odd number of particles when a site pairs its draws.
+    """
+    sites = paired_sites(program)
+    if not sites:
+        return jnp.zeros((num_particles,), bool)
+    if num_particles % 2:
+        raise ValueError(
+            f"the estimator of site(s) {list(sites)} draws antithetic pairs of particles, so num_particles "
+            f"must be even (got {num_particles}): num_particles=2 is one pair."
+        )
+    return jnp.arange(num_particles) >= num_particles // 2
+
+
 def run_particle(
-    program: Program, params: Params, keys: Array, args: tuple, kwargs: dict, values: dict | None = None
+    program: Program,
+    params: Params,
+    keys: Array,
+    args: tuple,
+    kwargs: dict,
+    values: dict | None = None,
+    partner: Array | None = None,
 ) -> tuple[dict, list[Term]]:
-    """Trace the program for one particle (its row of keys fixes all of its draws) and cost it."""
+    """Trace the program for one particle (its row of keys and its ``partner`` flag fix
+    all of its draws) and cost it. A program with a relaxed site (an estimator with a
+    ``bias``, drawing values between the support's points) runs with NumPyro's support
+    checks off, so the model's ``log p`` at those values is its formula, not ``−∞``."""
+    relaxed = any(estimator.bias is not None for estimator in program.estimators.values())
+    with numpyro.validation_enabled(False) if relaxed else contextlib.nullcontext():
+        return _run_particle(program, params, keys, args, kwargs, values, partner)
+
+
+def _run_particle(program, params, keys, args, kwargs, values, partner):
     trace = handlers.run(
         program.fn,
         args,
@@ -99,6 +142,7 @@ def run_particle(
         params=params,
         values=values,
         estimators=program.estimators,
+        partner=partner,
     )
     terms = []
     if program.log_density:
@@ -111,10 +155,13 @@ def run_particle(
     return trace, terms
 
 
-def particle_loss(program: Program, params: Params, keys: Array, args: tuple, kwargs: dict, values: dict) -> Array:
-    """One particle's total cost with ``values`` substituted (every other draw kept)."""
-    _, terms = run_particle(program, params, keys, args, kwargs, values)
-    return total(terms)
+def subsampled_plates(trace: dict) -> dict[str, Array]:
+    """The minibatch indices each subsampled plate of a run drew."""
+    return {
+        name: site["value"]
+        for name, site in trace.items()
+        if site["type"] == "plate" and site["args"][0] != jnp.shape(site["value"])[0]
+    }
 
 
 class SiteRows(NamedTuple):
@@ -129,11 +176,24 @@ class SiteRows(NamedTuple):
 
 class Particles(NamedTuple):
     """``M`` particles of a program: their costs (pathwise gradients attached), their keys,
-    and each latent site's rows."""
+    and each latent site's rows; what a re-run needs to reproduce a particle's other draws
+    (its minibatches, its partner flag)."""
 
     loss: Array
     keys: Array
     sites: dict[str, SiteRows]
+    plates: dict[str, Array]
+    partner: Array
+
+    def rerun(self, program: Program, params: Params, args: tuple, kwargs: dict, values: dict, reduce: Callable):
+        """``vmap`` over the particles of ``reduce(trace, terms)`` for each particle re-run with
+        ``values`` (``{name: [M, ...]}``) substituted and every other draw kept: the same
+        keys, minibatches and partner flags."""
+
+        def one(keys, plates, partner, row_values):
+            return reduce(*run_particle(program, params, keys, args, kwargs, {**plates, **row_values}, partner))
+
+        return jax.vmap(one)(self.keys, self.plates, self.partner, values)
 
 
 class _Layout(NamedTuple):
@@ -164,12 +224,13 @@ def draw_particles(
 ) -> tuple[Particles, dict[str, _Layout]]:
     """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
     keys = particle_keys(program, key, num_particles)
+    partner = partner_flags(program, num_particles)
     if shard is not None:
-        keys = shard(keys)
+        keys, partner = shard(keys), shard(partner)
     layouts: dict[str, _Layout] = {}
 
-    def one(row_keys):
-        trace, terms = run_particle(program, params, row_keys, args, kwargs)
+    def one(row_keys, row_partner):
+        trace, terms = run_particle(program, params, row_keys, args, kwargs, partner=row_partner)
         sites = {}
         for order, site in enumerate(latent_sites(trace)):
             name = site["name"]
@@ -184,10 +245,10 @@ def draw_particles(
                 others,
                 jax.lax.stop_gradient(signal),
             )
-        return total(terms), sites
+        return total(terms), sites, subsampled_plates(trace)
 
-    loss, sites = jax.vmap(one)(keys)
-    return Particles(loss, keys, sites), layouts
+    loss, sites, plates = jax.vmap(one)(keys, partner)
+    return Particles(loss, keys, sites, plates, partner), layouts
 
 
 def site_terms(
@@ -222,18 +283,15 @@ def site_terms(
             return jax.vmap(lambda p, o, *a: fn(layout.rebuild(p, o), *a))(parameters, rows.others, *row_args)
 
         def recost(values, name=name):
-            replaced = jax.vmap(lambda k, v: particle_loss(program, frozen, k, args, kwargs, {name: v}))(
-                particles.keys, values
-            )
+            replaced = particles.rerun(program, frozen, args, kwargs, {name: values}, lambda _, terms: total(terms))
             return row_cost(replaced) if row_cost is not None else replaced
 
         def recost_slices(values, name=name):
-            def one(row_keys, value):
-                trace, terms = run_particle(program, frozen, row_keys, args, kwargs, {name: value})
+            def signal(trace, terms):
                 order = [site["name"] for site in latent_sites(trace)].index(name)
                 return site_signal(trace[name], order, terms)
 
-            return jax.vmap(one)(particles.keys, values)
+            return particles.rerun(program, frozen, args, kwargs, {name: values}, signal)
 
         def resample(sample_fn, parameters, rows=rows, layout=layout):
             return jax.vmap(lambda k, p, o: sample_fn(k, layout.rebuild(p, o), layout.sample_shape))(

@@ -16,7 +16,7 @@ from mcgrad.inference import handlers
 from mcgrad.inference.checks import check_observations, warn_guide_only_sites, warn_missing_plates
 from mcgrad.inference.costs import Term, describe_site, site_log_prob, site_plates
 from mcgrad.inference.params import ParamInfo, constrain, find_params
-from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states
+from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states, partner_flags
 from mcgrad.inference.site_estimators import resolve_estimators
 from mcgrad.objectives.base import Objective, ObjectiveSetup
 
@@ -146,6 +146,7 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
     }
     chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles)
     program = Program(guide, model_terms(model), chosen, keys=key_table)
+    partner_flags(program, num_particles)  # an odd count for antithetic pairs fails here, not at the first step
     return Variational(param_info, program, guide_trace)
 
 

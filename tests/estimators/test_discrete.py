@@ -113,7 +113,7 @@ def test_antithetic_estimators_unbiased_for_random_logits(logits):
 _compiled_antithetic = {
     name: jax.jit(
         lambda p, key, name=name: jax.vmap(
-            lambda k: mg.grad(cost, BERNOULLI["logits_event"][0], estimator=UNBIASED[name](), num_samples=1)(p, k)
+            lambda k: mg.grad(cost, BERNOULLI["logits_event"][0], estimator=UNBIASED[name](), num_samples=2)(p, k)
         )(jax.random.split(key, NUM_REPEATS))
     )
     for name in ("arm", "disarm")
@@ -143,8 +143,8 @@ def _variance_and_se(x):
     [
         ("score_function, 1 sample", mg.score_function, 1, 0.499, 1.5625e-2),
         ("leave-one-out, 2 samples", lambda: mg.score_function(mg.baselines.leave_one_out()), 2, 0.499, 2.5e-7),
-        ("ARM, 1 pair", mg.arm, 1, 0.499, 8.3e-8),
-        ("ARM, 1 pair, t = 0.45", mg.arm, 1, 0.45, 2.08e-4),
+        ("ARM, 1 pair", mg.arm, 2, 0.499, 8.3e-8),
+        ("ARM, 1 pair, t = 0.45", mg.arm, 2, 0.45, 2.08e-4),
         ("leave-one-out, t = 0.45", lambda: mg.score_function(mg.baselines.leave_one_out()), 2, 0.45, 6.25e-4),
     ],
 )
@@ -209,12 +209,41 @@ def test_double_control_variate_learns_its_weight_down_the_variance():
     assert float(state.alpha) < 0.5 and after < 0.6 * before, (before, after, state.alpha)
 
 
+def test_antithetic_pairs_need_an_even_count_and_an_averaging_objective():
+    with pytest.raises(ValueError, match=r"disarm\(\) draws antithetic pairs.*site 'x'.*got 3"), jax.numpy_rank_promotion("allow"):
+        mg.grad(cost, lambda p: dist.Bernoulli(logits=p), estimator=mg.disarm(), num_samples=3)(jnp.zeros(2), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"site\(s\) \['z'\].*num_particles must be even"):
+        mg.trainer(model, guide, X, key=jax.random.key(0), objective=mg.elbo(3), optimizer=optax.sgd(0.1),
+                   estimators={"z": mg.disarm()})
+    with pytest.raises(ValueError, match=r"disarm\(\) at site 'z'.*multi-sample bound.*VIMCO"):
+        mg.fit(model, guide, X, key=jax.random.key(0), num_steps=1, objective=mg.iwae(2), optimizer=optax.sgd(0.1),
+               estimators={"z": mg.disarm()}, progress_bar=False)
+
+
+def test_paired_particles_are_antithetic_and_both_feed_the_other_parameters():
+    # Particles i and i + M/2 draw z from one set of uniforms (u and 1 − u): at logit 0 a
+    # coordinate is 1 in exactly one of them. Both are ordinary draws, so both costs enter
+    # the loss (the mean over particles) and the decoder's gradient.
+    from mcgrad.inference import particles as engine
+
+    training = mg.trainer(model, guide, X, key=jax.random.key(0), objective=mg.elbo(4),
+                          optimizer=optax.sgd(0.1), estimators={"z": mg.disarm()})
+    state = training.init(jax.random.key(0))
+    params = training.params(state)
+    program = engine.Program(guide, lambda *a: [], {"z": mg.disarm()}, keys=engine.count_site_keys(guide, params, jax.random.key(0), (X,), {})[1])
+    drawn, _ = engine.draw_particles(program, params, jax.random.key(3), 4, (X,), {})
+    z = np.asarray(drawn.sites["z"].value)
+    at_zero = np.asarray(params["logits"]) == 0.0
+    assert np.all((z[:2] + z[2:])[:, at_zero] == 1)
+    assert not np.array_equal(z[0], z[1])  # different pairs are independent
+
+
 def test_evaluation_counts():
     normal = lambda p: dist.Bernoulli(logits=p).to_event(1)  # noqa: E731
     params = jnp.zeros(3)
     with jax.numpy_rank_promotion("allow"):  # NumPyro's sampler
-        assert mg.count_evaluations(cost, normal, mg.disarm(), params, num_samples=4) == 8
-        assert mg.count_evaluations(cost, normal, mg.arm(), params, num_samples=4) == 8
+        assert mg.count_evaluations(cost, normal, mg.disarm(), params, num_samples=4) == 4  # 2 pairs
+        assert mg.count_evaluations(cost, normal, mg.arm(), params, num_samples=4) == 4
         assert mg.count_evaluations(cost, normal, mg.enumerate(), params, num_samples=4) == 4 + 8 * 4
 
 
@@ -303,7 +332,7 @@ def exact_elbo_gradient(logits):
 
 @pytest.mark.parametrize(
     ("estimator", "num_particles"),
-    [("disarm", 1), ("arm", 1), ("enumerate", 1), ("measure_valued", 1), ("score_function_loo", 2), ("rebar", 1), ("relax", 1),
+    [("disarm", 2), ("arm", 2), ("disarm", 4), ("enumerate", 1), ("measure_valued", 1), ("score_function_loo", 2), ("rebar", 1), ("relax", 1),
      ("double_control_variate", 2)],
 )
 def test_per_site_elbo_gradient_unbiased_inside_a_plate(estimator, num_particles):

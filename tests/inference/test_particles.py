@@ -508,7 +508,7 @@ def test_the_key_table_counts_what_seed_would_key():
     # a, b and the prng_key call; not the observed x, nor the plate (no subsampling: its
     # indices need no key)
     trace, table = particles.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {})
-    assert table == handlers.KeyTable(3, ()) and {"a", "b", "x"} <= set(trace)
+    assert table == handlers.KeyTable(3, (), ("a", "b", None)) and {"a", "b", "x"} <= set(trace)
 
 
 @pytest.mark.parametrize("num_site_keys", [3, 1])  # the full table, and one too short (spare keys)
@@ -542,7 +542,7 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     from mcgrad.inference import handlers, particles
 
     trace, table = particles.count_site_keys(_subsampled_program, {}, jax.random.key(0), (), {})
-    assert table == handlers.KeyTable(2, (0,))  # the plate's key first, then z's
+    assert table == handlers.KeyTable(2, (0,), (None, "z"))  # the plate's key first, then z's
     program = particles.Program(_subsampled_program, cost_terms=None, estimators={}, keys=table)
     keys = particles.particle_keys(program, jax.random.key(1), 4)
     runs = [handlers.run(_subsampled_program, (), {}, site_keys=(row[3:], row[2])) for row in keys]
