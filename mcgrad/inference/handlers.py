@@ -2,12 +2,14 @@
 
 Outermost first (NumPyro processes a message from the innermost handler out):
 
-    trace ∘ draw(estimators) ∘ replay(trace) ∘ substitute(values, params) ∘ keys ∘ program
+    trace ∘ draw(estimators) ∘ replay(trace) ∘ substitute(values, params) ∘ minibatch ∘ keys ∘ program
 
 * ``keys``: ``seed`` with one key, or a table of keys drawn in advance (one per random
   site, in program order: :class:`SiteKeys`). Keys are taken before any value is
   substituted, so a substituted run keeps every other site's randomness (common random
   numbers for measure-valued re-runs).
+* ``minibatch``: a subsampled plate's indices, drawn from its key in one vectorised
+  step (:func:`random_subset`); a substituted value (a re-run's) replaces them.
 * ``substitute`` / ``replay``: parameters and given values; a model replays its guide.
 * ``draw``: a latent site with no value yet is drawn by its estimator's ``sample``
   (pathwise draws carry their gradient, the others do not).
@@ -94,6 +96,29 @@ class SiteKeys(Messenger):
             self.spare, msg["kwargs"]["rng_key"] = jax.random.split(self.spare)
 
 
+def random_subset(key: Array, size: int, subsample_size: int) -> Array:
+    """A uniformly random ``subsample_size``-subset of ``range(size)``, without replacement and
+    in random order: the positions of the largest of ``size`` i.i.d. uniforms.
+
+    The same distribution as NumPyro's plate subsampling, in one vectorised draw (its CPU
+    path is a Fisher-Yates loop of ``subsample_size`` steps, a threefry split each: 0.078
+    against 0.034 ms for 32 of 1437 on CPU). The uniforms come from XLA's bit generator
+    (``rbg``) seeded from ``key``: ``size`` threefry uniforms would cost more than the loop.
+    """
+    seed = jax.random.wrap_key_data(jax.random.bits(key, (4,), jax.numpy.uint32), impl="rbg")
+    return jax.lax.top_k(jax.random.uniform(seed, (size,)), subsample_size)[1]
+
+
+class Minibatch(Messenger):
+    """Draws a subsampled plate's indices with :func:`random_subset` (from the plate's key)."""
+
+    def process_message(self, msg):
+        if msg["type"] != "plate" or msg["value"] is not None or msg["kwargs"].get("rng_key") is None:
+            return
+        size, subsample_size = msg["args"]
+        msg["value"] = random_subset(msg["kwargs"]["rng_key"], size, subsample_size)
+
+
 class Draw(Messenger):
     """Draws each latent site that has no value yet with its estimator's ``sample`` (or,
     in a partner particle, with its ``partner``: the antithetic draw from the same key)."""
@@ -146,9 +171,9 @@ def run(
     counter = CountKeys(fn) if count_keys else None
     program = counter if counter is not None else fn
     if site_keys is not None:
-        program = SiteKeys(program, *site_keys)
+        program = Minibatch(SiteKeys(program, *site_keys))
     elif key is not None:
-        program = handlers.seed(program, key)
+        program = Minibatch(handlers.seed(program, key))
     data = {**(params or {}), **(values or {})}
     if data:
         program = handlers.substitute(program, data=data)

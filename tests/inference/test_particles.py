@@ -552,3 +552,20 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     assert len(np.unique(draws)) == draws.size  # the latent draws stay independent
     other_step = particles.particle_keys(program, jax.random.key(2), 4)[0]
     assert not (np.asarray(handlers.run(_subsampled_program, (), {}, site_keys=(other_step[3:], other_step[2]))["data"]["value"]) == indices[0]).all()
+
+
+def test_minibatches_are_uniform_subsets_without_replacement():
+    # Every one of the C(6, 2) = 15 subsets equally likely (within 5 standard errors), no
+    # index twice, both orders of a pair equally likely.
+    from mcgrad.inference.handlers import random_subset
+
+    num_draws = 30_000
+    draws = np.asarray(jax.vmap(lambda k: random_subset(k, 6, 2))(jax.random.split(jax.random.key(0), num_draws)))
+    assert np.all(draws[:, 0] != draws[:, 1]) and draws.min() >= 0 and draws.max() < 6
+    codes = np.minimum(draws[:, 0], draws[:, 1]) * 6 + np.maximum(draws[:, 0], draws[:, 1])
+    _, counts = np.unique(codes, return_counts=True)
+    expected = 1 / 15
+    assert len(counts) == 15
+    assert np.all(np.abs(counts / num_draws - expected) < 5 * np.sqrt(expected * (1 - expected) / num_draws))
+    first_smaller = np.mean(draws[:, 0] < draws[:, 1])
+    assert abs(first_smaller - 0.5) < 5 * np.sqrt(0.25 / num_draws)
