@@ -18,8 +18,9 @@ estimator it holds. What the engine does for every estimator alike:
 Particles take their keys from one table drawn per step: ``[M, 3 + S]`` keys, a key for
 the cost terms, two spares, and one per random site of the program in program order
 (``seed`` would split a key at every site instead, a threefry loop per site in the
-compiled step). A subsampled plate's key is the same for every particle: all particles of
-a step see one minibatch, so their learning signals compare like with like.
+compiled step). A subsampled plate's minibatch is drawn once per step and substituted
+into every particle (and every re-run): all particles of a step see one minibatch, so
+their learning signals compare like with like.
 """
 
 from __future__ import annotations
@@ -155,12 +156,12 @@ def _run_particle(program, params, keys, args, kwargs, values, partner):
     return trace, terms
 
 
-def subsampled_plates(trace: dict) -> dict[str, Array]:
-    """The minibatch indices each subsampled plate of a run drew."""
+def draw_minibatches(program: Program, keys: Array) -> dict[str, Array]:
+    """Each subsampled plate's minibatch for a step, drawn once from its (shared) key in
+    ``keys`` (a particle's row) and substituted into every particle and re-run."""
     return {
-        name: site["value"]
-        for name, site in trace.items()
-        if site["type"] == "plate" and site["args"][0] != jnp.shape(site["value"])[0]
+        name: handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size)
+        for name, position, size, subsample_size in program.keys.subsampled
     }
 
 
@@ -177,7 +178,7 @@ class SiteRows(NamedTuple):
 class Particles(NamedTuple):
     """``M`` particles of a program: their costs (pathwise gradients attached), their keys,
     and each latent site's rows; what a re-run needs to reproduce a particle's other draws
-    (its minibatches, its partner flag)."""
+    (the step's minibatches, shared by all particles, and each one's partner flag)."""
 
     loss: Array
     keys: Array
@@ -190,10 +191,10 @@ class Particles(NamedTuple):
         ``values`` (``{name: [M, ...]}``) substituted and every other draw kept: the same
         keys, minibatches and partner flags."""
 
-        def one(keys, plates, partner, row_values):
-            return reduce(*run_particle(program, params, keys, args, kwargs, {**plates, **row_values}, partner))
+        def one(keys, partner, row_values):
+            return reduce(*run_particle(program, params, keys, args, kwargs, {**self.plates, **row_values}, partner))
 
-        return jax.vmap(one)(self.keys, self.plates, self.partner, values)
+        return jax.vmap(one)(self.keys, self.partner, values)
 
 
 class _Layout(NamedTuple):
@@ -225,12 +226,13 @@ def draw_particles(
     """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
     keys = particle_keys(program, key, num_particles)
     partner = partner_flags(program, num_particles)
+    plates = draw_minibatches(program, keys[0])
     if shard is not None:
         keys, partner = shard(keys), shard(partner)
     layouts: dict[str, _Layout] = {}
 
     def one(row_keys, row_partner):
-        trace, terms = run_particle(program, params, row_keys, args, kwargs, partner=row_partner)
+        trace, terms = run_particle(program, params, row_keys, args, kwargs, plates, row_partner)
         sites = {}
         for order, site in enumerate(latent_sites(trace)):
             name = site["name"]
@@ -245,9 +247,9 @@ def draw_particles(
                 others,
                 jax.lax.stop_gradient(signal),
             )
-        return total(terms), sites, subsampled_plates(trace)
+        return total(terms), sites
 
-    loss, sites, plates = jax.vmap(one)(keys, partner)
+    loss, sites = jax.vmap(one)(keys, partner)
     return Particles(loss, keys, sites, plates, partner), layouts
 
 

@@ -542,7 +542,7 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     from mcgrad.inference import handlers, particles
 
     trace, table = particles.count_site_keys(_subsampled_program, {}, jax.random.key(0), (), {})
-    assert table == handlers.KeyTable(2, (0,), (None, "z"))  # the plate's key first, then z's
+    assert table == handlers.KeyTable(2, (0,), (None, "z"), (("data", 0, 100, 5),))  # the plate's key first, then z's
     program = particles.Program(_subsampled_program, cost_terms=None, estimators={}, keys=table)
     keys = particles.particle_keys(program, jax.random.key(1), 4)
     runs = [handlers.run(_subsampled_program, (), {}, site_keys=(row[3:], row[2])) for row in keys]
@@ -550,6 +550,10 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     draws = np.stack([np.asarray(run["z"]["value"]) for run in runs])
     assert (indices == indices[0]).all() and len(np.unique(indices[0])) == 5
     assert len(np.unique(draws)) == draws.size  # the latent draws stay independent
+    # The engine draws the step's minibatch once and substitutes it into every particle.
+    engine = program._replace(cost_terms=lambda *args: [], estimators={"z": mg.score_function()})
+    drawn, _ = particles.draw_particles(engine, {}, jax.random.key(1), 4, (), {})
+    assert drawn.plates["data"].shape == (5,) and len(np.unique(np.asarray(drawn.plates["data"]))) == 5
     other_step = particles.particle_keys(program, jax.random.key(2), 4)[0]
     assert not (np.asarray(handlers.run(_subsampled_program, (), {}, site_keys=(other_step[3:], other_step[2]))["data"]["value"]) == indices[0]).all()
 
