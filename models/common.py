@@ -31,7 +31,7 @@ import numpy as np
 
 DEFAULT_OUTPUT_DIR = "outputs"
 
-ESTIMATOR_NAMES = ("default", "pathwise", "score_function", "measure_valued")
+ESTIMATOR_NAMES = ("default", "pathwise", "score_function", "measure_valued", "disarm")
 
 
 def estimator_from_name(name: str | None):
@@ -48,6 +48,8 @@ def estimator_from_name(name: str | None):
         return mg.score_function(baseline=mg.baselines.leave_one_out())
     if name == "measure_valued":
         return mg.measure_valued()
+    if name == "disarm":
+        return mg.disarm()
     raise ValueError(f"unknown estimator '{name}'; choose one of {ESTIMATOR_NAMES}.")
 
 

@@ -5,10 +5,12 @@ pixels, inside a plate over the batch::
 
     ε_i ~ N(0, I_k),     x_i ~ Π_d Bernoulli(σ(G_θ(ε_i)_d)),     i = 1 … B
 
-``x`` is a *sample* site without ``rsample``: no pathwise gradient exists through it, and
-``mg.adversarial`` gets the generator's gradient from the site's default estimator, the
-score function with a leave-one-out baseline over the ``M`` particles (with one particle:
-a moving average, and a visibly worse fit). Inside the plate each sample's learning
+``x`` is a *sample* site without ``rsample``: no pathwise gradient exists through it.
+This script estimates it with DisARM (``mg.disarm()``: the ``M = 4`` particles are two
+antithetic pairs); over 2000 steps at seeds 0 and 1 it gives pixel-mean errors 0.044 and
+0.041 (C2ST accuracy 0.56, 0.78) against 0.048 and 0.056 (0.82, 0.82) with mcgrad's own
+default for such a site (``--estimator default``: the score function with a leave-one-out
+baseline over the particles; with one particle a moving average, and a visibly worse fit). Inside the plate each sample's learning
 signal is its own critic score (Rao-Blackwellized):
 
     ∇θ ≈ (1/M) Σ_m Σ_i (ℓ(x_mi) − b_mi) ∇θ log p_θ(x_mi | ε_mi),
@@ -112,7 +114,7 @@ def figure(samples: np.ndarray, test: np.ndarray, losses: np.ndarray, title: str
 def run(
     num_steps: int = 2000,
     seed: int = 0,
-    estimator: str | None = "default",
+    estimator: str | None = "disarm",
     output_dir: str | None = None,
     progress_bar: bool = False,
     batch_size: int = 64,
@@ -125,7 +127,9 @@ def run(
     pack: int = 4,
     num_eval_samples: int = 2000,
 ) -> dict:
-    """Fit the discrete generator with ``mg.adversarial`` (score function on ``x`` by default).
+    """Fit the discrete generator with ``mg.adversarial`` (DisARM on ``x`` by default: the 4
+    particles are 2 antithetic pairs; ``"default"`` is mcgrad's own choice, the score
+    function with a leave-one-out baseline).
 
     Returns the metrics dict of :func:`models.common.metrics`: ``metric`` is the held-out
     pixel-mean error (lower is better), ``initial_pixel_mean_error`` the same for the
@@ -191,6 +195,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-particles", type=int, default=4)
     parser.add_argument("--pack", type=int, default=4, help="samples per critic input (PacGAN; 1 = none)")
+    parser.set_defaults(estimator="disarm")
     args = parser.parse_args(argv)
     common.report("discrete_gan", run(**common.run_kwargs(args)))
 

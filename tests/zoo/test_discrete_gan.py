@@ -49,3 +49,11 @@ def test_pixel_means_approach_the_data():
     assert metrics["initial_pixel_mean_error"] > 0.2
     assert metrics["metric"] < 0.1, metrics
     assert metrics["c2st_accuracy"] < 0.95
+
+
+def test_the_script_defaults_to_disarm(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(discrete_gan, "run", lambda **kwargs: seen.update(kwargs) or {"metric": 0.0})
+    monkeypatch.setattr(discrete_gan.common, "report", lambda *args: None)
+    discrete_gan.main([])
+    assert seen["estimator"] == "disarm"
