@@ -40,16 +40,12 @@ class KeyTable(NamedTuple):
 
     Attributes:
         width: how many (the width of a particle's row of keys).
-        shared: the positions of the ``plate`` messages among them: a subsampled plate
-            draws its minibatch with that key, and every particle of a step takes the
-            same one, so all particles see the same data (their learning signals are
-            then comparable, which baselines across particles need).
         sites: the name of the sample site each key goes to (``None`` for the others).
-        subsampled: ``(name, position, size, subsample_size)`` of each subsampled plate.
+        subsampled: ``(name, position, size, subsample_size)`` of each subsampled plate
+            (the particle engine draws its minibatch once per step from that key).
     """
 
     width: int = 0
-    shared: tuple[int, ...] = ()
     sites: tuple[str | None, ...] = ()
     subsampled: tuple[tuple[str, int, int, int], ...] = ()
 
@@ -62,20 +58,19 @@ class CountKeys(Messenger):
     """Records the keys a run takes (its :class:`KeyTable`)."""
 
     def __init__(self, fn):
-        self.count, self.shared, self.sites, self.subsampled = 0, [], [], []
+        self.count, self.sites, self.subsampled = 0, [], []
         super().__init__(fn)
 
     def process_message(self, msg):
         if needs_key(msg):
             if msg["type"] == "plate":
-                self.shared.append(self.count)
                 self.subsampled.append((msg["name"], self.count, *msg["args"]))
             self.sites.append(msg["name"] if msg["type"] == "sample" else None)
             self.count += 1
 
     @property
     def table(self) -> KeyTable:
-        return KeyTable(self.count, tuple(self.shared), tuple(self.sites), tuple(self.subsampled))
+        return KeyTable(self.count, tuple(self.sites), tuple(self.subsampled))
 
 
 class SiteKeys(Messenger):

@@ -81,12 +81,9 @@ def count_site_keys(
 
 
 def particle_keys(program: Program, key: Array, num_particles: int) -> Array:
-    """``[num_particles, 3 + width]`` keys, one row per particle, in one call; the columns
-    of subsampled plates hold the first particle's key in every row."""
+    """``[num_particles, 3 + width]`` keys, one row per particle, in one call (a subsampled
+    plate's minibatch comes from the first row's key: :func:`draw_minibatches`)."""
     keys = jax.random.split(key, (num_particles, _FIRST_SITE_KEY + program.keys.width))
-    if program.keys.shared:
-        columns = jnp.asarray(program.keys.shared) + _FIRST_SITE_KEY
-        keys = keys.at[:, columns].set(keys[0, columns])
     paired = program.keys.columns(paired_sites(program))
     if paired:  # a partner particle draws its paired sites from its first-half twin's keys
         columns, half = jnp.asarray(paired) + _FIRST_SITE_KEY, num_particles // 2
@@ -157,8 +154,8 @@ def _run_particle(program, params, keys, args, kwargs, values, partner):
 
 
 def draw_minibatches(program: Program, keys: Array) -> dict[str, Array]:
-    """Each subsampled plate's minibatch for a step, drawn once from its (shared) key in
-    ``keys`` (a particle's row) and substituted into every particle and re-run."""
+    """Each subsampled plate's minibatch for a step, drawn once from its key in ``keys`` (the
+    first particle's row) and substituted into every particle and re-run."""
     return {
         name: handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size)
         for name, position, size, subsample_size in program.keys.subsampled

@@ -508,7 +508,7 @@ def test_the_key_table_counts_what_seed_would_key():
     # a, b and the prng_key call; not the observed x, nor the plate (no subsampling: its
     # indices need no key)
     trace, table = particles.count_site_keys(_two_site_program, {}, jax.random.key(0), (1.0,), {})
-    assert table == handlers.KeyTable(3, (), ("a", "b", None)) and {"a", "b", "x"} <= set(trace)
+    assert table == handlers.KeyTable(3, ("a", "b", None)) and {"a", "b", "x"} <= set(trace)
 
 
 @pytest.mark.parametrize("num_site_keys", [3, 1])  # the full table, and one too short (spare keys)
@@ -539,23 +539,22 @@ def _subsampled_program():
 def test_every_particle_of_a_step_sees_the_same_minibatch():
     # Baselines across particles compare their learning signals: under a subsampled plate
     # each particle drawing its own minibatch made leave-one-out compare different data.
+    # The engine draws the step's minibatch once and substitutes it into every particle and
+    # every re-run.
     from mcgrad.inference import handlers, particles
 
     trace, table = particles.count_site_keys(_subsampled_program, {}, jax.random.key(0), (), {})
-    assert table == handlers.KeyTable(2, (0,), (None, "z"), (("data", 0, 100, 5),))  # the plate's key first, then z's
-    program = particles.Program(_subsampled_program, cost_terms=None, estimators={}, keys=table)
-    keys = particles.particle_keys(program, jax.random.key(1), 4)
-    runs = [handlers.run(_subsampled_program, (), {}, site_keys=(row[3:], row[2])) for row in keys]
-    indices = np.stack([np.asarray(run["data"]["value"]) for run in runs])
-    draws = np.stack([np.asarray(run["z"]["value"]) for run in runs])
-    assert (indices == indices[0]).all() and len(np.unique(indices[0])) == 5
+    assert table == handlers.KeyTable(2, (None, "z"), (("data", 0, 100, 5),))  # the plate's key first, then z's
+    program = particles.Program(_subsampled_program, lambda *args: [], {"z": mg.score_function()}, keys=table)
+    drawn, _ = particles.draw_particles(program, {}, jax.random.key(1), 4, (), {})
+    batch = np.asarray(drawn.plates["data"])
+    assert batch.shape == (5,) and len(np.unique(batch)) == 5
+    runs = drawn.rerun(program, {}, (), {}, {}, lambda trace, _: (trace["data"]["value"], trace["z"]["value"]))
+    indices, draws = (np.asarray(x) for x in runs)
+    assert (indices == batch).all()
     assert len(np.unique(draws)) == draws.size  # the latent draws stay independent
-    # The engine draws the step's minibatch once and substitutes it into every particle.
-    engine = program._replace(cost_terms=lambda *args: [], estimators={"z": mg.score_function()})
-    drawn, _ = particles.draw_particles(engine, {}, jax.random.key(1), 4, (), {})
-    assert drawn.plates["data"].shape == (5,) and len(np.unique(np.asarray(drawn.plates["data"]))) == 5
-    other_step = particles.particle_keys(program, jax.random.key(2), 4)[0]
-    assert not (np.asarray(handlers.run(_subsampled_program, (), {}, site_keys=(other_step[3:], other_step[2]))["data"]["value"]) == indices[0]).all()
+    other, _ = particles.draw_particles(program, {}, jax.random.key(2), 4, (), {})
+    assert not (np.asarray(other.plates["data"]) == batch).all()
 
 
 def test_minibatches_are_uniform_subsets_without_replacement():
