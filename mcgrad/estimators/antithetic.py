@@ -45,22 +45,16 @@ from mcgrad.estimators.base import (
     per_coordinate,
     row_sum,
 )
-from mcgrad.estimators.distributions import describe, unwrap
+from mcgrad.estimators.distributions import (
+    bernoulli_logits,
+    describe,
+    is_bernoulli,
+    unwrap,
+)
 
 Array = jax.Array
 # (f(b̃) − f(b)) per coordinate, u, b, b̃, φ (no gradient) -> the per-coordinate ∂/∂φ estimate
 PairRule = Callable[[Array, Array, Array, Array, Array], Array]
-
-
-def check_bernoulli(distribution: dist.Distribution, site: str, name: str) -> None:
-    """Raise a clear error unless ``distribution`` is a (possibly expanded, ``to_event``)
-    Bernoulli."""
-    if not isinstance(unwrap(distribution), (dist.BernoulliLogits, dist.BernoulliProbs)):
-        raise ValueError(
-            f"{name}() applies to Bernoulli sites, but site '{site}' is {describe(distribution)}. "
-            "For other discrete families use mg.score_function(baseline=mg.baselines.leave_one_out()), "
-            "mg.measure_valued() or mg.enumerate()."
-        )
 
 
 def check_bernoulli_or_categorical(distribution: dist.Distribution, site: str, name: str) -> None:
@@ -69,17 +63,12 @@ def check_bernoulli_or_categorical(distribution: dist.Distribution, site: str, n
     base = unwrap(distribution)
     if _is_categorical(distribution) and base.event_shape == ():
         return
-    if not isinstance(base, (dist.BernoulliLogits, dist.BernoulliProbs)):
+    if not is_bernoulli(base):
         raise ValueError(
             f"{name}() applies to Bernoulli and Categorical sites, but site '{site}' is {describe(distribution)}. "
             "For other discrete families use mg.score_function(baseline=mg.baselines.leave_one_out()) or "
             "mg.measure_valued(); for a family with rsample, mg.pathwise()."
         )
-
-
-def _logits(distribution: dist.Distribution, shape: tuple[int, ...]) -> Array:
-    """The Bernoulli logits inside ``distribution``, broadcast to one draw's ``shape``."""
-    return jnp.broadcast_to(unwrap(distribution).logits, shape)
 
 
 def _is_categorical(distribution: dist.Distribution) -> bool:
@@ -91,10 +80,9 @@ def _binary_logits(distribution: dist.Distribution, shape: tuple[int, ...]) -> A
     Bernoulli's own, or a Categorical's stick-breaking logits ``[*shape, K − 1]``,
     ``η_k = log p_k − log Σ_{j>k} p_j`` (category ``k`` is taken where the first decision
     says yes; the last category where none does)."""
-    base = unwrap(distribution)
     if not _is_categorical(distribution):
-        return jnp.broadcast_to(base.logits, shape)
-    logits = base.logits  # normalised log-probabilities
+        return bernoulli_logits(distribution, shape)
+    logits = unwrap(distribution).logits  # normalised log-probabilities
     later = jax.lax.cumlogsumexp(logits[..., ::-1], axis=logits.ndim - 1)[..., ::-1]  # log Σ_{j≥k} p_j
     eta = logits[..., :-1] - later[..., 1:]
     return jnp.broadcast_to(eta, tuple(shape) + eta.shape[-1:])

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import Distribution
 
-from mcgrad.estimators.distributions import describe
+from mcgrad.estimators.distributions import describe, unwrap
 
 Params = Any  # a pytree of arrays
 EstimatorState = Any  # a pytree of arrays
@@ -142,6 +142,13 @@ class Site(NamedTuple):
     def recost_like_cost(self, values: Array) -> Array:
         """Each row's cost had its draw been ``values[i]``, shaped like :attr:`cost`."""
         return (self.recost_slices or self.recost)(values)
+
+    def family(self) -> Distribution:
+        """The family of the rows' distribution (inside ``expand`` / ``to_event``), seen while
+        :attr:`map` traces it: read its type and static shapes only (its leaves are tracers)."""
+        seen = []
+        self.map(lambda distribution: seen.append(unwrap(distribution)) or jnp.zeros(()), self.parameters)
+        return seen[0]
 
     def slice_axes(self) -> tuple[int, ...]:
         """The plate axes an estimator may replace all at once: :attr:`plate_axes` where

@@ -46,3 +46,25 @@ def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     prefix of it after broadcasting ones)."""
     summed = jnp.reshape(x, x.shape[: len(shape)] + (-1,)).sum(axis=-1) if x.ndim > len(shape) else x
     return jnp.broadcast_to(summed, shape) if summed.shape != shape else summed
+
+
+def is_bernoulli(distribution: dist.Distribution) -> bool:
+    """Whether ``distribution`` is a Bernoulli, possibly inside ``expand`` / ``to_event``."""
+    return isinstance(unwrap(distribution), (dist.BernoulliLogits, dist.BernoulliProbs))
+
+
+def bernoulli_logits(distribution: dist.Distribution, shape: tuple[int, ...]) -> jax.Array:
+    """The logits of the Bernoulli inside ``distribution``, broadcast to one draw's ``shape``
+    (differentiable in its parameters, logits or probs)."""
+    return jnp.broadcast_to(unwrap(distribution).logits, shape)
+
+
+def check_bernoulli(distribution: dist.Distribution, site: str, name: str) -> None:
+    """Raise a clear error unless ``distribution`` is a Bernoulli (``expand`` and
+    ``to_event`` wrappers allowed); ``name`` is the estimator's."""
+    if not is_bernoulli(distribution):
+        raise ValueError(
+            f"{name}() applies to Bernoulli sites, but site '{site}' is {describe(distribution)}. "
+            "For other discrete families use mg.score_function(baseline=mg.baselines.leave_one_out()), "
+            "mg.measure_valued() or mg.enumerate()."
+        )

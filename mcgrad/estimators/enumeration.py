@@ -34,7 +34,7 @@ def _support_size(base: dist.Distribution) -> int | None:
     return None
 
 
-def enumerate(max_configurations: int = 256) -> GradientEstimator:  # noqa: A001 (mg.enumerate)
+def enumerate(max_configurations: int = 256) -> GradientEstimator:
     r"""Exact enumeration: the gradient of the exact sum over a discrete site's values.
 
     .. math::  ∇_θ E_{p_θ}[f] = \sum_{k} ∇_θ p_θ(k)\, f(k)
@@ -73,20 +73,19 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:  # noqa: A001
     def terms(key: Array, state, site: Site):
         del key
         num_rows, value_shape = site.num_rows, site.value.shape[1:]
-        sizes = []  # values per coordinate, seen while the rows' distributions are traced
-        site.map(lambda d: sizes.append(_support_size(unwrap(d))) or jnp.zeros(()), site.parameters)
+        num_values = _support_size(site.family())  # per coordinate
         axes = site.slice_axes()
         group_of, num_groups = coordinate_groups(value_shape, axes)
-        num_configurations = sizes[0] ** num_groups
+        num_configurations = num_values ** num_groups
         if num_configurations > max_configurations:
             raise ValueError(
                 f"enumerate() at site '{site.name}': one slice has {num_groups} coordinates with "
-                f"{sizes[0]} values each, {num_configurations} configurations (max_configurations="
+                f"{num_values} values each, {num_configurations} configurations (max_configurations="
                 f"{max_configurations}). Use mg.disarm() (Bernoulli) or mg.score_function(...) instead, or "
                 "raise max_configurations."
             )
         # [C, coordinates]: configuration c gives every coordinate of group g the value c[g].
-        table = np.array(list(itertools.product(range(sizes[0]), repeat=num_groups)), dtype=np.int32)
+        table = np.array(list(itertools.product(range(num_values), repeat=num_groups)), dtype=np.int32)
         configurations = jnp.asarray(table[:, group_of].reshape((num_configurations,) + value_shape))
         other_axes = tuple(a + 1 for a in range(len(value_shape)) if a not in axes)
 

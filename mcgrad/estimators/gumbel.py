@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 
 from mcgrad.estimators.base import GradientEstimator, SiteInfo, init_empty_state
-from mcgrad.estimators.distributions import describe, unwrap
+from mcgrad.estimators.distributions import bernoulli_logits, describe, is_bernoulli
 
 Array = jax.Array
 
@@ -49,8 +49,7 @@ def gumbel_softmax(temperature: float = 0.5, straight_through: bool = False) -> 
     name = "straight_through_gumbel" if straight_through else "gumbel_softmax"
 
     def check(distribution, site):
-        base = unwrap(distribution)
-        if not isinstance(base, (dist.BernoulliLogits, dist.BernoulliProbs)):
+        if not is_bernoulli(distribution):
             raise ValueError(
                 f"{name}() relaxes Bernoulli sites, but site '{site}' is {describe(distribution)}. A "
                 "Categorical value is an integer index and cannot carry a gradient (NumPyro has no one-hot "
@@ -60,7 +59,7 @@ def gumbel_softmax(temperature: float = 0.5, straight_through: bool = False) -> 
 
     def sample(key: Array, distribution: dist.Distribution, sample_shape=()):
         shape = tuple(sample_shape) + distribution.shape()
-        logits = jnp.broadcast_to(unwrap(distribution).logits, shape)
+        logits = bernoulli_logits(distribution, shape)
         u = jax.random.uniform(key, shape, minval=1e-7, maxval=1.0 - 1e-7)
         soft = jax.nn.sigmoid((logits + jnp.log(u) - jnp.log1p(-u)) / temperature)
         if not straight_through:

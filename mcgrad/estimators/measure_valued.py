@@ -110,15 +110,9 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
         # Coordinates that differ only along a plate are replaced together (each slice's
         # cost sees only its own): 2·(per-slice coordinates) re-runs, not 2·(all of them).
         group_of, num_groups = coordinate_groups(value_shape, site.slice_axes())
-        families = []  # the family, seen while the rows' parameters are traced
-
-        def base_parameters(distribution):
-            families.append(unwrap(distribution))
-            return _base_parameters(distribution, value_shape)
-
-        parameters = site.map(base_parameters, site.parameters)  # [N, *value_shape(, K)]
+        parameters = site.map(lambda d: _base_parameters(d, value_shape), site.parameters)  # [N, *value_shape(, K)]
         frozen = jax.lax.stop_gradient(parameters)
-        entry = weak_derivative_for(families[0])
+        entry = weak_derivative_for(site.family())
 
         def recost_replaced(group, replacement):
             # Every row's draw with the coordinates of `group` set to that row's replacement

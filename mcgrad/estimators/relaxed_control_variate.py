@@ -33,8 +33,15 @@ import jax.numpy as jnp
 import numpyro
 import optax
 
-from mcgrad.estimators.antithetic import _logits, check_bernoulli
-from mcgrad.estimators.base import GradientEstimator, Site, SiteInfo, gradient_only, per_coordinate, row_sum
+from mcgrad.estimators.base import (
+    GradientEstimator,
+    Site,
+    SiteInfo,
+    gradient_only,
+    per_coordinate,
+    row_sum,
+)
+from mcgrad.estimators.distributions import bernoulli_logits, check_bernoulli
 
 Array = jax.Array
 Network = Callable[[Any, Array], Array]  # (network params, one slice's z [D]) -> scalar
@@ -64,7 +71,7 @@ def _uniforms(key: Array, distribution, sample_shape=()) -> Array:
 def _draw(key: Array, distribution, sample_shape=()) -> Array:
     """``b = 1[φ + log u − log(1 − u) > 0]``: Bernoulli(σ(φ)), from the logistic variable."""
     u = _uniforms(key, distribution, sample_shape)
-    z = _logits(distribution, u.shape) + jnp.log(u) - jnp.log1p(-u)
+    z = bernoulli_logits(distribution, u.shape) + jnp.log(u) - jnp.log1p(-u)
     return jax.lax.stop_gradient((z > 0).astype(jax.dtypes.canonicalize_dtype(jnp.int_)))
 
 
@@ -100,7 +107,7 @@ def _relax(
     def terms(key: Array, state: ControlState, site: Site):
         value_shape = site.value.shape[1:]
         axes = site.slice_axes()
-        logits = site.map(lambda d: _logits(d, value_shape), site.parameters)
+        logits = site.map(lambda d: bernoulli_logits(d, value_shape), site.parameters)
         u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))
         v = jax.random.uniform(key, site.value.shape, minval=_EDGE, maxval=1.0 - _EDGE)
         b = site.value.astype(u.dtype)

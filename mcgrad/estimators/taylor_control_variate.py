@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpyro
 import optax
 
-from mcgrad.estimators.antithetic import _logits, check_bernoulli
 from mcgrad.estimators.base import (
     GradientEstimator,
     Site,
@@ -36,6 +35,7 @@ from mcgrad.estimators.base import (
     per_coordinate,
     row_sum,
 )
+from mcgrad.estimators.distributions import bernoulli_logits, check_bernoulli
 
 Array = jax.Array
 
@@ -90,7 +90,7 @@ def double_control_variate(alpha: float = 0.0, learning_rate: float = 1e-2) -> G
                 f"double_control_variate() needs at least 2 rows at site '{site.name}' (num_samples >= 2 "
                 "in mg.grad, num_particles >= 2 in a model): its baseline leaves one row out."
             )
-        logits = site.map(lambda d: _logits(d, value_shape), site.parameters)
+        logits = site.map(lambda d: bernoulli_logits(d, value_shape), site.parameters)
         theta = jax.nn.sigmoid(jax.lax.stop_gradient(logits))
         b = site.value.astype(theta.dtype)
         with numpyro.validation_enabled(False):
