@@ -474,6 +474,107 @@ def compare(
     return Comparison(table, plotting.comparison_figure(table), results, best)
 
 
+class Selection(NamedTuple):
+    """What :func:`select` returns.
+
+    Attributes:
+        table: one row per applicable candidate, the most efficient first: the columns of
+            :func:`compare`'s table, ``efficiency`` under the chosen ``cost``.
+        best: the winner's name.
+        estimator: the winner.
+        comparison: the :class:`Comparison` behind the table.
+    """
+
+    table: pd.DataFrame
+    best: str
+    estimator: GradientEstimator
+    comparison: Comparison
+
+
+def select(
+    cost_fn: CostFn,
+    dist_fn: DistFn,
+    params: Params,
+    *,
+    key: Array,
+    candidates: Mapping[str, GradientEstimator] | None = None,
+    num_samples: int = 10,
+    num_repeats: int = 100,
+    cost: str = "seconds",
+    num_timing_runs: int = 5,
+) -> Selection:
+    r"""Rank the estimators that apply to ``dist_fn(params)`` by efficiency; the low-level form of :func:`mcgrad.auto`.
+
+    Every candidate runs ``num_repeats`` independent ``num_samples``-sample estimates at
+    ``params`` (:func:`compare`, common random numbers); its efficiency is
+    ``1 / (V · cost)``, ``V`` the total variance of one estimate and ``cost`` the seconds
+    one estimate takes after compilation (``cost="seconds"``) or its evaluations of
+    ``cost_fn`` (``cost="evaluations"``: deterministic under ``key``). Biased and flagged
+    candidates are not ranked.
+
+    Args:
+        cost_fn: one sample -> scalar cost.
+        dist_fn: params -> NumPyro distribution.
+        params: where the gradient is estimated.
+        key: a JAX PRNG key.
+        candidates: ``{name: estimator}``; default the registered candidates that apply
+            (:func:`mcgrad.estimators.choice.candidates_for`).
+        num_samples: samples per estimate.
+        num_repeats: independent estimates per candidate.
+        cost: ``"seconds"`` or ``"evaluations"``.
+        num_timing_runs: timing runs per candidate.
+
+    Returns:
+        A :class:`Selection` (``table``, ``best``, ``estimator``, ``comparison``).
+
+    Raises:
+        ValueError: for an unknown ``cost``, when no candidate applies, or when every
+            candidate is flagged.
+
+    Example:
+        >>> import jax, mcgrad as mg, numpyro.distributions as dist
+        >>> normal = lambda p: dist.Normal(p["loc"], p["scale"])
+        >>> choice = mg.select(lambda x: (x - 2.0) ** 2, normal, {"loc": 1.0, "scale": 1.0},
+        ...                    key=jax.random.key(0), cost="evaluations")
+        >>> choice.best, list(choice.table.index)
+        ('pathwise', ['pathwise', 'score_function_loo', 'measure_valued'])
+    """
+    from mcgrad.estimators.choice import candidates_for
+
+    if cost not in ("seconds", "evaluations"):
+        raise ValueError(f"select(cost=...) is 'seconds' or 'evaluations', got {cost!r}.")
+    applicable = {}
+    for name, estimator in candidates_for(dist_fn(params), num_samples, "x", candidates).items():
+        try:  # a trace refuses what the distribution alone cannot (enumeration's configuration count)
+            count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
+        except ValueError:
+            continue
+        applicable[name] = estimator
+    if not applicable:
+        raise ValueError(
+            f"select: no candidate applies to {dist_fn(params)} with num_samples={num_samples} "
+            "(antithetic candidates need an even number)."
+        )
+    comparison = compare(
+        cost_fn, dist_fn, applicable, params, key=key, num_samples=num_samples, num_repeats=num_repeats,
+        num_timing_runs=num_timing_runs,
+    )
+    table = comparison.table.copy()
+    if cost == "evaluations":
+        with np.errstate(divide="ignore"):
+            efficiency = 1.0 / (table["total_variance"] * table["num_evaluations"])
+        table["efficiency"] = efficiency.where(table["flag"] == "", np.nan)
+        ranked = table.loc[table["flag"] == "", "efficiency"]
+        table["rank"] = ranked.rank(ascending=False, method="min")
+    ranked = table["efficiency"].where(table["flag"] == "")
+    if not ranked.notna().any():
+        raise ValueError(f"select: every candidate is flagged ({dict(table['flag'])}); none can be ranked.")
+    table = table.assign(_order=ranked.fillna(-np.inf)).sort_values("_order", ascending=False, kind="stable")
+    table = table.drop(columns="_order")
+    best = str(table.index[0])
+    return Selection(table, best, applicable[best], comparison)
+
+
 # --------------------------------------------------------------------------- sweeps
 
 

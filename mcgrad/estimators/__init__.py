@@ -21,6 +21,7 @@ from mcgrad.estimators.base import (
     value_and_grad,
 )
 from mcgrad.estimators.antithetic import arm, disarm
+from mcgrad.estimators.choice import auto, register_candidate
 from mcgrad.estimators.enumeration import enumerate
 from mcgrad.estimators.log_prob import log_prob
 from mcgrad.estimators.measure_valued import measure_valued
@@ -46,6 +47,7 @@ __all__ = [
     "SiteInfo",
     "WeakDerivative",
     "arm",
+    "auto",
     "disarm",
     "double_control_variate",
     "draw_without_gradient",
@@ -62,6 +64,7 @@ __all__ = [
     "per_sample_grads",
     "problem_site",
     "rebar",
+    "register_candidate",
     "register_weak_derivative",
     "registered_families",
     "relax",

@@ -227,6 +227,9 @@ class GradientEstimator(NamedTuple):
             are ordinary draws of the distribution, so each row's cost is a plain Monte
             Carlo sample (and a model's other parameters learn from both), and ``terms``
             reads the pair from ``site.value`` and ``site.cost``.
+        auto: set by :func:`mcgrad.auto` only: its settings before the estimator meets a
+            site, the site's candidates and current choice after
+            (:mod:`mcgrad.estimators.choice`). ``None`` for every other estimator.
     """
 
     init: Callable[[Params], EstimatorState]
@@ -237,6 +240,7 @@ class GradientEstimator(NamedTuple):
     reparameterized: bool = False
     bias: str | None = None
     partner: SampleFn | None = None
+    auto: Any = None
 
 
 class EmptyState(NamedTuple):
@@ -533,6 +537,11 @@ def value_and_grad(
         >>> bool(abs(grad["loc"] - 2.0) < 0.3)   # ∇μ E[x²] = 2μ
         True
     """
+    if estimator.auto is not None:
+        return _chosen_at_first_call(
+            estimator, cost_fn, dist_fn, num_samples,
+            lambda chosen: value_and_grad(cost_fn, dist_fn, estimator=chosen, num_samples=num_samples, check_finite=check_finite),
+        )
     inner = estimate(cost_fn, dist_fn, estimator=estimator, num_samples=num_samples, check_finite=check_finite)
 
     def fn(params: Params, key: Array) -> tuple[Array, Params]:
@@ -563,8 +572,42 @@ def grad(
         >>> bool(abs(g - 1.0) < 0.2)
         True
     """
+    if estimator.auto is not None:
+        return _chosen_at_first_call(
+            estimator, cost_fn, dist_fn, num_samples,
+            lambda chosen: grad(cost_fn, dist_fn, estimator=chosen, num_samples=num_samples, check_finite=check_finite),
+        )
     inner = _estimate_fn(estimator, _problem(cost_fn, dist_fn, num_samples), "gradient" if check_finite else None)
     return lambda params, key: inner(params, estimator.init(params), key).grad
+
+
+def _chosen_at_first_call(estimator: GradientEstimator, cost_fn: CostFn, dist_fn: DistFn, num_samples: int, build):
+    """``mg.auto()`` in ``grad``/``value_and_grad``: at the first call, :func:`mcgrad.select`
+    ranks the candidates at that call's params (keys folded from its key); every call then
+    runs ``build(winner)``. Choosing times compiled candidates, so the first call needs
+    concrete params and key (not under ``jit``)."""
+    _problem(cost_fn, dist_fn, num_samples)
+    built: list[Callable] = []
+
+    def fn(params: Params, key: Array):
+        if not built:
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((params, key))):
+                raise ValueError(
+                    "mg.auto() in mg.grad chooses at its first call by timing the compiled candidates, which "
+                    "needs concrete params and key: make the first call outside jax.jit, or choose with "
+                    "mg.select(...) and pass its estimator."
+                )
+            from mcgrad.diagnostics import select
+
+            settings = estimator.auto
+            choice = select(
+                cost_fn, dist_fn, params, key=jax.random.fold_in(key, 1), candidates=settings.candidates and dict(settings.candidates),
+                num_samples=num_samples, num_repeats=settings.num_estimates,
+            )
+            built.append(build(choice.estimator))
+        return built[0](params, key)
+
+    return fn
 
 
 def per_sample_grads(

@@ -1,0 +1,270 @@
+r"""``mg.auto()``: an estimator value that stands for "the most efficient applicable one".
+
+Which estimator is best depends on the family, the cost, the parameters and the stage of
+training. ``auto`` names a set of candidates (by default every registered estimator that
+applies to the site: :data:`CANDIDATES`) and a schedule; what uses it measures each
+candidate at the current parameters and runs the one with the highest efficiency
+
+.. math::  \mathrm{efficiency}_c = \frac{1}{V_c \cdot t_c},
+
+``V_c`` the total variance of the gradient it gives and ``t_c`` the seconds one estimate
+takes (compiled). Lowest variance per second: the estimator that reaches a given accuracy
+soonest.
+
+This module holds the value and what is known per site without measuring (which
+candidates apply); the measuring lives beside the drivers that use it:
+:func:`mcgrad.select` (one distribution and cost, by :func:`mcgrad.compare`) and
+:func:`mcgrad.fit` (every ``every`` steps, per site, :mod:`mcgrad.selection`).
+
+At a site of a program, ``auto`` resolves to :func:`pinned`: one candidate at a time, with
+a state (:class:`AutoState`) that keeps every candidate's own state (baselines, RELAX's
+learned parameters) and the current choice, so switching candidates never changes the
+state's structure and a checkpoint resumes with the choice it had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+from numpyro.distributions import Distribution
+
+from mcgrad.estimators.base import GradientEstimator, Params, check_whole_number
+
+Factory = Callable[[int], GradientEstimator]
+
+
+def _score_function_loo(num_rows: int) -> GradientEstimator:
+    from mcgrad import baselines
+    from mcgrad.estimators.score_function import score_function
+
+    baseline = baselines.leave_one_out() if num_rows > 1 else baselines.moving_average()
+    return score_function(baseline=baseline)
+
+
+def _builtin_candidates() -> dict[str, Factory]:
+    from mcgrad.estimators.antithetic import disarm
+    from mcgrad.estimators.enumeration import enumerate as enumerate_estimator
+    from mcgrad.estimators.measure_valued import measure_valued
+    from mcgrad.estimators.pathwise import pathwise
+    from mcgrad.estimators.relaxed_control_variate import rebar
+    from mcgrad.estimators.taylor_control_variate import double_control_variate
+
+    return {
+        "pathwise": lambda num_rows: pathwise(),
+        "score_function_loo": _score_function_loo,
+        "measure_valued": lambda num_rows: measure_valued(),
+        "disarm": lambda num_rows: disarm(),
+        "double_control_variate": lambda num_rows: double_control_variate(),
+        "rebar": lambda num_rows: rebar(),
+        "enumerate": lambda num_rows: enumerate_estimator(),
+    }
+
+
+CANDIDATES: dict[str, Factory] = {}
+"""The registry: candidate name -> ``num_rows -> GradientEstimator``, in preference order (the
+first applicable one is a site's choice before anything is measured). Add to it with
+:func:`register_candidate`."""
+
+
+def register_candidate(name: str, factory: Factory) -> None:
+    """Make ``factory(num_rows)`` a default candidate of :func:`auto` under ``name``.
+
+    It is offered at every site whose distribution its estimator's ``check`` accepts
+    (and, for antithetic pairs, with an even number of rows). Biased estimators are
+    refused here: auto ranks by variance, which cannot see bias; pass one explicitly in
+    ``auto(candidates=...)`` to rank it anyway.
+
+    Example:
+        >>> import mcgrad as mg
+        >>> mg.register_candidate("score_function_plain", lambda num_rows: mg.score_function())
+        >>> "score_function_plain" in mg.estimators.choice.CANDIDATES
+        True
+        >>> del mg.estimators.choice.CANDIDATES["score_function_plain"]
+    """
+    if factory(2).bias is not None:
+        raise ValueError(
+            f"candidate '{name}' is biased ({factory(2).bias}); auto ranks by variance and cost, which "
+            "cannot see bias. Pass it explicitly in mg.auto(candidates={...}) to rank it anyway."
+        )
+    CANDIDATES[name] = factory
+
+
+CANDIDATES.update(_builtin_candidates())
+
+
+class AutoSettings(NamedTuple):
+    """What :func:`auto` was given (see there)."""
+
+    candidates: tuple[tuple[str, GradientEstimator | Factory], ...] | None
+    every: int | None
+    num_estimates: int
+    margin: float
+    prune: float
+
+
+class AutoSite(NamedTuple):
+    """``auto`` resolved at one site: its applicable candidates and the one it runs now.
+
+    Attributes:
+        settings: the :class:`AutoSettings`.
+        names: the candidates' names, in order.
+        estimators: the candidates, in order.
+        index: the candidate this estimator runs.
+    """
+
+    settings: AutoSettings
+    names: tuple[str, ...]
+    estimators: tuple[GradientEstimator, ...]
+    index: int
+
+
+class AutoState(NamedTuple):
+    """The state of an ``auto`` site: the current choice and every candidate's own state."""
+
+    choice: Any  # int32 scalar: index into the site's candidates
+    states: tuple
+
+
+def _unresolved(params: Params):
+    raise ValueError(
+        "mg.auto() is resolved per site, where the site's distribution is known: use it in mg.fit "
+        "(estimators={'z': mg.auto()} or estimators='auto'), in a model's infer={'estimator': mg.auto()}, "
+        "in mg.grad, or rank candidates yourself with mg.select(...)."
+    )
+
+
+def auto(
+    candidates: Mapping[str, GradientEstimator] | None = None,
+    every: int | None = None,
+    num_estimates: int = 10,
+    margin: float = 0.1,
+    prune: float = 10.0,
+) -> GradientEstimator:
+    r"""Choose the estimator by measured variance × seconds, and keep choosing as training moves.
+
+    Accepted wherever an estimator is: ``mg.fit(..., estimators={"z": mg.auto()})`` (or
+    ``estimators="auto"`` for every latent site), ``infer={"estimator": mg.auto()}`` in a
+    model or guide, and ``mg.grad``. In :func:`mcgrad.fit`, at step 0 and every ``every``
+    steps it measures, for each auto site and each candidate (the site's other sites kept
+    at their current choice), ``num_estimates`` independent gradient estimates at the
+    current parameters: their total variance ``V`` over the parameters that feed the site
+    and the seconds ``t`` one estimate takes (compiled, run one after another as steps
+    run). It then runs the candidate with the highest efficiency ``1/(V·t)``.
+
+    Args:
+        candidates: ``{name: estimator}``; default every estimator of the registry
+            (:data:`CANDIDATES`: pathwise, score function with leave-one-out, measure-valued,
+            DisARM, double control variate, REBAR, enumeration) that applies to the site.
+        every: steps between decisions in ``mg.fit`` (default a quarter of the run).
+        num_estimates: gradient estimates per candidate per decision (``≥ 2``).
+        margin: switch away from the current choice only for a candidate more than this
+            fraction more efficient (no flip-flopping on noise; a switch can cost a compile).
+        prune: after the first decision, candidates less efficient than the best by more
+            than this factor are not measured again (their last numbers are kept).
+
+    Returns:
+        A :class:`~mcgrad.GradientEstimator` named ``"auto"``; its ``auto`` field holds the
+        settings. Resolved at a site it becomes :func:`pinned`.
+
+    Example:
+        >>> import jax, mcgrad as mg, numpyro.distributions as dist
+        >>> g = mg.grad(lambda x: (x - 2.0) ** 2, lambda p: dist.Normal(p, 1.0),
+        ...             estimator=mg.auto(), num_samples=100)
+        >>> bool(abs(g(0.0, jax.random.key(0)) + 4.0) < 0.5)   # ∂μ E(x−2)² = 2(μ−2)
+        True
+    """
+    check_whole_number("num_estimates", num_estimates, 2, " (a variance needs two estimates)")
+    if every is not None:
+        check_whole_number("every", every, 1)
+    if not margin >= 0 or not prune >= 1:
+        raise ValueError(f"auto needs margin >= 0 and prune >= 1, got margin={margin!r}, prune={prune!r}.")
+    if candidates is not None:
+        candidates = dict(candidates)
+        if not candidates:
+            raise ValueError("auto(candidates=...) needs at least one candidate.")
+        for name, estimator in candidates.items():
+            if not isinstance(estimator, GradientEstimator) or estimator.auto is not None:
+                raise ValueError(f"auto candidate '{name}' must be a GradientEstimator (not mg.auto()), got {estimator!r}.")
+        candidates = tuple(candidates.items())
+    settings = AutoSettings(candidates, every, num_estimates, float(margin), float(prune))
+
+    def unresolved_draw(key, distribution, sample_shape=()):
+        _unresolved(None)
+
+    def unresolved_terms(key, state, site):
+        _unresolved(None)
+
+    return GradientEstimator(_unresolved, unresolved_draw, unresolved_terms, name="auto", auto=settings)
+
+
+def candidates_for(
+    distribution: Distribution, num_rows: int, site: str = "x", candidates: Mapping | None = None
+) -> dict[str, GradientEstimator]:
+    """The candidates that apply to ``site``'s ``distribution`` with ``num_rows`` rows (draws
+    or particles): each estimator's ``check`` accepts the distribution, and antithetic
+    pairs need an even number of rows.
+
+    Example:
+        >>> import mcgrad as mg, numpyro.distributions as dist
+        >>> list(mg.estimators.choice.candidates_for(dist.Normal(0.0, 1.0), 4))
+        ['pathwise', 'score_function_loo', 'measure_valued']
+        >>> list(mg.estimators.choice.candidates_for(dist.Bernoulli(logits=0.0), 2))[:3]
+        ['score_function_loo', 'measure_valued', 'disarm']
+    """
+    if candidates is None:
+        offered = {name: factory(num_rows) for name, factory in CANDIDATES.items()}
+    else:
+        offered = {name: c if isinstance(c, GradientEstimator) else c(num_rows) for name, c in dict(candidates).items()}
+    applicable = {}
+    for name, estimator in offered.items():
+        if estimator.partner is not None and num_rows % 2:
+            continue
+        try:
+            estimator.check(distribution, site)
+        except (ValueError, NotImplementedError):
+            continue
+        applicable[name] = estimator
+    return applicable
+
+
+def pinned(site: AutoSite) -> GradientEstimator:
+    """The estimator an ``auto`` site runs while candidate ``site.index`` is chosen.
+
+    It draws and estimates as that candidate does; its state is an :class:`AutoState`
+    holding every candidate's state, of which it updates only its own.
+    """
+    index = site.index
+    chosen = site.estimators[index]
+
+    def init(params: Params) -> AutoState:
+        return AutoState(jnp.asarray(index, jnp.int32), tuple(c.init(params) for c in site.estimators))
+
+    def terms(key, state: AutoState, row_site):
+        row_terms, new_state, info = chosen.terms(key, state.states[index], row_site)
+        states = state.states[:index] + (new_state,) + state.states[index + 1 :]
+        return row_terms, AutoState(state.choice, states), info
+
+    return chosen._replace(init=init, terms=terms, auto=site)
+
+
+def resolve(estimator: GradientEstimator, distribution: Distribution, num_rows: int, site: str) -> GradientEstimator:
+    """``auto`` at one site: :func:`pinned` to its first applicable candidate (an estimator
+    already resolved, or any other estimator, is returned as it is).
+
+    Raises:
+        ValueError: when no candidate applies to the site.
+    """
+    settings = estimator.auto
+    if settings is None or isinstance(settings, AutoSite):
+        return estimator
+    applicable = candidates_for(distribution, num_rows, site, dict(settings.candidates) if settings.candidates else None)
+    if not applicable:
+        from mcgrad.estimators.distributions import describe
+
+        raise ValueError(
+            f"mg.auto(): no candidate applies to site '{site}' ({describe(distribution)}, {num_rows} rows). "
+            "Pass candidates that do, e.g. mg.auto(candidates={'sf': mg.score_function()})."
+        )
+    return pinned(AutoSite(settings, tuple(applicable), tuple(applicable.values()), 0))
