@@ -86,9 +86,26 @@ def study_estimators() -> dict:
     }
 
 
-def quadratic_exact_variance(estimator: str, parameter: str, k, loc: float = 1.0, scale: float = 1.0):
-    """Exact single-sample variance for the quadratic cost (REFERENCE.md, Mohamed et al.
-    §3); leave-one-out uses the ``b = E f`` row, its large-``N`` limit."""
+def quadratic_exact_variance(
+    estimator: str, parameter: str, k, loc: float = 1.0, scale: float = 1.0, num_samples: int | None = None
+):
+    r"""Exact variance of the gradient for the quadratic cost ``(x − k)²`` (REFERENCE.md,
+    Mohamed et al. §3).
+
+    With ``num_samples=None``, of one sample's gradient (leave-one-out then uses the
+    ``b = E f`` row, its large-``N`` limit). With ``num_samples=N``, of an ``N``-sample
+    estimate: the single-sample variance over ``N``, and for leave-one-out exactly at that
+    ``N``, plus ``(E[s²] Var f + (∂E f)²) / (N(N − 1))`` (:func:`leave_one_out_excess`),
+    here ``(8a² + 2σ²)`` for ``μ`` and ``(8a² + 8σ²)`` for ``σ`` over ``N(N − 1)``,
+    ``a = μ − k``.
+
+    Example:
+        >>> from mcgrad.cli import quadratic_exact_variance
+        >>> quadratic_exact_variance("pathwise", "scale", 0.0), quadratic_exact_variance("pathwise", "scale", 0.0, num_samples=4)
+        (12.0, 3.0)
+        >>> round(quadratic_exact_variance("score function + leave-one-out", "loc", 1.0, num_samples=2), 3)  # 10/2 + 2/2
+        6.0
+    """
     a, s2 = loc - k, scale**2
     table = {
         "score function": (a**4 / s2 + 14 * a**2 + 15 * s2, 2 * a**4 / s2 + 60 * a**2 + 74 * s2),
@@ -96,7 +113,51 @@ def quadratic_exact_variance(estimator: str, parameter: str, k, loc: float = 1.0
         "pathwise": (4 * s2 + 0 * a, 4 * a**2 + 8 * s2),
         "measure-valued (coupled)": ((16 / np.pi - 4) * a**2, 4 * a**2 + 4 * s2),
     }
-    return table[estimator][0 if parameter == "loc" else 1]
+    index = 0 if parameter == "loc" else 1
+    if num_samples is None:
+        return table[estimator][index]
+    variance = table[estimator][index] / num_samples
+    if estimator == "score function + leave-one-out":
+        excess = (8 * a**2 + 2 * s2, 8 * a**2 + 8 * s2)[index]
+        variance = variance + excess / (num_samples * (num_samples - 1))
+    return variance
+
+
+def leave_one_out_excess(
+    cost_fn: Callable, k: float, num_samples: int, loc: float = 1.0, scale: float = 1.0, num_nodes: int = 2401
+) -> dict[str, float]:
+    r"""What a finite ``N`` adds to the variance of the leave-one-out estimate, per parameter.
+
+    With ``b_i`` the mean cost of the other ``N − 1`` samples and ``s`` the score,
+    ``ĝ = (1/N) Σ_i (f_i − b_i) s_i`` has variance
+
+    .. math::  \frac{\mathrm{Var}((f − E f)\,s)}{N} + \frac{E[s^2]\,\mathrm{Var} f + g^2}{N(N − 1)},
+               \qquad g = E[f s] = ∂E f,
+
+    (expand ``b_i``; every cross term with a lone score has mean zero). The first term
+    is the ``b = E f`` variance over ``N``; this returns the second, for ``x ~ N(loc,
+    scale²)`` and the cost ``cost_fn(x, k)``, by quadrature (the trapezoidal rule on
+    ``num_nodes`` points of ``ε ∈ [−12, 12]``, ``x = loc + scale·ε``: exact to float
+    precision for the study's smooth costs).
+
+    Example:
+        >>> from mcgrad.cli import leave_one_out_excess
+        >>> excess = leave_one_out_excess(lambda x, k: (x - k) ** 2, 0.0, 10)   # (8a² + 2σ², 8a² + 8σ²)/90
+        >>> round(excess["loc"] * 90, 6), round(excess["scale"] * 90, 6)
+        (10.0, 16.0)
+    """
+    epsilon = np.linspace(-12.0, 12.0, num_nodes)  # the trapezoidal rule: spectrally accurate here
+    weights = np.exp(-(epsilon**2) / 2) / np.sqrt(2 * np.pi) * (epsilon[1] - epsilon[0])
+    with jax.enable_x64(True):  # the cost in float64 (jnp would round it to float32)
+        f = np.asarray(cost_fn(jnp.asarray(loc + scale * epsilon), k), dtype=np.float64)
+    mean_f = weights @ f
+    variance_f = weights @ (f - mean_f) ** 2
+    scores = {"loc": epsilon / scale, "scale": (epsilon**2 - 1) / scale}
+    excess = {}
+    for name, s in scores.items():
+        g = weights @ (f * s)
+        excess[name] = float((weights @ s**2 * variance_f + g**2) / (num_samples * (num_samples - 1)))
+    return excess
 
 
 def run_study(*, num_samples: int, seed: int, num_points: int = 21):

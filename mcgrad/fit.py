@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mcgrad import checkpoints, parallel
+from mcgrad import checkpoints, parallel, selection
 from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
@@ -72,12 +72,17 @@ class TrainingDiagnostics(NamedTuple):
     ``variance[name][j]`` is the mean of ``V_d`` over the parameter's coordinates at step
     ``steps[j]``; ``snr[name][j]`` is ``‖ḡ‖ / sqrt(Σ_d V_d)`` over them (``ḡ`` the mean
     of the ``R + 1`` estimates).
+
+    With ``mg.auto()`` sites, ``choices`` is the table of every decision
+    (:func:`mcgrad.selection.decision_table`: per step, site and candidate the measured
+    variance, seconds, efficiency and which was chosen); ``None`` otherwise.
     """
 
     steps: np.ndarray
     variance: dict
     snr: dict
     num_nonfinite: int
+    choices: Any = None
 
 
 class NonFiniteError(RuntimeError):
@@ -378,7 +383,7 @@ def _chunk_runner(step_fn: Callable, static_inputs: Any) -> Callable:
     return run_chunk
 
 
-def _default_chunk_size(num_steps: int) -> int:
+def default_chunk_size(num_steps: int) -> int:
     """About 1/20 of the run, preferring a size that divides it (no masked last chunk)."""
     target = max(1, math.ceil(num_steps / 20))
     for size in range(target, min(num_steps, 2 * target) + 1):
@@ -773,6 +778,16 @@ def fit(
     else:
         state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective, key=key)
 
+    if not selection.SEGMENT.get() and selection.auto_sites(training.estimators):
+        if batched:
+            raise ValueError(
+                "mg.auto() chooses one estimator per site for the whole run, so it cannot serve a batch of "
+                "restarts (key=<a batch of keys>): fit the restarts with fixed estimators, e.g. the ones a "
+                "single auto fit chose (result.diagnostics.choices)."
+            )
+        run = selection.AutoRun(fit, trainer, model, guide, args, kwargs, key, key_setup, settings, estimators)
+        return selection.run(run, training, state, losses, history, num_steps=num_steps, progress_bar=progress_bar,
+                             checkpoint_path=checkpoint_path, chunk_size=chunk_size)
     done = int(np.max(np.asarray(state.step)))
     if done > num_steps:
         raise ValueError(
@@ -782,7 +797,7 @@ def fit(
     remaining = num_steps - done
     if chunk_size is None:
         periodic = progress_bar or checkpoint_path is not None
-        chunk_size = _default_chunk_size(remaining) if periodic else max(remaining, 1)
+        chunk_size = default_chunk_size(remaining) if periodic else max(remaining, 1)
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm

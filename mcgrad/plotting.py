@@ -99,3 +99,42 @@ def sweep_figure(
                 axes.set_ylabel("per-sample variance")
     grid[0, 0].legend(fontsize="small")
     return figure
+
+
+def choices_figure(choices: pd.DataFrame) -> Figure:
+    """``mg.auto()``'s decisions over training, one panel per auto site: each candidate's
+    measured efficiency ``1/(variance·seconds)`` at every decision (log scale; hollow where
+    a pruned candidate kept its last numbers) and the chosen one ringed.
+
+    ``choices`` is ``FitResult.diagnostics.choices``.
+
+    Example:
+        >>> import pandas as pd, mcgrad as mg
+        >>> choices = pd.DataFrame({"step": [0, 0, 50, 50], "site": ["z"] * 4,
+        ...                         "candidate": ["pathwise", "score", "pathwise", "score"],
+        ...                         "efficiency": [10.0, 1.0, 8.0, 9.0], "measured": [True] * 4,
+        ...                         "chosen": [True, False, False, True]})
+        >>> len(mg.plotting.choices_figure(choices).axes)
+        1
+    """
+    sites = list(dict.fromkeys(choices["site"]))
+    figure = Figure(figsize=(7, 3.2 * len(sites)), layout="constrained")
+    axes_list = np.atleast_1d(figure.subplots(len(sites), 1, squeeze=False)[:, 0])
+    for axes, site in zip(axes_list, sites, strict=True):
+        panel = choices[choices["site"] == site]
+        for index, (candidate, rows) in enumerate(panel.groupby("candidate", sort=False)):
+            color = f"C{index}"
+            axes.plot(rows["step"], rows["efficiency"], "-", color=color, alpha=0.6, label=candidate)
+            measured = rows[rows["measured"]]
+            axes.plot(measured["step"], measured["efficiency"], "o", color=color)
+            kept = rows[~rows["measured"]]
+            axes.plot(kept["step"], kept["efficiency"], "o", color=color, fillstyle="none")
+        chosen = panel[panel["chosen"]]
+        axes.plot(chosen["step"], chosen["efficiency"], "o", markersize=13, fillstyle="none", color="black",
+                  label="chosen")
+        axes.set_yscale("log")
+        axes.set_xlabel("step")
+        axes.set_ylabel("efficiency 1/(variance·s)")
+        axes.set_title(f"site '{site}': mg.auto() decisions")
+        axes.legend(fontsize="small", ncol=2)
+    return figure

@@ -19,8 +19,9 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
     fit: restarts of a batched fit are chains, so ``arviz.rhat`` across them tells whether
     they found the same optimum; for
     a model without a guide, the fitted parameters as one draw), ``log_likelihood`` (of
-    every observed site, per draw), ``observed_data``, and ``fit`` (the loss trace and the
-    gradient variance / SNR recorded during training). ``arviz.summary`` and ``arviz.loo``
+    every observed site, per draw), ``observed_data``, ``fit`` (the loss trace and the
+    gradient variance / SNR recorded during training), and with ``mg.auto()`` sites ``auto``
+    (each decision's choice and every candidate's variance, seconds and efficiency). ``arviz.summary`` and ``arviz.loo``
     work on it.
 
     Example:
@@ -65,7 +66,26 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
     if restarts is not None:
         coords["chain"] = np.arange(restarts)
     idata.add_groups({"fit": xr.Dataset(fit_group, coords=coords)})
+    if diagnostics.choices is not None and len(diagnostics.choices):
+        idata.add_groups({"auto": _choices_dataset(diagnostics.choices)})
     return idata
+
+
+def _choices_dataset(choices) -> xr.Dataset:
+    """``mg.auto()``'s decisions: per site, the chosen candidate at each decision step, and
+    every candidate's measured variance, seconds and efficiency (``decision`` × ``candidate``)."""
+    variables, coords = {}, {}
+    for site, panel in choices.groupby("site", sort=False):
+        steps = np.array(sorted(panel["step"].unique()))
+        candidates = list(dict.fromkeys(panel["candidate"]))
+        step_dim, candidate_dim = f"{site}_decision_step", f"{site}_candidate"
+        coords[step_dim], coords[candidate_dim] = steps, candidates
+        for column in ("variance", "seconds", "efficiency"):
+            table = panel.pivot(index="step", columns="candidate", values=column).reindex(index=steps, columns=candidates)
+            variables[f"{site}_{column}"] = ((step_dim, candidate_dim), table.to_numpy(dtype=float))
+        chosen = panel[panel["chosen"]].set_index("step")["candidate"].reindex(steps)
+        variables[f"{site}_choice"] = ((step_dim,), chosen.to_numpy(dtype=str))
+    return xr.Dataset(variables, coords=coords)
 
 
 def _one_chain(result, params, num_samples: int, key: jax.Array):

@@ -6,6 +6,7 @@ import numpyro.distributions as dist
 
 from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import GradientEstimator
+from mcgrad.estimators.choice import auto, resolve
 from mcgrad.estimators.pathwise import pathwise
 from mcgrad.estimators.score_function import score_function
 from mcgrad.inference.costs import latent_sites
@@ -22,17 +23,23 @@ def default_estimator(distribution: dist.Distribution, num_particles: int) -> Gr
 def resolve_estimators(
     program_trace: dict,
     annotated: dict[str, GradientEstimator],
-    overrides: dict[str, GradientEstimator] | None,
+    overrides: dict[str, GradientEstimator] | str | None,
     num_particles: int,
 ) -> dict[str, GradientEstimator]:
     """One estimator per latent site of ``program_trace``, checked against the site.
 
     Precedence: ``overrides`` (``estimators={...}`` of ``fit``), then the program site's own
     ``infer={"estimator": ...}``, then ``annotated`` (the model's annotations of the same
-    site), then :func:`default_estimator`.
+    site), then :func:`default_estimator`. ``overrides="auto"`` gives every latent site
+    ``mg.auto()``; an ``auto`` site resolves to its first applicable candidate
+    (:func:`mcgrad.estimators.choice.resolve`), which ``mg.fit`` then measures and switches.
     """
-    overrides = dict(overrides or {})
     latent = latent_sites(program_trace)
+    if isinstance(overrides, str):
+        if overrides != "auto":
+            raise ValueError(f"estimators is a dict of per-site estimators or 'auto', got {overrides!r}.")
+        overrides = {site["name"]: auto() for site in latent}
+    overrides = dict(overrides or {})
     unknown = set(overrides) - {site["name"] for site in latent}
     if unknown:
         raise ValueError(
@@ -49,6 +56,7 @@ def resolve_estimators(
                 f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
                 f"got {type(estimator).__name__}."
             )
+        estimator = resolve(estimator, fn, num_particles, name)
         estimator.check(fn, name)
         chosen[name] = estimator
     return chosen

@@ -1,0 +1,326 @@
+r"""``mg.auto()`` in :func:`mcgrad.fit`: measure each auto site's candidates, run the most efficient.
+
+A fit with auto sites runs in segments of ``every`` steps. Before each segment, for each
+auto site ``s`` and each of its candidates ``c`` (the other sites at their current
+choice), :func:`measure` takes ``R = num_estimates`` independent gradient estimates at the
+current state, one after another in one compiled ``lax.scan`` (as steps run), and records
+
+* ``V_{s,c}``: the total variance of the gradient over the parameters that feed ``s``'s
+  distribution (found once per fit by differentiating its parameters; all parameters if
+  none do): the part of the step's variance the site's estimator owns;
+* ``t_{s,c}``: seconds per estimate, the scan's wall time over ``R`` (after compilation);
+
+and the site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching only for a
+gain above ``margin``. Each choice's segment is an ordinary compiled run of ``mg.fit``
+(cached, so returning to a choice reuses its program); the choice itself lives in the
+state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
+
+Every decision is recorded (:func:`decision_table`): ``FitResult.diagnostics.choices``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from mcgrad.estimators.base import split_parameters
+from mcgrad.estimators.choice import AutoSite, AutoState, pinned
+from mcgrad.inference import handlers
+
+Array = jax.Array
+
+# Set while the auto driver runs its segments through mg.fit, which must then run the
+# pinned choices as given instead of handing them back to the driver.
+SEGMENT = contextvars.ContextVar("mcgrad_auto_segment", default=False)
+
+
+def auto_sites(estimators: dict) -> dict[str, AutoSite]:
+    """The sites of a trainer's ``estimators`` chosen by ``mg.auto()``, with their candidates."""
+    return {name: e.auto for name, e in estimators.items() if isinstance(e.auto, AutoSite)}
+
+
+def choices_in(objective_state: Any) -> dict[str, int]:
+    """``{site: current candidate index}`` read from the objective state's :class:`AutoState` s."""
+    found = {}
+    leaves = jax.tree_util.tree_flatten_with_path(objective_state, is_leaf=lambda x: isinstance(x, AutoState))[0]
+    for path, leaf in leaves:
+        if isinstance(leaf, AutoState):
+            found[_site_of(path)] = int(np.asarray(leaf.choice).reshape(-1)[0])
+    return found
+
+
+def with_choices(objective_state: Any, choices: dict[str, int]) -> Any:
+    """The objective state with each named auto site's ``choice`` set."""
+
+    def set_choice(path, leaf):
+        if isinstance(leaf, AutoState) and _site_of(path) in choices:
+            return leaf._replace(choice=jnp.asarray(choices[_site_of(path)], jnp.int32))
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(set_choice, objective_state, is_leaf=lambda x: isinstance(x, AutoState))
+
+
+def _site_of(path) -> str:
+    return str(path[-1].key)
+
+
+def pinned_estimators(sites: dict[str, AutoSite], choices: dict[str, int]) -> dict:
+    """Per auto site, the estimator that runs its chosen candidate."""
+    return {name: pinned(site._replace(index=choices[name])) for name, site in sites.items()}
+
+
+def upstream_parameters(program: Callable, args, kwargs, key, params: dict, constrained: Callable, site: str) -> list[str]:
+    """The ``numpyro.param`` names whose values the distribution at ``site`` depends on.
+
+    ``params`` are unconstrained, ``constrained`` maps them to ``numpyro.param`` values. One
+    reverse pass of a generic function of the site's distribution parameters (a parameter
+    whose gradient is exactly zero does not feed the site). Empty when the site is not
+    found or depends on none.
+    """
+
+    def functional(p):
+        trace = handlers.run(program, args, kwargs, key=key, params=constrained(p))
+        if site not in trace:
+            return jnp.zeros(())
+        leaves, _, _ = split_parameters(trace[site]["fn"])
+        return sum((jnp.sum(leaf * (1.0 + 0.37 * leaf)) for leaf in leaves), jnp.zeros(()))
+
+    grads = jax.grad(functional)(params)
+    return [name for name, g in grads.items() if any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(g))]
+
+
+class Measurement(NamedTuple):
+    """One candidate at one decision: per-parameter summed variances and seconds per estimate."""
+
+    variance: dict[str, float]
+    seconds: float
+    compile_seconds: float
+
+
+def measurer(training, static_inputs: Any) -> Callable:
+    """A jitted ``(state, keys, array_inputs) -> {param: summed variance}``: ``len(keys)``
+    gradient estimates at ``state`` in one ``lax.scan``, one after another as steps run."""
+
+    @jax.jit
+    def measure(state, keys, array_inputs):
+        args, kwargs = eqx.combine(array_inputs, static_inputs)
+
+        def one(carry, key):
+            _, grads, _ = training.estimate(state, key, *args, **kwargs)
+            return carry, grads
+
+        _, grads = jax.lax.scan(one, None, keys)
+        return {name: sum(jnp.sum(jnp.var(leaf, axis=0, ddof=1)) for leaf in jax.tree.leaves(g)) for name, g in grads.items()}
+
+    return measure
+
+
+def run_measurement(measure: Callable, state, keys, array_inputs, compiled: bool) -> Measurement:
+    """Variances and seconds per estimate; a first call compiles and is run again to be timed."""
+    compile_seconds = 0.0
+    if not compiled:
+        start = time.perf_counter()
+        jax.block_until_ready(measure(state, keys, array_inputs))
+        compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    variance = jax.block_until_ready(measure(state, keys, array_inputs))
+    seconds = (time.perf_counter() - start) / len(keys)
+    return Measurement({n: float(v) for n, v in variance.items()}, seconds, compile_seconds)
+
+
+def efficiency(variance: float, seconds: float) -> float:
+    """``1 / (V · t)``; infinite for an estimator without variance, NaN for a non-finite one."""
+    if not math.isfinite(variance):
+        return math.nan
+    product = variance * seconds
+    return 1.0 / product if product > 0 else math.inf
+
+
+def decide(
+    current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float
+) -> int:
+    """The candidate to run: the most efficient, unless the current one is within ``margin``."""
+    finite = {n: e for n, e in efficiencies.items() if not math.isnan(e)}
+    if not finite:
+        return current
+    best = max(finite, key=finite.get)
+    current_efficiency = finite.get(names[current], -math.inf)
+    if best != names[current] and finite[best] > current_efficiency * (1.0 + margin):
+        return names.index(best)
+    return current
+
+
+def decision_table(records: list[dict]) -> pd.DataFrame:
+    """The decisions as one long table: a row per (step, site, candidate) with
+    ``variance``, ``seconds``, ``efficiency``, ``measured`` (``False``: pruned, last numbers
+    kept), ``chosen``, and ``compile_seconds`` / ``measure_seconds`` spent on it."""
+    columns = ["step", "site", "candidate", "variance", "seconds", "efficiency", "measured", "chosen",
+               "compile_seconds", "measure_seconds"]
+    return pd.DataFrame(records, columns=columns)
+
+
+def choices_over_training(table: pd.DataFrame) -> pd.DataFrame:
+    """Per decision step, each site's chosen candidate (one column per site)."""
+    chosen = table[table["chosen"]]
+    return chosen.pivot(index="step", columns="site", values="candidate")
+
+
+class AutoRun(NamedTuple):
+    """What the auto driver needs of the fit it runs (see :func:`run`)."""
+
+    fit: Callable
+    trainer: Callable
+    model: Callable | None
+    guide: Callable | None
+    args: tuple
+    kwargs: dict
+    key: Array
+    setup_key: Array
+    settings: dict
+    estimators: Any
+
+
+def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, upstream, last):
+    """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers)."""
+    site = sites[name]
+    rows = {}
+    best_before = max((e for e, _ in last.values() if not math.isnan(e)), default=math.nan)
+    for index, candidate in enumerate(site.names):
+        previous = last.get(candidate)
+        if previous is not None and (math.isnan(previous[0]) or previous[0] * site.settings.prune < best_before):
+            rows[candidate] = dict(previous[1], measured=False, compile_seconds=0.0, measure_seconds=0.0)
+            continue
+        cache_key = (name, index, tuple(sorted((n, c) for n, c in choices.items() if n != name)))
+        try:
+            if cache_key not in cache:
+                overrides = dict(_fixed_overrides(run.estimators))
+                overrides.update(pinned_estimators(sites, {**choices, name: index}))
+                settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
+                training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
+                cache[cache_key] = measurer(training, static_inputs)
+                compiled = False
+            else:
+                compiled = True
+            start = time.perf_counter()
+            measurement = run_measurement(cache[cache_key], state, keys, array_inputs, compiled)
+            wall = time.perf_counter() - start
+        except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
+            rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
+                                   compile_seconds=0.0, measure_seconds=0.0)
+            continue
+        names = upstream[name] or list(measurement.variance)
+        variance = sum(measurement.variance[n] for n in names)
+        rows[candidate] = dict(
+            variance=variance, seconds=measurement.seconds, efficiency=efficiency(variance, measurement.seconds),
+            measured=True, compile_seconds=measurement.compile_seconds,
+            measure_seconds=wall - measurement.compile_seconds,
+        )
+    return rows
+
+
+def _fixed_overrides(estimators: Any) -> dict:
+    """The user's per-site estimators that are not ``mg.auto()``."""
+    if not isinstance(estimators, dict):
+        return {}
+    return {n: e for n, e in estimators.items() if e.auto is None}
+
+
+def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps: int, progress_bar: bool,
+        checkpoint_path, chunk_size: int | None):
+    """The auto driver: decisions at step ``k·every``, ordinary ``mg.fit`` segments between them."""
+    from mcgrad.fit import FitResult, NonFiniteError, default_chunk_size, save_checkpoint
+
+    sites = auto_sites(training.estimators)
+    every = min(site.settings.every or max(1, num_steps // 4) for site in sites.values())
+    num_estimates = max(site.settings.num_estimates for site in sites.values())
+    array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
+    program = run.guide if run.guide is not None else run.model
+    upstream = {}
+    for name in sites:
+        try:
+            upstream[name] = upstream_parameters(
+                program, run.args, run.kwargs, run.setup_key, dict(state.params),
+                lambda p: training.params(state._replace(params=p)), name,
+            )
+        except Exception:  # noqa: BLE001  (a program the trace cannot follow: fall back to every parameter)
+            upstream[name] = []
+    choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
+    cache: dict = {}
+    records: list[dict] = []
+    last: dict[str, dict] = {name: {} for name in sites}
+    loss_chunks, parts = [losses], []
+    done = int(np.asarray(state.step))
+    chunk = chunk_size or (default_chunk_size(every) if progress_bar or checkpoint_path else every)
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=done, desc=f"{run.settings['objective'].name} (auto)")
+    try:
+        while done < num_steps:
+            if done % every == 0:
+                keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
+                for name, site in sites.items():
+                    rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, static_inputs, cache,
+                                         upstream, last[name])
+                    new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
+                                 site.settings.margin)
+                    choices[name] = new
+                    last[name] = {c: (r["efficiency"], r) for c, r in rows.items()}
+                    for candidate, row in rows.items():
+                        records.append(dict(row, step=done, site=name, candidate=candidate,
+                                            chosen=candidate == site.names[new]))
+                state = state._replace(objective_state=with_choices(state.objective_state, choices))
+            length = min(chunk, every - done % every, num_steps - done)
+            overrides = {**_fixed_overrides(run.estimators), **pinned_estimators(sites, choices)}
+            token = SEGMENT.set(True)
+            try:
+                result = run.fit(
+                    run.model, run.guide, *run.args, key=run.key, num_steps=done + length,
+                    **dict(run.settings, estimators=overrides), progress_bar=False, chunk_size=None,
+                    checkpoint_path=None, resume_from=state, **run.kwargs,
+                )
+            except NonFiniteError as error:
+                raise NonFiniteError(str(error), error.state, np.concatenate(loss_chunks + [error.losses])) from None
+            finally:
+                SEGMENT.reset(token)
+            state = result.state
+            loss_chunks.append(result.losses)
+            parts.append(result.diagnostics)
+            done += length
+            diagnostics = _joined(history, parts, records, int(np.asarray(state.num_nonfinite)))
+            if checkpoint_path is not None:
+                save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), diagnostics,
+                                           run.settings["objective"], run.key)
+            if bar is not None:
+                last_loss = result.losses[-1]
+                postfix = {"loss": f"{last_loss:.4g}"}
+                postfix.update({name: sites[name].names[choices[name]] for name in sites})
+                bar.set_postfix(postfix)
+                bar.update(length)
+    finally:
+        if bar is not None:
+            bar.close()
+    diagnostics = _joined(history, parts, records, int(np.asarray(state.num_nonfinite)))
+    return FitResult(
+        training.params(state), np.concatenate(loss_chunks), state, diagnostics, run.model, run.guide, run.args, run.kwargs
+    )
+
+
+def _joined(history, parts, records, num_nonfinite):
+    from mcgrad.fit import TrainingDiagnostics
+
+    names = list(history.variance)
+    steps = np.concatenate([history.steps] + [p.steps for p in parts]).astype(np.int64)
+    variance = {n: np.concatenate([history.variance[n]] + [p.variance[n] for p in parts]) for n in names}
+    snr = {n: np.concatenate([history.snr[n]] + [p.snr[n] for p in parts]) for n in names}
+    return TrainingDiagnostics(steps, variance, snr, num_nonfinite, decision_table(records))

@@ -1,0 +1,157 @@
+"""mg.auto() in fits (mcgrad/selection.py): decisions, records, state, resume, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+
+import mcgrad as mg
+from mcgrad.estimators.choice import AutoState
+from mcgrad.selection import choices_in, decide, efficiency, upstream_parameters
+
+
+def gaussian_model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def gaussian_guide(x):
+    loc = numpyro.param("loc", 0.0)
+    scale = numpyro.param("scale", 1.0, constraint=dist.constraints.positive)
+    numpyro.sample("z", dist.Normal(loc, scale))
+
+
+def mixed_model(x):
+    """A continuous global shift and a discrete label per datum."""
+    shift = numpyro.sample("shift", dist.Normal(0.0, 2.0))
+    with numpyro.plate("data", x.shape[0]):
+        label = numpyro.sample("label", dist.Bernoulli(0.5))
+        numpyro.sample("x", dist.Normal(shift + 3.0 * label, 1.0), obs=x)
+
+
+def mixed_guide(x):
+    loc = numpyro.param("shift_loc", 0.0)
+    scale = numpyro.param("shift_scale", 1.0, constraint=dist.constraints.positive)
+    numpyro.sample("shift", dist.Normal(loc, scale))
+    logits = numpyro.param("label_logits", jnp.zeros(x.shape[0]))
+    with numpyro.plate("data", x.shape[0]):
+        numpyro.sample("label", dist.Bernoulli(logits=logits))
+
+
+DATA = jnp.array([-0.3, 0.2, 2.8, 3.4, 0.1, 3.1])
+
+
+def fit(model, guide, estimators, num_steps=40, objective=None, **options):
+    return mg.fit(model, guide, DATA, key=jax.random.key(0), num_steps=num_steps, optimizer=optax.adam(0.05),
+                  objective=objective or mg.elbo(2), estimators=estimators, progress_bar=False, **options)
+
+
+def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
+    result = fit(mixed_model, mixed_guide, "auto", num_steps=40, diagnostics_every=10)
+    choices = result.diagnostics.choices
+    assert set(choices["site"]) == {"shift", "label"}
+    assert sorted(choices["step"].unique()) == [0, 10, 20, 30]  # every = a quarter of the run
+    # one chosen candidate per site and decision, and it is the most efficient within the margin
+    chosen = choices[choices["chosen"]]
+    assert chosen.groupby(["step", "site"]).size().eq(1).all()
+    first = choices[(choices["step"] == 0)]
+    for site, panel in first.groupby("site"):
+        best = panel["efficiency"].max()
+        assert panel.loc[panel["chosen"], "efficiency"].iloc[0] >= best / 1.1
+    # the continuous site offers pathwise, the discrete one the discrete estimators
+    assert "pathwise" in set(first[first["site"] == "shift"]["candidate"])
+    assert {"disarm", "score_function_loo"} <= set(first[first["site"] == "label"]["candidate"])
+    assert "pathwise" not in set(first[first["site"] == "label"]["candidate"])
+    # the state records the last choice, and the fit trained
+    last = chosen[chosen["step"] == 30].set_index("site")["candidate"]
+    names = {"shift": list(first[first["site"] == "shift"]["candidate"]),
+             "label": list(first[first["site"] == "label"]["candidate"])}
+    stored = choices_in(result.state.objective_state)
+    assert {site: names[site][index] for site, index in stored.items()} == dict(last)
+    assert np.all(np.isfinite(result.losses)) and result.losses[-5:].mean() < result.losses[:5].mean()
+    assert result.diagnostics.steps.tolist() == [0, 10, 20, 30]  # the gradient diagnostics still run
+
+
+def test_a_discrete_site_chooses_a_lower_variance_estimator_than_the_score_function():
+    result = fit(mixed_model, mixed_guide, {"label": mg.auto()}, num_steps=8)
+    choices = result.diagnostics.choices
+    first = choices[choices["step"] == 0].set_index("candidate")
+    chosen = first.index[first["chosen"]][0]
+    assert first.loc[chosen, "variance"] < first.loc["score_function_loo", "variance"]
+
+
+def test_user_candidates_a_custom_schedule_and_annotations():
+    def annotated_guide(x):
+        loc = numpyro.param("loc", 0.0)
+        numpyro.sample("z", dist.Normal(loc, 1.0),
+                       infer={"estimator": mg.auto(candidates={"sf": mg.score_function(), "pw": mg.pathwise()}, every=5)})
+
+    result = fit(gaussian_model, annotated_guide, None, num_steps=12)
+    choices = result.diagnostics.choices
+    assert sorted(choices["step"].unique()) == [0, 5, 10]
+    assert set(choices["candidate"]) == {"sf", "pw"}
+    assert set(choices.loc[choices["chosen"], "candidate"]) == {"pw"}  # 1/100 of the variance, same cost
+
+
+def test_resuming_keeps_the_choice_and_matches_an_unbroken_run(tmp_path):
+    estimators = {"z": mg.auto(candidates={"sf": mg.score_function(), "pw": mg.pathwise()}, margin=0.0)}
+    whole = fit(gaussian_model, gaussian_guide, estimators, num_steps=20)
+    first = fit(gaussian_model, gaussian_guide, estimators, num_steps=10, checkpoint_path=tmp_path / "run.ckpt")
+    assert isinstance(first.state.objective_state["z"], AutoState)
+    resumed = fit(gaussian_model, gaussian_guide, estimators, num_steps=20, resume_from=tmp_path / "run.ckpt")
+    assert len(resumed.losses) == 20
+    np.testing.assert_allclose(resumed.losses[:10], first.losses)
+    if set(whole.diagnostics.choices.loc[whole.diagnostics.choices["chosen"], "candidate"]) == {"pw"}:
+        # the same choices give the same trajectory, bit for bit
+        np.testing.assert_array_equal(resumed.losses, whole.losses)
+
+
+def test_auto_in_a_trainer_runs_the_first_candidate_with_every_candidates_state():
+    training = mg.trainer(mixed_model, mixed_guide, DATA, key=jax.random.key(0), objective=mg.elbo(2),
+                          optimizer=optax.adam(0.05), estimators="auto")
+    assert training.estimators["shift"].name == "pathwise"
+    assert training.estimators["label"].name.startswith("score_function")
+    state = training.init(jax.random.key(1))
+    site_state = state.objective_state["label"]
+    assert isinstance(site_state, AutoState) and len(site_state.states) == len(training.estimators["label"].auto.names)
+    state, info = jax.jit(training.step)(state, DATA)
+    assert bool(info.finite)
+
+
+def test_inference_data_and_figure_carry_the_choices():
+    result = fit(mixed_model, mixed_guide, {"label": mg.auto(every=4)}, num_steps=8)
+    idata = result.to_inference_data(num_samples=10)
+    choice = idata.auto["label_choice"].values
+    assert choice.shape == (2,) and set(choice) <= set(result.diagnostics.choices["candidate"])
+    assert idata.auto["label_efficiency"].shape == (2, result.diagnostics.choices["candidate"].nunique())
+    figure = mg.plotting.choices_figure(result.diagnostics.choices)
+    assert len(figure.axes) == 1
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="batch of restarts"):
+        mg.fit(gaussian_model, gaussian_guide, DATA, key=jax.random.split(jax.random.key(0), 2), num_steps=4,
+               optimizer=optax.adam(0.05), objective=mg.elbo(2), estimators="auto", progress_bar=False)
+    with pytest.raises(ValueError, match="no candidate applies"):
+        fit(gaussian_model, gaussian_guide, {"z": mg.auto(candidates={"d": mg.disarm()})}, num_steps=2)
+    with pytest.raises(ValueError, match="'auto'"):
+        fit(gaussian_model, gaussian_guide, "automatic", num_steps=2)
+    with pytest.raises(ValueError, match="num_estimates"):
+        mg.auto(num_estimates=1)
+    with pytest.raises(ValueError, match="resolved per site"):
+        mg.auto().init({})
+
+
+def test_decision_rule_and_upstream_parameters():
+    names = ("a", "b")
+    assert decide(0, names, {"a": 1.0, "b": 1.05}, margin=0.1) == 0  # within the margin: stay
+    assert decide(0, names, {"a": 1.0, "b": 1.2}, margin=0.1) == 1
+    assert decide(1, names, {"a": float("nan"), "b": float("nan")}, margin=0.1) == 1
+    assert efficiency(0.0, 1e-3) == float("inf") and np.isnan(efficiency(float("nan"), 1.0))
+    params = {"shift_loc": jnp.zeros(()), "shift_scale": jnp.ones(()), "label_logits": jnp.zeros(6)}
+    upstream = upstream_parameters(mixed_guide, (DATA,), {}, jax.random.key(0), params, lambda p: p, "label")
+    assert upstream == ["label_logits"]
