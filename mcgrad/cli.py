@@ -224,6 +224,132 @@ def study_winners(table: pd.DataFrame, column: str = "variance", tie_tolerance: 
     return pd.DataFrame(rows)
 
 
+LEAVE_ONE_OUT = "score function + leave-one-out"
+
+
+def _select_branch(cost_fn, dist_fn, estimator, params, num_samples):
+    """``(k, key) -> (gradient, (min cost, max cost))``: one estimate as :func:`mcgrad.select`
+    makes it (``mg.estimate`` from a fresh state, the cost range for its flag), ``k`` an argument."""
+
+    def branch(k, key):
+        fn = mg.estimate(lambda x: cost_fn(x, k), dist_fn, estimator=estimator, num_samples=num_samples)
+        out = fn(params, estimator.init(params), key)
+        return out.grad, (jnp.min(out.info.costs), jnp.max(out.info.costs))
+
+    return branch
+
+
+def study_auto(
+    table: pd.DataFrame, *, seed: int, num_samples: int = 10, num_repeats: int = 1000, num_timing_runs: int = 5
+) -> pd.DataFrame:
+    r"""What ``mg.auto()`` picks at every (cost, ``k``) of the study, against the most efficient estimator.
+
+    Auto's choice is :func:`mcgrad.select`'s over :func:`study_estimators` with
+    ``cost="seconds"``: per candidate, ``num_repeats`` independent ``num_samples``-sample
+    estimates (keys split from one key, the same for every candidate and ``k``), their
+    total variance ``V`` over ``μ`` and ``σ``, and the seconds ``t`` one estimate takes
+    compiled (the median of ``num_timing_runs`` runs of the batch, over ``num_repeats``);
+    it picks the largest ``1/(V·t)``. The numbers are made as ``select`` makes them, with
+    one compile per estimator for the whole study (``k`` and the cost, chosen by
+    ``lax.switch``, are arguments) instead of one per (estimator, cost, ``k``).
+
+    The reference ranks the same candidates by ``1/(V*·t)``, the same seconds and ``V*``
+    the variance of a ``num_samples``-sample estimate: exact for the quadratic
+    (:func:`quadratic_exact_variance`, leave-one-out at that ``N``); for the other costs,
+    which have no closed forms here, the single-sample variance measured in ``table``
+    (its high ``N``) over ``num_samples``, leave-one-out's finite-``N`` excess added
+    (:func:`leave_one_out_excess`).
+
+    Args:
+        table: :func:`run_study`'s table (its grids of ``k``, and the measured variances).
+        seed: PRNG seed (auto's key is folded from it).
+        num_samples: ``N``, samples per estimate.
+        num_repeats: ``R``, estimates per candidate.
+        num_timing_runs: timing runs per candidate and (cost, ``k``).
+
+    Returns:
+        A DataFrame, one row per (cost, ``k``): ``cost, k, auto_choice, best, reference``
+        (``"exact"`` or ``"measured"``), ``agrees``, ``gap`` (the best's reference
+        efficiency over the second best's, minus 1), ``auto_loss`` (1 − the reference
+        efficiency of auto's choice over the best's; 0 where they agree), then per
+        estimator ``seconds[·]``, ``variance[·]`` (auto's) and ``reference_variance[·]``.
+    """
+    estimators = study_estimators()
+    params = {"loc": 1.0, "scale": 1.0}
+
+    def dist_fn(p):
+        return dist.Normal(p["loc"], p["scale"])
+
+    costs = list(STUDY_COSTS)
+    grids = {cost: np.sort(table.loc[table["cost"] == cost, "k"].unique()) for cost in costs}
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1), num_repeats)
+    measured = {}  # (cost, k, estimator) -> (total variance, seconds)
+    for name, estimator in estimators.items():
+        branches = [_select_branch(cost_fn, dist_fn, estimator, params, num_samples) for _, cost_fn in STUDY_COSTS.values()]
+        batched = jax.jit(
+            jax.vmap(lambda index, k, key, branches=branches: jax.lax.switch(index, branches, k, key), in_axes=(None, None, 0))
+        )
+        for index, cost in enumerate(costs):
+            for k in grids[cost]:
+                args = (jnp.asarray(index, jnp.int32), jnp.asarray(k, jnp.float32), keys)
+                gradients, _ = jax.block_until_ready(batched(*args))  # compiles once per estimator
+                seconds = mg.diagnostics.median_seconds(lambda args=args: batched(*args), num_timing_runs) / num_repeats
+                measured[cost, k, name] = float(mg.gradient_statistics(gradients).total_variance), seconds
+
+    rows = []
+    for cost in costs:
+        panel = table[table["cost"] == cost]
+        for k in grids[cost]:
+            row = {"cost": cost, "k": float(k)}
+            auto_efficiency, reference_efficiency, details = {}, {}, {}
+            for name in estimators:
+                variance, seconds = measured[cost, k, name]
+                if cost == "quadratic":
+                    reference = sum(
+                        quadratic_exact_variance(name, parameter, k, num_samples=num_samples) for parameter in STUDY_PARAMETERS
+                    )
+                else:
+                    at = panel[(panel["k"] == k) & (panel["estimator"] == name)]
+                    reference = at["variance"].sum() / num_samples
+                    if name == LEAVE_ONE_OUT:
+                        reference += sum(leave_one_out_excess(STUDY_COSTS[cost][1], k, num_samples).values())
+                auto_efficiency[name] = 1.0 / (variance * seconds)
+                reference_efficiency[name] = 1.0 / (reference * seconds)
+                details |= {f"seconds[{name}]": seconds, f"variance[{name}]": variance, f"reference_variance[{name}]": reference}
+            choice = max(auto_efficiency, key=auto_efficiency.get)
+            best, second = sorted(reference_efficiency, key=reference_efficiency.get, reverse=True)[:2]
+            row |= {
+                "auto_choice": choice,
+                "best": best,
+                "reference": "exact" if cost == "quadratic" else "measured",
+                "agrees": choice == best,
+                "gap": reference_efficiency[best] / reference_efficiency[second] - 1.0,
+                "auto_loss": 1.0 - reference_efficiency[choice] / reference_efficiency[best],
+            }
+            rows.append(row | details)
+    return pd.DataFrame(rows)
+
+
+def _format_auto(auto: pd.DataFrame, threshold: float = 0.2) -> str:
+    lines = []
+    for cost, panel in auto.groupby("cost", sort=False):
+        label = STUDY_COSTS[cost][0]
+        line = f"  {label:<12} agrees at {int(panel['agrees'].sum())} of {len(panel)} k ({panel['reference'].iloc[0]} ranking)"
+        differ = panel[~panel["agrees"]]
+        if len(differ):
+            line += "; differs at " + "; ".join(
+                f"k = {row.k:.3g} ({row.auto_choice}, best {row.best} by {100 * row.gap:.0f}%)" for row in differ.itertuples()
+            )
+        lines.append(line)
+    clear = auto[auto["gap"] > threshold]
+    lines.append(
+        f"  Where the best two differ by more than {100 * threshold:.0f}% in efficiency, auto agrees at "
+        f"{int(clear['agrees'].sum())} of {len(clear)} (cost, k); where it differs, the efficiency it loses is at most "
+        f"{100 * auto['auto_loss'].max():.0f}%."
+    )
+    return "\n".join(lines)
+
+
 def _format_winners(winners) -> str:
     lines = []
     for (cost, parameter), group in winners.groupby(["cost", "parameter"], sort=False):
@@ -242,6 +368,12 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-points", type=int, default=21, help="values of k per cost")
     parser.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    parser.add_argument(
+        "--auto-num-samples", type=int, default=10, help="samples per estimate in auto's choice (mg.select's N)"
+    )
+    parser.add_argument(
+        "--auto-num-repeats", type=int, default=1000, help="estimates per candidate in auto's choice (mg.select's R)"
+    )
 
 
 def run_study_command(args: argparse.Namespace) -> int:
@@ -257,6 +389,11 @@ def run_study_command(args: argparse.Namespace) -> int:
     table.to_csv(csv_path, index=False)
     labels = {name: label for name, (label, _) in STUDY_COSTS.items()}
     plotting.sweep_figure(table, cost_labels=labels, parameter_labels=STUDY_PARAMETERS).savefig(png_path, dpi=120)
+    start = time.perf_counter()
+    auto = study_auto(table, seed=args.seed, num_samples=args.auto_num_samples, num_repeats=args.auto_num_repeats)
+    auto_seconds = time.perf_counter() - start
+    auto_path = output_dir / "auto.csv"
+    auto.to_csv(auto_path, index=False)
     winners = study_winners(table, "variance")
     winners_cost = study_winners(table, "variance_x_evaluations")
     winners.assign(criterion="variance").pipe(
@@ -273,7 +410,16 @@ def run_study_command(args: argparse.Namespace) -> int:
     print(_format_winners(winners))
     print("\nLowest variance × evaluations per sample (measure-valued spends 5, the others 1):")
     print(_format_winners(winners_cost))
-    print(f"\nWrote {csv_path}, {png_path}, {winners_path} ({seconds:.1f} s including compilation).")
+    print(
+        f"\nmg.auto()'s choice (mg.select over the four estimators by variance × seconds, N = {args.auto_num_samples}, "
+        f"{args.auto_num_repeats} estimates each) against the most efficient by 1/(variance × the same seconds), "
+        f"the variance of an N-sample estimate exact for (x−k)² and, for the other costs, measured above "
+        f"(N = {args.num_samples}; no closed forms):"
+    )
+    print(_format_auto(auto))
+    print(
+        f"\nWrote {csv_path}, {png_path}, {winners_path}, {auto_path} (study {seconds:.1f} s, auto {auto_seconds:.1f} s, including compilation)."
+    )
     return 0
 
 

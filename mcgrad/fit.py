@@ -166,7 +166,7 @@ def trainer(
     key: Array,
     objective: Objective,
     optimizer: optax.GradientTransformation,
-    estimators: dict | None = None,
+    estimators: dict | str | None = None,
     diagnostics_every: int = 0,
     diagnostics_replicates: int = 2,
     max_nonfinite: int | None = None,
@@ -194,7 +194,9 @@ def trainer(
         key: a ``jax.random.key`` for tracing and the initial parameters.
         objective: e.g. :func:`mcgrad.elbo`.
         optimizer: an optax optimizer.
-        estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
+        estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``, or ``"auto"``.
+            An ``mg.auto()`` site runs its first applicable candidate here (the measuring
+            and switching is :func:`fit`'s); its state keeps every candidate's.
         diagnostics_every: record gradient variance every this many steps (0: never).
         diagnostics_replicates: extra gradient estimates per record (``≥ 1``).
         max_nonfinite: after this many skipped (non-finite) steps every further step
@@ -665,7 +667,7 @@ def fit(
     num_steps: int,
     optimizer: optax.GradientTransformation,
     objective: Objective,
-    estimators: dict | None = None,
+    estimators: dict | str | None = None,
     progress_bar: bool = True,
     chunk_size: int | None = None,
     diagnostics_every: int | None = None,
@@ -693,8 +695,12 @@ def fit(
         objective: :func:`mcgrad.elbo`, :func:`mcgrad.iwae`, :func:`mcgrad.renyi`,
             :func:`mcgrad.maximum_likelihood`, :func:`mcgrad.adversarial`,
             :func:`mcgrad.expectation`.
-        estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``.
-        progress_bar: show a tqdm bar.
+        estimators: per-site overrides, e.g. ``{"z": mg.measure_valued()}``; ``"auto"`` (or
+            ``mg.auto()`` for a site, also as ``infer={"estimator": mg.auto()}``): measure
+            the applicable estimators' variance × seconds at step 0 and every ``every``
+            steps and run the most efficient (:mod:`mcgrad.selection`); the decisions are in
+            ``result.diagnostics.choices``.
+        progress_bar: show a tqdm bar (with auto sites, the current choice of each).
         chunk_size: steps per compiled chunk (default: about 1/20 of the run with a progress
             bar, the whole run without). Every chunk runs one compiled program; when the
             size does not divide the steps, the last chunk runs it masked, and the result
