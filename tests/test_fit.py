@@ -104,9 +104,9 @@ def test_a_shorter_last_chunk_reuses_the_compiled_program(reference):
 
 
 def test_default_chunks_divide_the_run_when_they_can():
-    assert fit_module._default_chunk_size(2000) == 100
-    assert fit_module._default_chunk_size(50) == 5  # 3 does not divide 50, 5 does
-    assert fit_module._default_chunk_size(97) == 5  # a prime: the last chunk is masked
+    assert fit_module.default_chunk_size(2000) == 100
+    assert fit_module.default_chunk_size(50) == 5  # 3 does not divide 50, 5 does
+    assert fit_module.default_chunk_size(97) == 5  # a prime: the last chunk is masked
 
 
 def test_steps_keep_the_state_structure_and_types(reference):

@@ -185,7 +185,7 @@ def test_auto_in_grad_is_unbiased_and_refuses_a_first_call_under_jit():
     cost, num_samples, num_repeats = (lambda x: (x - 2.0) ** 2), 20, 200
     grad_fn = mg.grad(cost, normal, estimator=mg.auto(), num_samples=num_samples)
     first = grad_fn(PARAMS, jax.random.key(0))  # chooses here
-    gradients = jax.vmap(grad_fn, in_axes=(None, 0))(PARAMS, jax.random.split(jax.random.key(1), num_repeats))
+    gradients = jax.jit(jax.vmap(grad_fn, in_axes=(None, 0)))(PARAMS, jax.random.split(jax.random.key(1), num_repeats))
     exact = {"loc": 2 * (PARAMS["loc"] - 2.0), "scale": 2 * PARAMS["scale"]}  # 2a, 2σ
     for name, value in exact.items():
         g = np.asarray(gradients[name])
