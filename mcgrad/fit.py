@@ -9,11 +9,8 @@ output).
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import math
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +25,7 @@ from mcgrad import checkpoints, parallel, selection
 from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
+from mcgrad.programs import ProgramCache, fingerprint
 
 Array = jax.Array
 
@@ -394,97 +392,6 @@ def default_chunk_size(num_steps: int) -> int:
     return target
 
 
-def _fingerprint(value: Any, seen: dict | None = None, depth: int = 0) -> Any:
-    """A hashable description of ``value`` by structure and content: functions by their code,
-    defaults, closure cells and the globals they name; containers by their items; arrays by
-    shape, dtype and bytes. Two ``optax.adam(1e-2)`` built apart, or two ``mg.elbo(4)``, get
-    the same fingerprint; another learning rate or particle count does not. What it cannot
-    describe (objects, deep structures) it names by identity, which can only cost a
-    recompile, never reuse a program that does something else."""
-    seen = {} if seen is None else seen
-    if isinstance(value, (bool, int, float, complex, str, bytes, type(None))):
-        return (type(value).__name__, value)
-    if id(value) in seen:  # met before in this walk: its place in the walk, not its address
-        return ("same", seen[id(value)][0])
-    if depth > 12:
-        return ("deep", id(value))
-    if isinstance(value, (np.ndarray, np.generic)) or (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)):
-        if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
-            value = jax.random.key_data(value)
-        array = np.asarray(value)
-        return ("array", array.shape, str(array.dtype), array.tobytes() if array.size <= 4096 else hash(array.tobytes()))
-    seen[id(value)] = (len(seen), value)  # kept alive while fingerprinting, so ids stay unique
-    if isinstance(value, (tuple, list)):
-        return (type(value).__qualname__, tuple(_fingerprint(v, seen, depth + 1) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((repr(k), _fingerprint(v, seen, depth + 1)) for k, v in value.items()))
-    if isinstance(value, functools.partial):
-        return ("partial", _fingerprint((value.func, value.args, value.keywords), seen, depth + 1))
-    if isinstance(value, types.FunctionType):
-        code = value.__code__
-        cells = tuple(_fingerprint(c.cell_contents, seen, depth + 1) if _cell_filled(c) else None for c in value.__closure__ or ())
-        names = tuple(
-            (name, _fingerprint(value.__globals__[name], seen, depth + 1))
-            for name in code.co_names
-            if name in value.__globals__ and not isinstance(value.__globals__[name], types.ModuleType)
-        )
-        return ("function", code, _fingerprint(value.__defaults__, seen, depth + 1), cells, names)
-    if isinstance(value, types.MethodType):
-        return ("method", _fingerprint(value.__func__, seen, depth + 1), _fingerprint(value.__self__, seen, depth + 1))
-    if isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
-        return ("named", id(value))
-    if isinstance(value, eqx.Module) or dataclasses.is_dataclass(value):
-        leaves, treedef = jax.tree.flatten(value)
-        return ("pytree", str(treedef), tuple(_fingerprint(v, seen, depth + 1) for v in leaves))
-    if hasattr(value, "__dict__"):  # an object: its class and its attributes, so a mutation shows
-        return ("object", type(value).__qualname__, id(type(value)), _fingerprint(vars(value), seen, depth + 1))
-    return ("object", id(value))
-
-
-def _cell_filled(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:
-        return False
-    return True
-
-
-class ProgramCache:
-    """The compiled training programs of recent fits, so a second ``mg.fit`` of the same
-    model, guide, objective, optimizer and argument shapes reuses the first's program.
-
-    Owned by :func:`fit` (``mg.fit.cache``), for the process's lifetime, holding at most
-    ``max_entries`` programs (least recently used dropped first), so memory stays flat over
-    any number of fits. ``mg.fit.cache.clear()`` drops them all.
-    """
-
-    def __init__(self, max_entries: int = 8):
-        self.max_entries = max_entries
-        self.entries: collections.OrderedDict = collections.OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, fingerprint: Any, build: Callable[[], Any]) -> Any:
-        try:
-            entry = self.entries[fingerprint]
-        except (KeyError, TypeError):  # TypeError: an unhashable fingerprint part
-            self.misses += 1
-            entry = build()
-            try:
-                self.entries[fingerprint] = entry
-            except TypeError:
-                return entry
-            while len(self.entries) > self.max_entries:
-                self.entries.popitem(last=False)
-            return entry
-        self.hits += 1
-        self.entries.move_to_end(fingerprint)
-        return entry
-
-    def clear(self) -> None:
-        self.entries.clear()
-
-
 _PROGRAMS = ProgramCache()
 
 
@@ -523,8 +430,8 @@ def save_checkpoint(
         {n: np.asarray(v) for n, v in diagnostics.snr.items()},
     )
     metadata = {
-        "num_losses": int(len(losses)),
-        "num_records": int(len(diagnostics.steps)),
+        "num_losses": len(losses),
+        "num_records": len(diagnostics.steps),
         "num_nonfinite": int(diagnostics.num_nonfinite),
     }
     if objective is not None:
@@ -764,11 +671,11 @@ def fit(
         training = trainer(model, guide, *args, key=first_key, **settings, **kwargs)
         step_fn = training.step
         if batched:
-            step_fn = lambda states, *a, **k: jax.vmap(lambda s: training.step(s, *a, **k))(states)  # noqa: E731
+            step_fn = lambda states, *a, **k: jax.vmap(lambda s: training.step(s, *a, **k))(states)
         return training, _chunk_runner(step_fn, static_inputs)
 
-    fingerprint = _fingerprint((model, guide, settings, static_inputs, batched))
-    training, run_chunk = _PROGRAMS.get((fingerprint, _fingerprint(shapes)), build)
+    program_key = (fingerprint((model, guide, settings, static_inputs, batched)), fingerprint(shapes))
+    training, run_chunk = _PROGRAMS.get(program_key, build)
     initial = (
         jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
     )

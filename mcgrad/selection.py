@@ -35,8 +35,14 @@ import pandas as pd
 from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
 from mcgrad.inference import handlers
+from mcgrad.programs import ProgramCache
+from mcgrad.programs import fingerprint as _fingerprint
 
 Array = jax.Array
+
+# Measurement programs of recent fits, so a second fit (or a resumed one) of the same model
+# does not compile them again; ``mg.fit.cache`` holds the training programs.
+MEASURERS = ProgramCache(max_entries=32)
 
 # Set while the auto driver runs its segments through mg.fit, which must then run the
 # pinned choices as given instead of handing them back to the driver.
@@ -199,20 +205,20 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         if previous is not None and (math.isnan(previous[0]) or previous[0] * site.settings.prune < best_before):
             rows[candidate] = dict(previous[1], measured=False, compile_seconds=0.0, measure_seconds=0.0)
             continue
-        cache_key = (name, index, tuple(sorted((n, c) for n, c in choices.items() if n != name)))
+        overrides = dict(_fixed_overrides(run.estimators))
+        overrides.update(pinned_estimators(sites, {**choices, name: index}))
+        settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
+
+        def build(settings=settings):
+            training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
+            return {"measure": measurer(training, static_inputs), "compiled": False}
+
         try:
-            if cache_key not in cache:
-                overrides = dict(_fixed_overrides(run.estimators))
-                overrides.update(pinned_estimators(sites, {**choices, name: index}))
-                settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
-                training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
-                cache[cache_key] = measurer(training, static_inputs)
-                compiled = False
-            else:
-                compiled = True
+            entry = MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build)
             start = time.perf_counter()
-            measurement = run_measurement(cache[cache_key], state, keys, array_inputs, compiled)
+            measurement = run_measurement(entry["measure"], state, keys, array_inputs, entry["compiled"])
             wall = time.perf_counter() - start
+            entry["compiled"] = True
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
                                    compile_seconds=0.0, measure_seconds=0.0)
@@ -227,6 +233,11 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     return rows
 
 
+def fingerprint(model, guide, settings: dict, static_inputs) -> Any:
+    """What identifies a measurement program apart from argument shapes (as ``mg.fit``'s cache)."""
+    return _fingerprint((model, guide, settings, static_inputs))
+
+
 def _fixed_overrides(estimators: Any) -> dict:
     """The user's per-site estimators that are not ``mg.auto()``."""
     if not isinstance(estimators, dict):
@@ -237,7 +248,12 @@ def _fixed_overrides(estimators: Any) -> dict:
 def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps: int, progress_bar: bool,
         checkpoint_path, chunk_size: int | None):
     """The auto driver: decisions at step ``k·every``, ordinary ``mg.fit`` segments between them."""
-    from mcgrad.fit import FitResult, NonFiniteError, default_chunk_size, save_checkpoint
+    from mcgrad.fit import (
+        FitResult,
+        NonFiniteError,
+        default_chunk_size,
+        save_checkpoint,
+    )
 
     sites = auto_sites(training.estimators)
     every = min(site.settings.every or max(1, num_steps // 4) for site in sites.values())
@@ -254,7 +270,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
         except Exception:  # noqa: BLE001  (a program the trace cannot follow: fall back to every parameter)
             upstream[name] = []
     choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
-    cache: dict = {}
+    cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
     records: list[dict] = []
     last: dict[str, dict] = {name: {} for name in sites}
     loss_chunks, parts = [losses], []
