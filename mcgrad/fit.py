@@ -277,13 +277,16 @@ def trainer(
         keys = jnp.concatenate(
             [step_key[None], jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)]
         )
-        shapes = jax.eval_shape(lambda: gradient(state.params, state.objective_state, step_key, args, kwargs))
-        zeros = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), shapes)
+        # The carry's zeros from the state itself (gradients are shaped as the params, the
+        # objective state keeps its structure): no extra trace of the gradient to learn them.
+        loss_dtype = jnp.result_type(*jax.tree.leaves(state.params)) if state.params else jnp.float32
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), loss_dtype), state.params, state.objective_state))
         num_trips = jnp.where(record, diagnostics_replicates + 1, 1)
 
         def body(carry):
             trip, first, mean, squares = carry
-            estimate = gradient(state.params, state.objective_state, keys[trip], args, kwargs)
+            loss, grads, objective_state = gradient(state.params, state.objective_state, keys[trip], args, kwargs)
+            estimate = (loss.astype(loss_dtype), grads, objective_state)
             first = jax.tree.map(lambda new, old: jnp.where(trip == 0, new, old), estimate, first)
             grads = estimate[1]
             delta = jax.tree.map(lambda g, m: g - m, grads, mean)

@@ -7,10 +7,12 @@ import contextlib
 import io
 import math
 
+import jax
 import numpy as np
 import pandas as pd
 import pytest
 
+import mcgrad as mg
 from mcgrad import cli
 
 NUM_SAMPLES = 2000
@@ -19,7 +21,7 @@ ESTIMATORS = ["score function", "score function + leave-one-out", "pathwise", "m
 
 
 def test_study_end_to_end(tmp_path):
-    """One run of ``mcgrad study`` (one test, so that xdist runs it once)."""
+    """One run of ``mcgrad study`` (one test, so that xdist runs it once), auto column included."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         code = cli.main(
@@ -65,11 +67,59 @@ def test_study_end_to_end(tmp_path):
     np.testing.assert_allclose(rows["exact_variance"], 4.0)
     assert table.loc[table["cost"] != "quadratic", "exact_variance"].isna().all()
 
+    # What mg.auto() picks (mg.select's numbers), against the exact ranking (quadratic) or
+    # the one measured above.
+    auto = pd.read_csv(tmp_path / "auto.csv")
+    assert len(auto) == 3 * NUM_POINTS
+    for column in ["cost", "k", "auto_choice", "best", "reference", "agrees", "gap", "auto_loss"]:
+        assert column in auto.columns, column
+    assert set(auto["auto_choice"]) <= set(ESTIMATORS) and set(auto["best"]) <= set(ESTIMATORS)
+    assert (auto.loc[auto["cost"] == "quadratic", "reference"] == "exact").all()
+    assert (auto.loc[auto["cost"] != "quadratic", "reference"] == "measured").all()
+    efficiency = pd.DataFrame({name: 1.0 / (auto[f"variance[{name}]"] * auto[f"seconds[{name}]"]) for name in ESTIMATORS})
+    assert (efficiency.idxmax(axis=1) == auto["auto_choice"]).all()
+    assert (auto["agrees"] == (auto["auto_choice"] == auto["best"])).all()
+    assert (auto["gap"] >= 0).all() and (auto.loc[auto["agrees"], "auto_loss"] == 0).all()
+    quadratic = auto[auto["cost"] == "quadratic"]
+    assert quadratic.loc[quadratic["gap"] > 0.2, "agrees"].all()  # the must-show, on the study's own run
+    for name in ESTIMATORS:  # exact N-sample variances of the study's quadratic
+        exact = [sum(cli.quadratic_exact_variance(name, p, k, num_samples=10) for p in ("loc", "scale")) for k in quadratic["k"]]
+        np.testing.assert_allclose(quadratic[f"reference_variance[{name}]"], exact)
+    # The variances are those mg.select measures with auto's key (common random numbers).
+    k = float(quadratic["k"].iloc[0])
+    selection = mg.select(
+        lambda x: (x - k) ** 2, cli.study_distribution, cli.STUDY_POINT, key=jax.random.fold_in(jax.random.key(0), 1),
+        candidates=cli.study_estimators(), num_samples=10, num_repeats=1000, num_timing_runs=1,
+    )
+    for name in ESTIMATORS:
+        np.testing.assert_allclose(quadratic[f"variance[{name}]"].iloc[0], selection.table.loc[name, "total_variance"], rtol=1e-4)
+
     # What it prints.
     out = printed.getvalue()
     assert "Per-sample gradient variance" in out
     assert "Lowest variance:" in out and "Lowest variance × evaluations" in out
     assert "(x−k)², ∂/∂μ" in out
+    assert "mg.auto()'s choice" in out and f"agrees at {int(quadratic['agrees'].sum())} of {NUM_POINTS} k (exact ranking)" in out
+    assert "Where the best two differ by more than 20%" in out
+
+
+def test_leave_one_out_excess():
+    """The finite-N term of leave-one-out's variance: the quadratic's closed form, and for
+    cos(kx) the closed moments E cos(kx) = cos(kμ)e^{−k²σ²/2}, E cos²(kx) = (1 + cos(2kμ)e^{−2k²σ²})/2."""
+    num_samples = 10
+    for k in [-3.0, 0.0, 2.5]:
+        excess = cli.leave_one_out_excess(cli.STUDY_COSTS["quadratic"][1], k, num_samples)
+        for parameter in ["loc", "scale"]:
+            increment = cli.quadratic_exact_variance(
+                "score function + leave-one-out", parameter, k, num_samples=num_samples
+            ) - cli.quadratic_exact_variance("score function + leave-one-out", parameter, k) / num_samples
+            np.testing.assert_allclose(excess[parameter], increment, rtol=1e-9)
+    for k in [0.1, 1.0, 10.0]:  # μ = σ = 1
+        mean = np.cos(k) * np.exp(-(k**2) / 2)
+        variance = (1 + np.cos(2 * k) * np.exp(-2 * k**2)) / 2 - mean**2
+        g_loc = -k * np.sin(k) * np.exp(-(k**2) / 2)  # ∂μ E cos(kx)
+        excess = cli.leave_one_out_excess(cli.STUDY_COSTS["cosine"][1], k, num_samples)
+        np.testing.assert_allclose(excess["loc"], (variance + g_loc**2) / (num_samples * (num_samples - 1)), rtol=1e-8)
 
 
 def test_contiguous_runs_and_winners():
