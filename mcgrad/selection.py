@@ -20,7 +20,9 @@ Every decision is recorded (:func:`decision_table`): ``FitResult.diagnostics.cho
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextvars
+import os
 import math
 import time
 from collections.abc import Callable
@@ -109,7 +111,6 @@ class Measurement(NamedTuple):
 
     variance: dict[str, float]
     seconds: float
-    compile_seconds: float
 
 
 def measurer(training, static_inputs: Any) -> Callable:
@@ -130,17 +131,30 @@ def measurer(training, static_inputs: Any) -> Callable:
     return measure
 
 
-def run_measurement(measure: Callable, state, keys, array_inputs, compiled: bool) -> Measurement:
-    """Variances and seconds per estimate; a first call compiles and is run again to be timed."""
-    compile_seconds = 0.0
-    if not compiled:
-        start = time.perf_counter()
-        jax.block_until_ready(measure(state, keys, array_inputs))
-        compile_seconds = time.perf_counter() - start
+def compile_measurements(entries: list[dict]) -> float:
+    """Compile the entries' lowered measurement programs; returns the wall seconds.
+
+    Tracing and lowering ran one program after another (NumPyro's handler stack is
+    global); XLA compiles them here in parallel threads, one per core, which is most of
+    the time.
+    """
+    pending = [entry for entry in entries if entry["compiled"] is None]
+    if not pending:
+        return 0.0
     start = time.perf_counter()
-    variance = jax.block_until_ready(measure(state, keys, array_inputs))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(pending), os.cpu_count() or 1)) as pool:
+        programs = pool.map(lambda entry: entry.pop("lowered").compile(), pending)
+        for entry, program in zip(pending, programs, strict=True):
+            entry["compiled"] = program
+    return time.perf_counter() - start
+
+
+def run_measurement(entry: dict, state, keys, array_inputs) -> Measurement:
+    """Variances and seconds per estimate from the entry's compiled program (timed alone)."""
+    start = time.perf_counter()
+    variance = jax.block_until_ready(entry["compiled"](state, keys, array_inputs))
     seconds = (time.perf_counter() - start) / len(keys)
-    return Measurement({n: float(v) for n, v in variance.items()}, seconds, compile_seconds)
+    return Measurement({n: float(v) for n, v in variance.items()}, seconds)
 
 
 def efficiency(variance: float, seconds: float) -> float:
@@ -198,7 +212,7 @@ class AutoRun(NamedTuple):
 def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, upstream, last):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers)."""
     site = sites[name]
-    rows = {}
+    rows, entries, lowering_seconds = {}, {}, 0.0
     best_before = max((e for e, _ in last.values() if not math.isnan(e)), default=math.nan)
     for index, candidate in enumerate(site.names):
         previous = last.get(candidate)
@@ -211,26 +225,30 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
 
         def build(settings=settings):
             training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
-            return {"measure": measurer(training, static_inputs), "compiled": False}
+            return {"measure": measurer(training, static_inputs), "compiled": None}
 
         try:
             entry = MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build)
-            start = time.perf_counter()
-            measurement = run_measurement(entry["measure"], state, keys, array_inputs, entry["compiled"])
-            wall = time.perf_counter() - start
-            entry["compiled"] = True
+            if entry["compiled"] is None:  # traced here, so a candidate that refuses the site fails here
+                start = time.perf_counter()
+                entry["lowered"] = entry["measure"].lower(state, keys, array_inputs)
+                lowering_seconds += time.perf_counter() - start
+            entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
                                    compile_seconds=0.0, measure_seconds=0.0)
-            continue
+    fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
+    compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
+    for candidate, entry in entries.items():
+        measurement = run_measurement(entry, state, keys, array_inputs)
         names = upstream[name] or list(measurement.variance)
         variance = sum(measurement.variance[n] for n in names)
         rows[candidate] = dict(
             variance=variance, seconds=measurement.seconds, efficiency=efficiency(variance, measurement.seconds),
-            measured=True, compile_seconds=measurement.compile_seconds,
-            measure_seconds=wall - measurement.compile_seconds,
+            measured=True, compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
+            measure_seconds=measurement.seconds * len(keys),
         )
-    return rows
+    return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
 
 def fingerprint(model, guide, settings: dict, static_inputs) -> Any:
