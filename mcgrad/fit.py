@@ -310,27 +310,30 @@ def trainer(
         else:
             loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
             variance, snr = nan_statistics(state.params)
-        finite = _all_finite(loss, grads)
-        safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grads)
-        updates, optimizer_state = optimizer.update(safe_grads, state.optimizer_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = finite & _all_finite(params, optimizer_state)  # an update can overflow too
+        # Halted (more than max_nonfinite skipped steps): the state stays where it went wrong.
+        halted = state.num_nonfinite > max_nonfinite if max_nonfinite is not None else jnp.array(False)
 
-        def keep_if(condition, new, old):
-            return jax.tree.map(lambda a, b: jnp.where(condition, a, b), new, old)
+        def update(_):
+            updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = _all_finite(params, optimizer_state)  # an update can overflow too
+            return jax.lax.cond(finite, lambda: (params, optimizer_state, objective_state, finite), lambda: skip(None))
 
-        new_state = FitState(
-            keep_if(finite, params, state.params),
-            keep_if(finite, optimizer_state, state.optimizer_state),
-            keep_if(finite, objective_state, state.objective_state),
-            jax.random.key_data(key),
-            state.step + 1,
-            state.num_nonfinite + (~finite).astype(jnp.int32),
+        def skip(_):
+            return state.params, state.optimizer_state, state.objective_state, jnp.array(False)
+
+        # Branches, not selects: a skipped or finite step copies the state at most once.
+        params, optimizer_state, objective_state, finite = jax.lax.cond(
+            _all_finite(loss, grads) & ~halted, update, skip, None
         )
-        if max_nonfinite is not None:  # halted: the state stays where it went wrong
-            halted = state.num_nonfinite > max_nonfinite
-            new_state = keep_if(halted, state, new_state)
-            finite = finite & ~halted
+        new_state = FitState(
+            params,
+            optimizer_state,
+            objective_state,
+            jnp.where(halted, state.key, jax.random.key_data(key)),
+            jnp.where(halted, state.step, state.step + 1),
+            jnp.where(halted, state.num_nonfinite, state.num_nonfinite + (~finite).astype(jnp.int32)),
+        )
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
     def run(state: FitState, num_steps: int, *args, **kwargs) -> tuple[FitState, StepInfo]:
