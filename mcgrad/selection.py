@@ -2,18 +2,23 @@ r"""``mg.auto()`` in :func:`mcgrad.fit`: measure each auto site's candidates, ru
 
 A fit with auto sites runs in segments of ``every`` steps. Before each segment, for each
 auto site ``s`` and each of its candidates ``c`` (the other sites at their current
-choice), :func:`measure` takes ``R = num_estimates`` independent gradient estimates at the
-current state, one after another in one compiled ``lax.scan`` (as steps run), and records
+choice), :func:`measurer` takes independent gradient estimates at the current state, one
+after another in one compiled ``lax.scan`` (as steps run), and records
 
-* ``V_{s,c}``: the total variance of the gradient over the parameters that feed ``s``'s
-  distribution (found once per fit by differentiating its parameters; all parameters if
-  none do): the part of the step's variance the site's estimator owns;
-* ``t_{s,c}``: seconds per estimate, the scan's wall time over ``R`` (after compilation);
+* ``V_{s,c}``: the total variance of the step's gradient, summed over every parameter
+  coordinate: the variance of the gradient the step would use. Not only the parameters
+  that feed the site: an estimator changes the others' variance too (DisARM's antithetic
+  pairs lower a decoder's), and a gain confined to a few parameters counts only as much
+  as it lowers the whole;
+* ``t_{s,c}``: seconds per estimate (after compilation).
 
-and the site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching only for a
-gain above ``margin``. Each choice's segment is an ordinary compiled run of ``mg.fit``
-(cached, so returning to a choice reuses its program); the choice itself lives in the
-state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
+Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
+of the others as the same time buys (at least 2), so an expensive candidate costs little
+to rule out. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
+only for a gain above ``margin``. Each choice's segment is an ordinary compiled run of
+``mg.fit`` (cached, so returning to a choice reuses its program); the choice itself lives
+in the state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes
+with it.
 
 Every decision is recorded (:func:`decision_table`): ``FitResult.diagnostics.choices``.
 """
@@ -22,8 +27,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
-import os
 import math
+import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -34,9 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
-from mcgrad.inference import handlers
 from mcgrad.programs import ProgramCache
 from mcgrad.programs import fingerprint as _fingerprint
 
@@ -86,47 +89,42 @@ def pinned_estimators(sites: dict[str, AutoSite], choices: dict[str, int]) -> di
     return {name: pinned(site._replace(index=choices[name])) for name, site in sites.items()}
 
 
-def upstream_parameters(program: Callable, args, kwargs, key, params: dict, constrained: Callable, site: str) -> list[str]:
-    """The ``numpyro.param`` names whose values the distribution at ``site`` depends on.
-
-    ``params`` are unconstrained, ``constrained`` maps them to ``numpyro.param`` values. One
-    reverse pass of a generic function of the site's distribution parameters (a parameter
-    whose gradient is exactly zero does not feed the site). Empty when the site is not
-    found or depends on none.
-    """
-
-    def functional(p):
-        trace = handlers.run(program, args, kwargs, key=key, params=constrained(p))
-        if site not in trace:
-            return jnp.zeros(())
-        leaves, _, _ = split_parameters(trace[site]["fn"])
-        return sum((jnp.sum(leaf * (1.0 + 0.37 * leaf)) for leaf in leaves), jnp.zeros(()))
-
-    grads = jax.grad(functional)(params)
-    return [name for name, g in grads.items() if any(bool(jnp.any(leaf != 0)) for leaf in jax.tree.leaves(g))]
-
-
 class Measurement(NamedTuple):
-    """One candidate at one decision: per-parameter summed variances and seconds per estimate."""
+    """One candidate at one decision: the total variance of one step's gradient, the seconds
+    one estimate took, and how many estimates gave them."""
 
-    variance: dict[str, float]
+    variance: float
     seconds: float
+    num_estimates: int
 
 
 def measurer(training, static_inputs: Any) -> Callable:
-    """A jitted ``(state, keys, array_inputs) -> {param: summed variance}``: ``len(keys)``
-    gradient estimates at ``state`` in one ``lax.scan``, one after another as steps run."""
+    """A jitted ``(state, keys, count, array_inputs) -> total variance``: the first ``count``
+    of ``len(keys)`` gradient estimates at ``state``, one after another in a ``lax.scan``
+    (as steps run; the rest are skipped), their variance summed over every parameter
+    coordinate (Welford's running mean and sum of squares, ``ddof=1``)."""
 
     @jax.jit
-    def measure(state, keys, array_inputs):
+    def measure(state, keys, count, array_inputs):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-        def one(carry, key):
+        def add(carry, key):
+            n, mean, squares = carry
             _, grads, _ = training.estimate(state, key, *args, **kwargs)
-            return carry, grads
+            n = n + 1
+            delta = jax.tree.map(jnp.subtract, grads, mean)
+            mean = jax.tree.map(lambda m, d: m + d / n, mean, delta)
+            squares = jax.tree.map(lambda q, d, g, m: q + d * (g - m), squares, delta, grads, mean)
+            return n, mean, squares
 
-        _, grads = jax.lax.scan(one, None, keys)
-        return {name: sum(jnp.sum(jnp.var(leaf, axis=0, ddof=1)) for leaf in jax.tree.leaves(g)) for name, g in grads.items()}
+        def one(carry, indexed):
+            index, key = indexed
+            return jax.lax.cond(index < count, add, lambda c, _: c, carry, key), None
+
+        start = (jnp.zeros((), jnp.float32), zeros, zeros)
+        (n, _, squares), _ = jax.lax.scan(one, start, (jnp.arange(keys.shape[0]), keys))
+        return sum(jnp.sum(q) for q in jax.tree.leaves(squares)) / (n - 1)
 
     return measure
 
@@ -149,12 +147,19 @@ def compile_measurements(entries: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def run_measurement(entry: dict, state, keys, array_inputs) -> Measurement:
-    """Variances and seconds per estimate from the entry's compiled program (timed alone)."""
+def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measurement:
+    """The first ``count`` estimates of the entry's compiled program, timed alone."""
     start = time.perf_counter()
-    variance = jax.block_until_ready(entry["compiled"](state, keys, array_inputs))
-    seconds = (time.perf_counter() - start) / len(keys)
-    return Measurement({n: float(v) for n, v in variance.items()}, seconds)
+    variance = jax.block_until_ready(entry["compiled"](state, keys, jnp.int32(count), array_inputs))
+    seconds = (time.perf_counter() - start) / count
+    return Measurement(float(variance), seconds, count)
+
+
+def estimate_counts(seconds: dict[str, float], num_estimates: int) -> dict[str, int]:
+    """Estimates per candidate for one time budget: ``num_estimates`` of the fastest, and as
+    many of each other as the same seconds buy (at least 2, for a variance)."""
+    fastest = min(seconds.values())
+    return {c: int(min(num_estimates, max(2, round(num_estimates * fastest / t)))) for c, t in seconds.items()}
 
 
 def efficiency(variance: float, seconds: float) -> float:
@@ -182,9 +187,10 @@ def decide(
 def decision_table(records: list[dict]) -> pd.DataFrame:
     """The decisions as one long table: a row per (step, site, candidate) with
     ``variance``, ``seconds``, ``efficiency``, ``measured`` (``False``: pruned, last numbers
-    kept), ``chosen``, and ``compile_seconds`` / ``measure_seconds`` spent on it."""
+    kept), ``chosen``, ``num_estimates`` behind the variance, and the ``compile_seconds`` /
+    ``measure_seconds`` spent on it."""
     columns = ["step", "site", "candidate", "variance", "seconds", "efficiency", "measured", "chosen",
-               "compile_seconds", "measure_seconds"]
+               "num_estimates", "compile_seconds", "measure_seconds"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -209,8 +215,12 @@ class AutoRun(NamedTuple):
     estimators: Any
 
 
-def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, upstream, last):
-    """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers)."""
+def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, last):
+    """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
+
+    Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
+    is first timed on one estimate (which also warms up its fresh program).
+    """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
     best_before = max((e for e, _ in last.values() if not math.isnan(e)), default=math.nan)
@@ -231,22 +241,31 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             entry = MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build)
             if entry["compiled"] is None:  # traced here, so a candidate that refuses the site fails here
                 start = time.perf_counter()
-                entry["lowered"] = entry["measure"].lower(state, keys, array_inputs)
+                entry["lowered"] = entry["measure"].lower(state, keys, jnp.int32(1), array_inputs)
                 lowering_seconds += time.perf_counter() - start
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
-                                   compile_seconds=0.0, measure_seconds=0.0)
+                                   num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
+    seconds, probe_seconds = {}, {}
     for candidate, entry in entries.items():
-        measurement = run_measurement(entry, state, keys, array_inputs)
-        names = upstream[name] or list(measurement.variance)
-        variance = sum(measurement.variance[n] for n in names)
+        previous = last.get(candidate)
+        if previous is not None and math.isfinite(previous[1]["seconds"]):
+            seconds[candidate] = previous[1]["seconds"]
+        else:
+            probe = run_measurement(entry, state, keys, 1, array_inputs)
+            seconds[candidate] = probe_seconds[candidate] = probe.seconds
+    counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
+    for candidate, entry in entries.items():
+        measurement = run_measurement(entry, state, keys, counts[candidate], array_inputs)
         rows[candidate] = dict(
-            variance=variance, seconds=measurement.seconds, efficiency=efficiency(variance, measurement.seconds),
-            measured=True, compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-            measure_seconds=measurement.seconds * len(keys),
+            variance=measurement.variance, seconds=measurement.seconds,
+            efficiency=efficiency(measurement.variance, measurement.seconds), measured=True,
+            num_estimates=measurement.num_estimates,
+            compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
+            measure_seconds=measurement.seconds * measurement.num_estimates + probe_seconds.get(candidate, 0.0),
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
@@ -277,16 +296,6 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     every = min(site.settings.every or max(1, num_steps // 4) for site in sites.values())
     num_estimates = max(site.settings.num_estimates for site in sites.values())
     array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
-    program = run.guide if run.guide is not None else run.model
-    upstream = {}
-    for name in sites:
-        try:
-            upstream[name] = upstream_parameters(
-                program, run.args, run.kwargs, run.setup_key, dict(state.params),
-                lambda p: training.params(state._replace(params=p)), name,
-            )
-        except Exception:  # noqa: BLE001  (a program the trace cannot follow: fall back to every parameter)
-            upstream[name] = []
     choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
     cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
     records: list[dict] = []
@@ -305,7 +314,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                 keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
                 for name, site in sites.items():
                     rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, static_inputs, cache,
-                                         upstream, last[name])
+                                         last[name])
                     new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
                                  site.settings.margin)
                     choices[name] = new
