@@ -147,18 +147,19 @@ def auto(
     Accepted wherever an estimator is: ``mg.fit(..., estimators={"z": mg.auto()})`` (or
     ``estimators="auto"`` for every latent site), ``infer={"estimator": mg.auto()}`` in a
     model or guide, and ``mg.grad``. In :func:`mcgrad.fit`, at step 0 and every ``every``
-    steps it measures, for each auto site and each candidate (the site's other sites kept
-    at their current choice), ``num_estimates`` independent gradient estimates at the
-    current parameters: their total variance ``V`` over the parameters that feed the site
-    and the seconds ``t`` one estimate takes (compiled, run one after another as steps
-    run). It then runs the candidate with the highest efficiency ``1/(V·t)``.
+    steps it measures, for each auto site and each candidate (the other sites kept at
+    their current choice), independent gradient estimates at the current parameters: the
+    total variance ``V`` of the step's gradient (every parameter) and the seconds ``t``
+    one estimate takes (compiled, run one after another as steps run). It then runs the
+    candidate with the highest efficiency ``1/(V·t)`` (:mod:`mcgrad.selection`).
 
     Args:
         candidates: ``{name: estimator}``; default every estimator of the registry
             (:data:`CANDIDATES`: pathwise, score function with leave-one-out, measure-valued,
             DisARM, double control variate, REBAR, enumeration) that applies to the site.
         every: steps between decisions in ``mg.fit`` (default a quarter of the run).
-        num_estimates: gradient estimates per candidate per decision (``≥ 2``).
+        num_estimates: gradient estimates per decision for the fastest candidate (``≥ 2``);
+            the others get as many as the same seconds buy, at least 2.
         margin: switch away from the current choice only for a candidate more than this
             fraction more efficient (no flip-flopping on noise; a switch can cost a compile).
         prune: after the first decision, candidates less efficient than the best by more
