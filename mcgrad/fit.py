@@ -682,20 +682,20 @@ def fit(
 
     program_key = (fingerprint((model, guide, settings, static_inputs, batched)), fingerprint(shapes))
     training, run_chunk = _PROGRAMS.get(program_key, build)
-    initial = (
-        jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
-    )
-    names = list(initial.params)
+    def initial():
+        return jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
+
+    # A run resumed from a state does not build the initial one (a seeded trace of the
+    # guide and model): resuming segment after segment costs no tracing.
+    state = resume_from if isinstance(resume_from, FitState) else initial()
+    names = list(state.params)
     empty = np.zeros((len(key_run), 0) if batched else (0,), np.float32)
     history = TrainingDiagnostics(
         np.zeros(0, np.int64), {n: empty for n in names}, {n: empty for n in names}, 0
     )
-    if resume_from is None:
-        state, losses = initial, empty
-    elif isinstance(resume_from, FitState):
-        state, losses = resume_from, empty
-    else:
-        state, losses, history = load_checkpoint(resume_from, like=initial, objective=objective, key=key)
+    losses = empty
+    if resume_from is not None and not isinstance(resume_from, FitState):
+        state, losses, history = load_checkpoint(resume_from, like=state, objective=objective, key=key)
 
     if not selection.SEGMENT.get() and selection.auto_sites(training.estimators):
         if batched:
