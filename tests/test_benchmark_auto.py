@@ -1,0 +1,91 @@
+"""benchmarks/auto.py: a --quick run of the mixture (auto on two sites against every fixed
+combination of two candidates each) and the arithmetic of its timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark_auto", ROOT / "benchmarks" / "auto.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_benchmark(benchmark_module, tmp_path):
+    results = benchmark_module.main(["--quick", "--problems", "mixture", "--output-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "auto.json").read_text())
+    assert data == json.loads(json.dumps({k: v for k, v in results.items() if k != "figure"}))
+    assert data["quick"] is True and set(data["problems"]) == {"mixture"}
+    problem = data["problems"]["mixture"]
+    candidates = benchmark_module.QUICK_CANDIDATES
+    combinations = {f"loc={a}, z={b}" for a in candidates["loc"] for b in candidates["z"]}
+    assert set(problem["methods"]) == combinations | {"auto"}
+    rows = problem["methods"]
+    assert [name for name, row in rows.items() if row["is_default"]] == ["loc=pathwise, z=score_function_loo"]
+    num_steps = problem["settings"]["num_steps"]
+    for name, row in rows.items():
+        assert 0 < row["compile_seconds"] and row["compile_seconds"] <= row["end_to_end_seconds"] + 1e-6, name
+        assert row["seconds_per_step"] > 0 and math.isfinite(row["final_loss"]), name
+        # The phases of the first call add up to its wall time.
+        phases = row["calls"][0]
+        assert sum(p["wall_seconds"] for p in phases) == pytest.approx(row["end_to_end_seconds"])
+        if row["steps_to_target"] is not None:
+            assert 0 < row["time_to_target_seconds"], name
+    # The reference reaches its own final smoothed loss + tolerance.
+    assert rows["loc=pathwise, z=score_function_loo"]["steps_to_target"] is not None
+
+    auto = rows["auto"]
+    segments, decisions = auto["segments"], auto["decisions"]
+    assert sum(s["steps"] for s in segments) == num_steps and [s["step"] for s in segments] == [0, 25, 50, 75]
+    assert [d["step"] for d in decisions] == [0, 25, 50, 75]
+    for segment in segments:
+        assert segment["choices"]["loc"] in candidates["loc"] and segment["choices"]["z"] in candidates["z"]
+    assert auto["run_seconds"] == pytest.approx(
+        auto["setup_run_seconds"] + auto["measurement_run_seconds"] + auto["segment_run_seconds"])
+    assert auto["overhead"] == pytest.approx(auto["measurement_run_seconds"] / auto["segment_run_seconds"])
+    # Every decision is recorded: a row per (step, site, candidate).
+    choices = problem["choices"]
+    assert len(choices) == 4 * (len(candidates["loc"]) + len(candidates["z"]))
+    assert {"step", "site", "candidate", "variance", "seconds", "efficiency", "chosen"} <= set(choices[0])
+
+    checks = problem["targets"]
+    assert checks["auto_time_ratio"]["reference"] in combinations
+    assert {"value", "met", "measurement_compile_seconds"} <= set(checks["overhead"])
+    assert checks["default_vs_auto"]["default"] == "loc=pathwise, z=score_function_loo"
+    text = (tmp_path / "auto.md").read_text(encoding="utf-8")
+    assert "| **auto** |" in text and "### Targets" in text and "### The default estimators against auto" in text
+    png = Path(results["figure"])
+    assert png.parent == tmp_path and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_to_target_of_fixed_and_auto(benchmark_module):
+    """A fixed estimator: steps × s/step. Auto: its setup, the decisions before the step
+    and the segments up to it (pro rata in the one the step falls in)."""
+    fixed = {"seconds_per_step": 0.01}
+    assert benchmark_module.time_to_step(fixed, 30, 100, is_auto=False) == pytest.approx(0.3)
+    assert math.isnan(benchmark_module.time_to_step(fixed, None, 100, is_auto=False))
+    auto = {
+        "setup_run_seconds": 0.5,
+        "decisions": [{"step": 0, "run_seconds": 1.0}, {"step": 50, "run_seconds": 2.0}],
+        "segments": [{"step": 0, "steps": 50, "run_seconds": 0.4}, {"step": 50, "steps": 50, "run_seconds": 0.8}],
+    }
+    assert benchmark_module.time_to_step(auto, 25, 100, is_auto=True) == pytest.approx(0.5 + 1.0 + 0.2)
+    assert benchmark_module.time_to_step(auto, 50, 100, is_auto=True) == pytest.approx(0.5 + 1.0 + 0.4)
+    assert benchmark_module.time_to_step(auto, 75, 100, is_auto=True) == pytest.approx(0.5 + 3.0 + 0.4 + 0.4)
+
+
+def test_compile_time_is_the_union_of_nested_events(benchmark_module):
+    covered = benchmark_module.covered
+    assert covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.2, 5.7)], 0.0, 10.0) == pytest.approx(4.0)
+    assert covered([(0.0, 2.0)], 1.0, 10.0) == pytest.approx(1.0)  # clipped to the phase
+    assert covered([], 0.0, 1.0) == 0.0
