@@ -398,7 +398,7 @@ def default_chunk_size(num_steps: int) -> int:
     return target
 
 
-_PROGRAMS = ProgramCache()
+_PROGRAMS = ProgramCache(max_entries=16)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -5,11 +5,13 @@ auto site ``s`` and each of its candidates ``c`` (the other sites at their curre
 choice), :func:`measurer` takes independent gradient estimates at the current state, one
 after another in one compiled ``lax.scan`` (as steps run), and records
 
-* ``V_{s,c}``: the total variance of the step's gradient, summed over every parameter
-  coordinate: the variance of the gradient the step would use. Not only the parameters
-  that feed the site: an estimator changes the others' variance too (DisARM's antithetic
-  pairs lower a decoder's), and a gain confined to a few parameters counts only as much
-  as it lowers the whole;
+* ``V_{s,c}``: the variance of the step's gradient, coordinate by coordinate relative to
+  the gradient's second moment in that coordinate (a scale every candidate shares:
+  :func:`relative_variances`), summed over every parameter. Every parameter, not only
+  those that feed the site: an estimator changes the others' variance too (DisARM's
+  antithetic pairs lower a decoder's). Relative, because a raw sum is ruled by the few
+  coordinates with the largest gradients, where an adaptive optimizer (Adam) sees every
+  coordinate on its own scale;
 * ``t_{s,c}``: seconds per estimate (after compilation).
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
@@ -90,41 +92,42 @@ def pinned_estimators(sites: dict[str, AutoSite], choices: dict[str, int]) -> di
 
 
 class Measurement(NamedTuple):
-    """One candidate at one decision: the total variance of one step's gradient, the seconds
-    one estimate took, and how many estimates gave them."""
+    """One candidate at one decision: per parameter coordinate the mean and variance of the
+    step's gradient (flat ``[P]``), the seconds one estimate took, and how many estimates
+    gave them."""
 
-    variance: float
+    mean: np.ndarray
+    variance: np.ndarray
     seconds: float
     num_estimates: int
 
 
 def measurer(training, static_inputs: Any) -> Callable:
-    """A jitted ``(state, keys, count, array_inputs) -> total variance``: the first ``count``
-    of ``len(keys)`` gradient estimates at ``state``, one after another in a ``lax.scan``
-    (as steps run; the rest are skipped), their variance summed over every parameter
-    coordinate (Welford's running mean and sum of squares, ``ddof=1``)."""
+    """A jitted ``(state, keys, count, array_inputs) -> (mean [P], variance [P])``: the first
+    ``count`` of ``len(keys)`` gradient estimates at ``state``, one after another in a
+    ``lax.scan`` (as steps run; the rest are skipped), summarised per parameter coordinate
+    (Welford's running mean and sum of squares, ``ddof=1``)."""
 
     @jax.jit
     def measure(state, keys, count, array_inputs):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        zeros = jnp.zeros(sum(jnp.size(leaf) for leaf in jax.tree.leaves(state.params)))
 
         def add(carry, key):
             n, mean, squares = carry
             _, grads, _ = training.estimate(state, key, *args, **kwargs)
+            flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(zeros.dtype)
             n = n + 1
-            delta = jax.tree.map(jnp.subtract, grads, mean)
-            mean = jax.tree.map(lambda m, d: m + d / n, mean, delta)
-            squares = jax.tree.map(lambda q, d, g, m: q + d * (g - m), squares, delta, grads, mean)
-            return n, mean, squares
+            delta = flat - mean
+            mean = mean + delta / n
+            return n, mean, squares + delta * (flat - mean)
 
         def one(carry, indexed):
             index, key = indexed
             return jax.lax.cond(index < count, add, lambda c, _: c, carry, key), None
 
-        start = (jnp.zeros((), jnp.float32), zeros, zeros)
-        (n, _, squares), _ = jax.lax.scan(one, start, (jnp.arange(keys.shape[0]), keys))
-        return sum(jnp.sum(q) for q in jax.tree.leaves(squares)) / (n - 1)
+        (n, mean, squares), _ = jax.lax.scan(one, (jnp.zeros(()), zeros, zeros), (jnp.arange(keys.shape[0]), keys))
+        return mean, squares / (n - 1)
 
     return measure
 
@@ -150,9 +153,23 @@ def compile_measurements(entries: list[dict]) -> float:
 def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measurement:
     """The first ``count`` estimates of the entry's compiled program, timed alone."""
     start = time.perf_counter()
-    variance = jax.block_until_ready(entry["compiled"](state, keys, jnp.int32(count), array_inputs))
+    mean, variance = jax.block_until_ready(entry["compiled"](state, keys, jnp.int32(count), array_inputs))
     seconds = (time.perf_counter() - start) / count
-    return Measurement(float(variance), seconds, count)
+    return Measurement(np.asarray(mean), np.asarray(variance), seconds, count)
+
+
+def relative_variances(measurements: dict[str, Measurement]) -> dict[str, float]:
+    r"""Each candidate's variance per coordinate relative to a scale all candidates share:
+
+    .. math::  V^{rel}_c = \sum_d \frac{V_{c,d}}{S_d}, \qquad S_d = \operatorname{mean}_c (\bar g_{c,d}^2 + V_{c,d}),
+
+    ``S_d`` the gradient's second moment in coordinate ``d`` (the scale an adaptive optimizer
+    divides by). A raw sum over coordinates is ruled by the few with the largest gradients;
+    relative to their scale every coordinate counts as the optimizer sees it.
+    """
+    scale = np.mean([m.mean**2 + m.variance for m in measurements.values()], axis=0)
+    tiny = np.finfo(np.float32).tiny
+    return {c: float(np.sum(m.variance / np.maximum(scale, tiny))) for c, m in measurements.items()}
 
 
 def estimate_counts(seconds: dict[str, float], num_estimates: int) -> dict[str, int]:
@@ -185,12 +202,14 @@ def decide(
 
 
 def decision_table(records: list[dict]) -> pd.DataFrame:
-    """The decisions as one long table: a row per (step, site, candidate) with
-    ``variance``, ``seconds``, ``efficiency``, ``measured`` (``False``: pruned, last numbers
-    kept), ``chosen``, ``num_estimates`` behind the variance, and the ``compile_seconds`` /
+    """The decisions as one long table: a row per (step, site, candidate) with ``variance``
+    (relative, :func:`relative_variances`; what is ranked), ``raw_variance`` (the plain sum
+    over coordinates), ``seconds`` (per estimate, the fastest timing so far),
+    ``efficiency``, ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
+    ``num_estimates`` behind the variance, and the ``compile_seconds`` /
     ``measure_seconds`` spent on it."""
-    columns = ["step", "site", "candidate", "variance", "seconds", "efficiency", "measured", "chosen",
-               "num_estimates", "compile_seconds", "measure_seconds"]
+    columns = ["step", "site", "candidate", "variance", "raw_variance", "seconds", "efficiency", "measured",
+               "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -246,7 +265,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
-                                   num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
+                                   raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
     seconds, probe_seconds = {}, {}
@@ -258,11 +277,15 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             probe = run_measurement(entry, state, keys, 1, array_inputs)
             seconds[candidate] = probe_seconds[candidate] = probe.seconds
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
-    for candidate, entry in entries.items():
-        measurement = run_measurement(entry, state, keys, counts[candidate], array_inputs)
+    measurements = {c: run_measurement(entry, state, keys, counts[c], array_inputs) for c, entry in entries.items()}
+    relative = relative_variances(measurements) if measurements else {}
+    for candidate, measurement in measurements.items():
+        # A program's cost does not change with the parameters, and other load only adds
+        # time: the fastest timing so far is the best estimate of its seconds.
+        fastest = min(measurement.seconds, seconds[candidate])
         rows[candidate] = dict(
-            variance=measurement.variance, seconds=measurement.seconds,
-            efficiency=efficiency(measurement.variance, measurement.seconds), measured=True,
+            variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)), seconds=fastest,
+            efficiency=efficiency(relative[candidate], fastest), measured=True,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
             measure_seconds=measurement.seconds * measurement.num_estimates + probe_seconds.get(candidate, 0.0),
