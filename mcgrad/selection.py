@@ -5,13 +5,15 @@ auto site ``s`` and each of its candidates ``c`` (the other sites at their curre
 choice), :func:`measurer` takes independent gradient estimates at the current state, one
 after another in one compiled ``lax.scan`` (as steps run), and records
 
-* ``V_{s,c}``: the variance of the step's gradient, coordinate by coordinate relative to
-  the gradient's second moment in that coordinate (a scale every candidate shares:
-  :func:`relative_variances`), summed over every parameter. Every parameter, not only
-  those that feed the site: an estimator changes the others' variance too (DisARM's
-  antithetic pairs lower a decoder's). Relative, because a raw sum is ruled by the few
-  coordinates with the largest gradients, where an adaptive optimizer (Adam) sees every
-  coordinate on its own scale;
+* ``V_{s,c}``: the variance of the step's gradient in the parameters that feed ``s``'s
+  distribution (found once per fit by differentiating its parameters), coordinate by
+  coordinate relative to the gradient's second moment there (a scale every candidate
+  shares: :func:`relative_variances`, what Adam divides by). Relative, because a raw sum
+  is ruled by the few coordinates with the largest gradients (on the discrete VAE the
+  decoder's, which every candidate leaves about alike, so its noise decided); only the
+  site's parameters, because the other sites' coordinates carry noise that is the same
+  in expectation for every candidate of this site and would drown its differences (500
+  label logits beside a 2-parameter location);
 * ``t_{s,c}``: seconds per estimate (after compilation).
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
@@ -41,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
+from mcgrad.inference import handlers
 from mcgrad.programs import ProgramCache
 from mcgrad.programs import fingerprint as _fingerprint
 
@@ -89,6 +93,28 @@ def _site_of(path) -> str:
 def pinned_estimators(sites: dict[str, AutoSite], choices: dict[str, int]) -> dict:
     """Per auto site, the estimator that runs its chosen candidate."""
     return {name: pinned(site._replace(index=choices[name])) for name, site in sites.items()}
+
+
+def upstream_mask(program: Callable, args, kwargs, key, state, constrained: Callable, site: str) -> np.ndarray:
+    """``[P]`` booleans over the flattened parameter coordinates (the order of
+    :func:`measurer`): the ``numpyro.param`` values that the distribution at ``site``
+    depends on; every coordinate where none do or the site is not found.
+
+    One reverse pass of a generic function of the site's distribution parameters: a
+    parameter whose gradient is exactly zero does not feed the site.
+    """
+
+    def functional(p):
+        trace = handlers.run(program, args, kwargs, key=key, params=constrained(p))
+        if site not in trace:
+            return jnp.zeros(())
+        leaves, _, _ = split_parameters(trace[site]["fn"])
+        return sum((jnp.sum(leaf * (1.0 + 0.37 * leaf)) for leaf in leaves), jnp.zeros(()))
+
+    grads = jax.grad(functional)(state.params)
+    feeds = [np.full(np.size(leaf), bool(np.any(np.asarray(leaf) != 0))) for leaf in jax.tree.leaves(grads)]
+    mask = np.concatenate(feeds) if feeds else np.zeros(0, bool)
+    return mask if mask.any() else np.ones_like(mask)
 
 
 class Measurement(NamedTuple):
@@ -158,18 +184,20 @@ def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measu
     return Measurement(np.asarray(mean), np.asarray(variance), seconds, count)
 
 
-def relative_variances(measurements: dict[str, Measurement]) -> dict[str, float]:
-    r"""Each candidate's variance per coordinate relative to a scale all candidates share:
+def relative_variances(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
+    r"""Each candidate's variance over the coordinates in ``mask``, each relative to a scale
+    all candidates share:
 
-    .. math::  V^{rel}_c = \sum_d \frac{V_{c,d}}{S_d}, \qquad S_d = \operatorname{mean}_c (\bar g_{c,d}^2 + V_{c,d}),
+    .. math::  V^{rel}_c = \sum_{d \in mask} \frac{V_{c,d}}{S_d}, \qquad
+               S_d = \operatorname{mean}_c (\bar g_{c,d}^2 + V_{c,d}),
 
     ``S_d`` the gradient's second moment in coordinate ``d`` (the scale an adaptive optimizer
-    divides by). A raw sum over coordinates is ruled by the few with the largest gradients;
+    divides by). A raw sum is ruled by the few coordinates with the largest gradients;
     relative to their scale every coordinate counts as the optimizer sees it.
     """
     scale = np.mean([m.mean**2 + m.variance for m in measurements.values()], axis=0)
     tiny = np.finfo(np.float32).tiny
-    return {c: float(np.sum(m.variance / np.maximum(scale, tiny))) for c, m in measurements.items()}
+    return {c: float(np.sum((m.variance / np.maximum(scale, tiny))[mask])) for c, m in measurements.items()}
 
 
 def estimate_counts(seconds: dict[str, float], num_estimates: int) -> dict[str, int]:
@@ -213,12 +241,6 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(records, columns=columns)
 
 
-def choices_over_training(table: pd.DataFrame) -> pd.DataFrame:
-    """Per decision step, each site's chosen candidate (one column per site)."""
-    chosen = table[table["chosen"]]
-    return chosen.pivot(index="step", columns="site", values="candidate")
-
-
 class AutoRun(NamedTuple):
     """What the auto driver needs of the fit it runs (see :func:`run`)."""
 
@@ -234,7 +256,7 @@ class AutoRun(NamedTuple):
     estimators: Any
 
 
-def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, last):
+def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, mask, last):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
@@ -278,7 +300,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             seconds[candidate] = probe_seconds[candidate] = probe.seconds
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
     measurements = {c: run_measurement(entry, state, keys, counts[c], array_inputs) for c, entry in entries.items()}
-    relative = relative_variances(measurements) if measurements else {}
+    relative = relative_variances(measurements, mask) if measurements else {}
     for candidate, measurement in measurements.items():
         # A program's cost does not change with the parameters, and other load only adds
         # time: the fastest timing so far is the best estimate of its seconds.
@@ -319,6 +341,14 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     every = min(site.settings.every or max(1, num_steps // 4) for site in sites.values())
     num_estimates = max(site.settings.num_estimates for site in sites.values())
     array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
+    program = run.guide if run.guide is not None else run.model
+    masks = {}
+    for name in sites:
+        try:
+            masks[name] = upstream_mask(program, run.args, run.kwargs, run.setup_key, state,
+                                        lambda p: training.params(state._replace(params=p)), name)
+        except Exception:  # noqa: BLE001  (a program the trace cannot follow: every coordinate)
+            masks[name] = slice(None)
     choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
     cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
     records: list[dict] = []
@@ -337,7 +367,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                 keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
                 for name, site in sites.items():
                     rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, static_inputs, cache,
-                                         last[name])
+                                         masks[name], last[name])
                     new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
                                  site.settings.margin)
                     choices[name] = new

@@ -10,7 +10,7 @@ import pytest
 
 import mcgrad as mg
 from mcgrad.estimators.choice import AutoState
-from mcgrad.selection import choices_in, decide, efficiency, estimate_counts
+from mcgrad.selection import choices_in, decide, efficiency, estimate_counts, upstream_mask
 
 
 def gaussian_model(x):
@@ -154,6 +154,18 @@ def test_decision_rule_and_time_budget():
     assert efficiency(0.0, 1e-3) == float("inf") and np.isnan(efficiency(float("nan"), 1.0))
     # the fastest gets every estimate, a 4x slower one a quarter, a 100x slower one the minimum
     assert estimate_counts({"fast": 1e-4, "slow": 4e-4, "slowest": 1e-2}, 12) == {"fast": 12, "slow": 3, "slowest": 2}
+
+
+def test_the_parameters_that_feed_a_site():
+    training = mg.trainer(mixed_model, mixed_guide, DATA, key=jax.random.key(0), objective=mg.elbo(2),
+                          optimizer=optax.adam(0.05))
+    state = training.init(jax.random.key(1))
+    constrained = lambda p: training.params(state._replace(params=p))  # noqa: E731
+    mask = upstream_mask(mixed_guide, (DATA,), {}, jax.random.key(0), state, constrained, "label")
+    # flattened in jax.tree.leaves order: label_logits (6), shift_loc, shift_scale
+    assert mask.tolist() == [True] * 6 + [False, False]
+    mask = upstream_mask(mixed_guide, (DATA,), {}, jax.random.key(0), state, constrained, "shift")
+    assert mask.tolist() == [False] * 6 + [True, True]
 
 
 def test_the_recorded_variance_is_the_variance_of_the_step_gradient():
