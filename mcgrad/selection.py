@@ -207,6 +207,31 @@ def estimate_counts(seconds: dict[str, float], num_estimates: int) -> dict[str, 
     return {c: int(min(num_estimates, max(2, round(num_estimates * fastest / t)))) for c, t in seconds.items()}
 
 
+def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
+    r"""Each candidate's expected progress per step, as an adaptive optimizer makes it:
+
+    .. math::  P_c = \sum_{d \in mask} \frac{|\bar g_d|}{\sqrt{\bar g_d^2 + V_{c,d}}},
+
+    ``\bar g`` the gradient every unbiased candidate estimates (their estimates pooled; its
+    square corrected for the pooled mean's own noise). Each coordinate moves by about the
+    fraction of its update that is signal (Adam divides by the root mean square): near 1
+    where the noise is small against the gradient, whatever the variance, and ``∝ 1/√V``
+    where noise rules. Variance alone keeps rewarding an estimator after its noise has
+    stopped limiting the steps.
+    """
+    counts = np.array([m.num_estimates for m in measurements.values()], float)
+    means = np.stack([m.mean for m in measurements.values()])
+    variances = np.stack([m.variance for m in measurements.values()])
+    pooled = counts @ means / counts.sum()
+    noise_of_pooled = counts @ variances / counts.sum() ** 2
+    signal = np.maximum(pooled**2 - noise_of_pooled, 0.0)
+    tiny = np.finfo(np.float32).tiny
+    return {
+        c: float(np.sum((np.sqrt(signal) / np.sqrt(np.maximum(signal + m.variance, tiny)))[mask]))
+        for c, m in measurements.items()
+    }
+
+
 def efficiency(variance: float, seconds: float) -> float:
     """``1 / (V · t)``; infinite for an estimator without variance, NaN for a non-finite one."""
     if not math.isfinite(variance):
@@ -232,12 +257,13 @@ def decide(
 def decision_table(records: list[dict]) -> pd.DataFrame:
     """The decisions as one long table: a row per (step, site, candidate) with ``variance``
     (relative, :func:`relative_variances`; what is ranked), ``raw_variance`` (the plain sum
-    over coordinates), ``seconds`` (per estimate, the fastest timing so far),
-    ``efficiency``, ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
+    over coordinates), ``progress`` (:func:`progress`), ``seconds`` (per estimate, the
+    fastest timing so far), ``efficiency`` (what is ranked: progress per second, or
+    ``1/(variance·seconds)`` under ``criterion="variance"``), ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
     ``num_estimates`` behind the variance, and the ``compile_seconds`` /
     ``measure_seconds`` spent on it."""
-    columns = ["step", "site", "candidate", "variance", "raw_variance", "seconds", "efficiency", "measured",
-               "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
+    columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
+               "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -286,7 +312,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                 lowering_seconds += time.perf_counter() - start
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
-            rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, measured=False,
+            rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, progress=math.nan,
+                                   measured=False,
                                    raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
@@ -301,13 +328,17 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
     measurements = {c: run_measurement(entry, state, keys, counts[c], array_inputs) for c, entry in entries.items()}
     relative = relative_variances(measurements, mask) if measurements else {}
+    moves = progress(measurements, mask) if measurements else {}
     for candidate, measurement in measurements.items():
         # A program's cost does not change with the parameters, and other load only adds
         # time: the fastest timing so far is the best estimate of its seconds.
         fastest = min(measurement.seconds, seconds[candidate])
         rows[candidate] = dict(
             variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)), seconds=fastest,
-            efficiency=efficiency(relative[candidate], fastest), measured=True,
+            progress=moves[candidate],
+            efficiency=(moves[candidate] / fastest if site.settings.criterion == "progress"
+                        else efficiency(relative[candidate], fastest)),
+            measured=True,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
             measure_seconds=measurement.seconds * measurement.num_estimates + probe_seconds.get(candidate, 0.0),
