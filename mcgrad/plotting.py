@@ -103,7 +103,7 @@ def sweep_figure(
 
 def choices_figure(choices: pd.DataFrame) -> Figure:
     """``mg.auto()``'s decisions over training, one panel per auto site: each candidate's
-    measured efficiency ``1/(variance·seconds)`` at every decision (log scale; hollow where
+    measured efficiency (progress or ``1/variance`` per second) at every decision (log scale; hollow where
     a pruned candidate kept its last numbers) and the chosen one ringed.
 
     ``choices`` is ``FitResult.diagnostics.choices``.
@@ -134,7 +134,7 @@ def choices_figure(choices: pd.DataFrame) -> Figure:
                   label="chosen")
         axes.set_yscale("log")
         axes.set_xlabel("step")
-        axes.set_ylabel("efficiency 1/(variance·s)")
+        axes.set_ylabel("efficiency (what auto ranks)")
         axes.set_title(f"site '{site}': mg.auto() decisions")
         axes.legend(fontsize="small", ncol=2)
     return figure
