@@ -537,7 +537,7 @@ def select(
         >>> choice = mg.select(lambda x: (x - 2.0) ** 2, normal, {"loc": 1.0, "scale": 1.0},
         ...                    key=jax.random.key(0), cost="evaluations")
         >>> choice.best, list(choice.table.index)
-        ('pathwise', ['pathwise', 'score_function_loo', 'measure_valued'])
+        ('pathwise', ['pathwise', 'measure_valued', 'score_function_loo'])
     """
     from mcgrad.estimators.choice import candidates_for
 
