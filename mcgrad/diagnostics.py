@@ -165,6 +165,25 @@ def gradient_statistics(gradients: Params, exact: Params | None = None) -> Gradi
     return GradientStatistics(mean, variance, total_variance, snr, bias, standard_error)
 
 
+def running_moments(count: Array, mean: Params, squares: Params, value: Params) -> tuple[Params, Params]:
+    """Welford's update: the running mean and sum of squared deviations after one more
+    ``value`` (pytrees alike), ``count`` the number of values including it. The unbiased
+    variance is ``squares / (count − 1)``."""
+    delta = jax.tree.map(jnp.subtract, value, mean)
+    mean = jax.tree.map(lambda m, d: m + d / jnp.asarray(count, d.dtype), mean, delta)
+    squares = jax.tree.map(lambda q, d, v, m: q + d * (v - m), squares, delta, value, mean)
+    return mean, squares
+
+
+def efficiency(variance: float, seconds: float) -> float:
+    """``1 / (variance · seconds)``: infinite for an estimate without variance, NaN for a
+    non-finite variance."""
+    if not math.isfinite(variance):
+        return math.nan
+    product = variance * seconds
+    return 1.0 / product if product > 0 else math.inf
+
+
 def count_evaluations(
     cost_fn: CostFn, dist_fn: DistFn, estimator: GradientEstimator, params: Params, *, num_samples: int
 ) -> int:
@@ -318,12 +337,8 @@ def _diagnose(cost_fn, dist_fn, estimator, params, key, *, num_samples, num_repe
     num_evaluations = count_evaluations(cost_fn, dist_fn, estimator, params, num_samples=num_samples)
     flag = _non_differentiable_flag(gradients, (float(jnp.min(low)), float(jnp.max(high))), label)
     flag = flag or (estimator.bias or "")
-    variance_times_seconds = float(stats.total_variance) * seconds
-    if flag:
-        efficiency = math.nan
-    else:
-        efficiency = 1.0 / variance_times_seconds if variance_times_seconds > 0 else math.inf  # a noiseless estimator
-    return Diagnostics(*stats, num_evaluations, seconds, efficiency, num_samples, num_repeats, flag)
+    ranked = math.nan if flag else efficiency(float(stats.total_variance), seconds)
+    return Diagnostics(*stats, num_evaluations, seconds, ranked, num_samples, num_repeats, flag)
 
 
 def unbiased_reference(cost_fn, dist_fn, params, key, num_samples: int, num_repeats: int) -> tuple[Params, Params]:

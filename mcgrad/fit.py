@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from mcgrad import checkpoints, parallel, selection
+from mcgrad.diagnostics import running_moments
 from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
@@ -289,9 +290,7 @@ def trainer(
             estimate = (loss.astype(loss_dtype), grads, objective_state)
             first = jax.tree.map(lambda new, old: jnp.where(trip == 0, new, old), estimate, first)
             grads = estimate[1]
-            delta = jax.tree.map(lambda g, m: g - m, grads, mean)
-            mean = jax.tree.map(lambda m, d: m + d / (trip + 1).astype(d.dtype), mean, delta)
-            squares = jax.tree.map(lambda q, d, g, m: q + d * (g - m), squares, delta, grads, mean)
+            mean, squares = running_moments(trip + 1, mean, squares, grads)
             return trip + 1, first, mean, squares
 
         carry = (jnp.zeros((), jnp.int32), zeros, zeros[1], zeros[1])

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from mcgrad.diagnostics import efficiency, running_moments
 from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
 from mcgrad.inference import handlers
@@ -143,10 +144,7 @@ def measurer(training, static_inputs: Any) -> Callable:
             n, mean, squares = carry
             _, grads, _ = training.estimate(state, key, *args, **kwargs)
             flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(zeros.dtype)
-            n = n + 1
-            delta = flat - mean
-            mean = mean + delta / n
-            return n, mean, squares + delta * (flat - mean)
+            return (n + 1, *running_moments(n + 1, mean, squares, flat))
 
         def one(carry, indexed):
             index, key = indexed
@@ -232,14 +230,6 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     }
 
 
-def efficiency(variance: float, seconds: float) -> float:
-    """``1 / (V · t)``; infinite for an estimator without variance, NaN for a non-finite one."""
-    if not math.isfinite(variance):
-        return math.nan
-    product = variance * seconds
-    return 1.0 / product if product > 0 else math.inf
-
-
 def decide(
     current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float
 ) -> int:
@@ -290,11 +280,13 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
-    best_before = max((e for e, _ in last.values() if not math.isnan(e)), default=math.nan)
+    best_before = max((r["efficiency"] for r in last.values() if not math.isnan(r["efficiency"])), default=math.nan)
     for index, candidate in enumerate(site.names):
         previous = last.get(candidate)
-        if previous is not None and (math.isnan(previous[0]) or previous[0] * site.settings.prune < best_before):
-            rows[candidate] = dict(previous[1], measured=False, compile_seconds=0.0, measure_seconds=0.0)
+        if previous is not None and (
+            math.isnan(previous["efficiency"]) or previous["efficiency"] * site.settings.prune < best_before
+        ):
+            rows[candidate] = dict(previous, measured=False, compile_seconds=0.0, measure_seconds=0.0)
             continue
         overrides = dict(_fixed_overrides(run.estimators))
         overrides.update(pinned_estimators(sites, {**choices, name: index}))
@@ -320,8 +312,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     seconds, probe_seconds = {}, {}
     for candidate, entry in entries.items():
         previous = last.get(candidate)
-        if previous is not None and math.isfinite(previous[1]["seconds"]):
-            seconds[candidate] = previous[1]["seconds"]
+        if previous is not None and math.isfinite(previous["seconds"]):
+            seconds[candidate] = previous["seconds"]
         else:
             probe = run_measurement(entry, state, keys, 1, array_inputs)
             seconds[candidate] = probe_seconds[candidate] = probe.seconds
@@ -402,7 +394,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                     new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
                                  site.settings.margin)
                     choices[name] = new
-                    last[name] = {c: (r["efficiency"], r) for c, r in rows.items()}
+                    last[name] = rows
                     for candidate, row in rows.items():
                         records.append(dict(row, step=done, site=name, candidate=candidate,
                                             chosen=candidate == site.names[new]))
