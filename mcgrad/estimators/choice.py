@@ -35,7 +35,8 @@ from mcgrad.estimators.base import GradientEstimator, Params, check_whole_number
 Factory = Callable[[int], GradientEstimator]
 
 
-def _score_function_loo(num_rows: int) -> GradientEstimator:
+def score_function_loo(num_rows: int) -> GradientEstimator:
+    """The score function with a leave-one-out baseline, or a moving average for one row."""
     from mcgrad import baselines
     from mcgrad.estimators.score_function import score_function
 
@@ -53,7 +54,7 @@ def _builtin_candidates() -> dict[str, Factory]:
 
     return {
         "pathwise": lambda num_rows: pathwise(),
-        "score_function_loo": _score_function_loo,
+        "score_function_loo": score_function_loo,
         "measure_valued": lambda num_rows: measure_valued(),
         "disarm": lambda num_rows: disarm(),
         "double_control_variate": lambda num_rows: double_control_variate(),

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import numpyro.distributions as dist
 
-from mcgrad import baselines as baselines_lib
 from mcgrad.estimators.base import GradientEstimator
-from mcgrad.estimators.choice import auto, resolve
+from mcgrad.estimators.choice import auto, resolve, score_function_loo
 from mcgrad.estimators.pathwise import pathwise
-from mcgrad.estimators.score_function import score_function
 from mcgrad.inference.costs import latent_sites
 
 
 def default_estimator(distribution: dist.Distribution, num_particles: int) -> GradientEstimator:
     """Pathwise with rsample; else score function with leave-one-out (moving average for 1 particle)."""
-    if distribution.has_rsample:
-        return pathwise()
-    baseline = baselines_lib.leave_one_out() if num_particles > 1 else baselines_lib.moving_average()
-    return score_function(baseline=baseline)
+    return pathwise() if distribution.has_rsample else score_function_loo(num_particles)
 
 
 def resolve_estimators(
