@@ -26,7 +26,7 @@ from mcgrad.diagnostics import running_moments
 from mcgrad.estimators.base import check_whole_number
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
-from mcgrad.programs import ProgramCache, fingerprint
+from mcgrad.programs import ProgramCache, compiler_options, fingerprint
 
 Array = jax.Array
 
@@ -138,7 +138,7 @@ class Trainer(NamedTuple):
             the gradient's variance. Pure; ``jax.jit`` it (non-array arguments such as
             plate sizes: ``equinox.filter_jit`` or ``static_argnums``).
         run: ``(state, num_steps, *args, **kwargs) -> (state, StepInfo)``: ``num_steps``
-            steps in one ``lax.scan`` on the same arguments (every info field gains a
+            steps in one compiled loop on the same arguments (every info field gains a
             leading ``num_steps``).
         params: ``state -> constrained params`` (what ``numpyro.param`` returns).
         estimate: ``(state, key, *args, **kwargs) -> (loss, grads, objective_state)``: one
@@ -147,6 +147,11 @@ class Trainer(NamedTuple):
             studies and tests of an objective.
         estimators: the estimator chosen for each latent site.
         objective: the objective.
+        advance: ``(state, num_steps, length, args, kwargs) -> (state, StepInfo)``: what
+            ``step`` and ``run`` are: ``num_steps`` steps (may be traced, at most the
+            static ``length``) in one ``while_loop`` over gradient estimates, so a
+            recorded step's replicates run the same compiled gradient as every step.
+            Infos have a leading ``length`` (zeros after ``num_steps``).
     """
 
     init: Callable[[Array], FitState]
@@ -156,6 +161,7 @@ class Trainer(NamedTuple):
     estimate: Callable[..., tuple[Array, dict, Any]]
     estimators: dict
     objective: Objective
+    advance: Callable[..., tuple[FitState, StepInfo]]
 
 
 def trainer(
@@ -182,8 +188,9 @@ def trainer(
     Gradient diagnostics are honest for every objective: at a recorded step the step's
     own estimate and ``diagnostics_replicates`` more, from independent keys at the same
     parameters and state, give the variance of the gradient the step used. Cost: that
-    many extra gradient estimates (one vectorised pass) every ``diagnostics_every``
-    steps; memory ``O(replicates · |θ|)`` beside the step's own.
+    many extra gradient estimates every ``diagnostics_every`` steps, run by the same
+    compiled gradient as every step (:attr:`Trainer.advance`); memory ``O(|θ|)`` beside
+    the step's own.
 
     Args:
         model: the NumPyro model (the generator for :func:`mcgrad.adversarial`; ``None``
@@ -270,47 +277,13 @@ def trainer(
         nan = jnp.full((), jnp.nan)
         return {name: nan for name in params}, {name: nan for name in params}
 
-    def estimates(state: FitState, step_key: Array, record: Array, args, kwargs):
-        """The step's gradient estimate and, where ``record``, ``diagnostics_replicates``
-        more at the same parameters and state: one ``while_loop`` whose body holds the only
-        copy of the gradient computation (1 or ``1 + R`` trips), with Welford's running
-        mean and sum of squared deviations."""
-        keys = jnp.concatenate(
-            [step_key[None], jax.random.split(jax.random.fold_in(step_key, 1), diagnostics_replicates)]
-        )
-        # The carry's zeros from the state itself (gradients are shaped as the params, the
-        # objective state keeps its structure): no extra trace of the gradient to learn them.
-        loss_dtype = jnp.result_type(*jax.tree.leaves(state.params)) if state.params else jnp.float32
-        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), loss_dtype), state.params, state.objective_state))
-        num_trips = jnp.where(record, diagnostics_replicates + 1, 1)
-
-        def body(carry):
-            trip, first, mean, squares = carry
-            loss, grads, objective_state = gradient(state.params, state.objective_state, keys[trip], args, kwargs)
-            estimate = (loss.astype(loss_dtype), grads, objective_state)
-            first = jax.tree.map(lambda new, old: jnp.where(trip == 0, new, old), estimate, first)
-            grads = estimate[1]
-            mean, squares = running_moments(trip + 1, mean, squares, grads)
-            return trip + 1, first, mean, squares
-
-        carry = (jnp.zeros((), jnp.int32), zeros, zeros[1], zeros[1])
-        _, first, mean, squares = jax.lax.while_loop(lambda c: c[0] < num_trips, body, carry)
-        return first, mean, squares
-
-    def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
-        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        if diagnostics_every:
-            record = state.step % diagnostics_every == 0
-            (loss, grads, objective_state), mean, squares = estimates(state, step_key, record, args, kwargs)
-            variance, snr = _replicate_statistics(mean, squares, diagnostics_replicates + 1)
-            nan = jnp.full((), jnp.nan)
-            variance = {n: jnp.where(record, v, nan) for n, v in variance.items()}
-            snr = {n: jnp.where(record, v, nan) for n, v in snr.items()}
-        else:
-            loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
-            variance, snr = nan_statistics(state.params)
+    def take_step(state: FitState, key: Array, loss, grads, objective_state, variance, snr, replicate_trip):
+        """The update from the step's estimate: skipped (the state kept) where the loss, a
+        gradient or the update is not finite, and nothing at all once halted or on a
+        replicate trip (an extra estimate for the diagnostics, which changes nothing)."""
         # Halted (more than max_nonfinite skipped steps): the state stays where it went wrong.
         halted = state.num_nonfinite > max_nonfinite if max_nonfinite is not None else jnp.array(False)
+        stays = halted | replicate_trip
 
         def update(_):
             updates, optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
@@ -323,25 +296,77 @@ def trainer(
 
         # Branches, not selects: a skipped or finite step copies the state at most once.
         params, optimizer_state, objective_state, finite = jax.lax.cond(
-            _all_finite(loss, grads) & ~halted, update, skip, None
+            _all_finite(loss, grads) & ~stays, update, skip, None
         )
         new_state = FitState(
             params,
             optimizer_state,
             objective_state,
-            jnp.where(halted, state.key, jax.random.key_data(key)),
-            jnp.where(halted, state.step, state.step + 1),
-            jnp.where(halted, state.num_nonfinite, state.num_nonfinite + (~finite).astype(jnp.int32)),
+            jnp.where(stays, state.key, jax.random.key_data(key)),
+            jnp.where(stays, state.step, state.step + 1),
+            jnp.where(stays, state.num_nonfinite, state.num_nonfinite + (~finite).astype(jnp.int32)),
         )
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
+    def advance(state: FitState, num_steps: Array | int, length: int, args: tuple, kwargs: dict):
+        """``num_steps`` (``≤ length``, may be traced) steps in one ``while_loop`` over
+        gradient estimates, the only copy of the gradient in the program. A step is one
+        trip; a recorded step is ``1 + R`` (``R = diagnostics_replicates``): ``R`` trips at
+        the step's parameters that only add their estimate to Welford's running mean and
+        squares, then the step's own, which adds its estimate and takes the update. No
+        branch around the state: a replicate trip is a step that stays, like a skipped one.
+        Returns the state and the ``[length]`` infos (zeros after ``num_steps``)."""
+        loss_dtype = jnp.result_type(*jax.tree.leaves(state.params)) if state.params else jnp.float32
+        variance, snr = nan_statistics(state.params)
+        info = StepInfo(jnp.zeros((), loss_dtype), jnp.array(False), variance, snr)
+        infos = jax.tree.map(lambda leaf: jnp.zeros((length, *leaf.shape), leaf.dtype), info)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+        def trip(carry):
+            index, replicate, state, mean, squares, infos = carry
+            key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+            record = state.step % diagnostics_every == 0 if diagnostics_every else jnp.array(False)
+            replicate_trip = record & (replicate < diagnostics_replicates)
+            replicate_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)
+            trip_key = jax.random.wrap_key_data(
+                jnp.where(replicate_trip, jax.random.key_data(replicate_key), jax.random.key_data(step_key))
+            )
+            loss, grads, objective_state = gradient(state.params, state.objective_state, trip_key, args, kwargs)
+
+            def add(mean, squares):  # the first estimate of a step starts afresh
+                fresh = replicate == 0
+                mean = jax.tree.map(lambda m: jnp.where(fresh, 0.0, m), mean)
+                squares = jax.tree.map(lambda q: jnp.where(fresh, 0.0, q), squares)
+                return running_moments(replicate + 1, mean, squares, grads)
+
+            mean, squares = jax.lax.cond(record, add, lambda *moments: moments, mean, squares)
+            variance, snr = jax.lax.cond(
+                record & ~replicate_trip,
+                lambda: _replicate_statistics(mean, squares, diagnostics_replicates + 1),
+                lambda: nan_statistics(state.params),
+            )
+            state, info = take_step(
+                state, key, loss.astype(loss_dtype), grads, objective_state, variance, snr, replicate_trip
+            )
+            infos = jax.tree.map(lambda buffer, value: buffer.at[index].set(value), infos, info)
+            # A replicate trip's info is overwritten by its step's.
+            return index + ~replicate_trip, jnp.where(replicate_trip, replicate + 1, 0), state, mean, squares, infos
+
+        carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), state, zeros, zeros, infos)
+        _, _, state, _, _, infos = jax.lax.while_loop(lambda c: c[0] < num_steps, trip, carry)
+        return state, infos
+
+    def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
+        state, infos = advance(state, 1, 1, args, kwargs)
+        return state, jax.tree.map(lambda leaf: leaf[0], infos)
+
     def run(state: FitState, num_steps: int, *args, **kwargs) -> tuple[FitState, StepInfo]:
-        return jax.lax.scan(lambda s, _: step(s, *args, **kwargs), state, None, length=num_steps)
+        return advance(state, num_steps, num_steps, args, kwargs)
 
     def estimate(state: FitState, step_key: Array, *args, **kwargs):
         return gradient(state.params, state.objective_state, step_key, args, kwargs)
 
-    return Trainer(init, step, run, params_of, estimate, bound.estimators, objective)
+    return Trainer(init, step, run, params_of, estimate, bound.estimators, objective, advance)
 
 
 def _all_finite(*trees) -> Array:
@@ -367,29 +392,20 @@ def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, di
 # --------------------------------------------------------------------------- drivers
 
 
-def _chunk_runner(step_fn: Callable, static_inputs: Any) -> Callable:
-    """A jitted ``(state, array_inputs, num_active, length) -> (state, infos)``: ``length``
-    steps in one ``lax.scan``; with ``num_active`` only the first that many (the rest leave
-    the state alone), so a run's shorter last chunk reuses the program."""
+def _chunk_runner(advance: Callable, static_inputs: Any) -> Callable:
+    """A jitted ``(state, array_inputs, num_steps, length) -> (state, infos)``: ``num_steps``
+    (traced) of at most ``length`` steps, so a run's shorter last chunk reuses the program."""
 
-    @functools.partial(jax.jit, static_argnames=("length",))
-    def run_chunk(state, array_inputs, num_active=None, *, length):
+    @functools.partial(jax.jit, static_argnames=("length",), compiler_options=compiler_options())
+    def run_chunk(state, array_inputs, num_steps, *, length):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
-        if num_active is None:
-            return jax.lax.scan(lambda s, _: step_fn(s, *args, **kwargs), state, None, length=length)
-        _, info_shape = jax.eval_shape(lambda s: step_fn(s, *args, **kwargs), state)
-        skipped = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), info_shape)
-
-        def masked_step(s, index):
-            return jax.lax.cond(index < num_active, lambda s: step_fn(s, *args, **kwargs), lambda s: (s, skipped), s)
-
-        return jax.lax.scan(masked_step, state, jnp.arange(length))
+        return advance(state, num_steps, length, args, kwargs)
 
     return run_chunk
 
 
 def default_chunk_size(num_steps: int) -> int:
-    """About 1/20 of the run, preferring a size that divides it (no masked last chunk)."""
+    """About 1/20 of the run, preferring a size that divides it (equal chunks)."""
     target = max(1, math.ceil(num_steps / 20))
     for size in range(target, min(num_steps, 2 * target) + 1):
         if num_steps % size == 0:
@@ -614,9 +630,9 @@ def fit(
             ``result.diagnostics.choices``.
         progress_bar: show a tqdm bar (with auto sites, the current choice of each).
         chunk_size: steps per compiled chunk (default: about 1/20 of the run with a progress
-            bar, the whole run without). Every chunk runs one compiled program; when the
-            size does not divide the steps, the last chunk runs it masked, and the result
-            agrees with the single-scan driver to float rounding instead of bit for bit.
+            bar, the whole run without). Every chunk runs one compiled program (a shorter
+            last chunk too: the number of steps is its argument), and the result is the
+            single-chunk run's bit for bit.
         diagnostics_every: record the variance and SNR of the step's gradient every this
             many steps (default ``num_steps // 50``; 0 turns it off); see :func:`trainer`.
         diagnostics_replicates: extra gradient estimates per record.
@@ -674,10 +690,10 @@ def fit(
     def build():
         first_key = key_setup[0] if batched else key_setup
         training = trainer(model, guide, *args, key=first_key, **settings, **kwargs)
-        step_fn = training.step
-        if batched:
-            step_fn = lambda states, *a, **k: jax.vmap(lambda s: training.step(s, *a, **k))(states)
-        return training, _chunk_runner(step_fn, static_inputs)
+        advance = training.advance
+        if batched:  # infos [restarts, length]
+            advance = lambda states, *a: jax.vmap(lambda s: training.advance(s, *a))(states)
+        return training, _chunk_runner(advance, static_inputs)
 
     program_key = (fingerprint((model, guide, settings, static_inputs, batched)), fingerprint(shapes))
     training, run_chunk = _PROGRAMS.get(program_key, build)
@@ -722,19 +738,14 @@ def fit(
 
         bar = tqdm(total=num_steps, initial=done, desc=objective.name)
     loss_chunks, infos, starts = [losses], [], []
-    # Chunks all run one compiled program; a shorter last chunk runs it masked.
-    masked = 0 < remaining % chunk_size < remaining
+    chunk_size = min(chunk_size, max(remaining, 1))  # chunks all run one compiled program
     try:
         while remaining > 0:
             length = min(chunk_size, remaining)
             starts.append(done)
-            new_state, info = run_chunk(
-                state, array_inputs, jnp.int32(length) if masked else None, length=chunk_size if masked else length
-            )
-            if masked:
-                info = jax.tree.map(lambda leaf: leaf[:length], info)
-            if batched:  # [steps, restarts] -> [restarts, steps]
-                info = jax.tree.map(lambda leaf: jnp.swapaxes(leaf, 0, 1), info)
+            new_state, info = run_chunk(state, array_inputs, jnp.int32(length), length=chunk_size)
+            if length < chunk_size:
+                info = jax.tree.map(lambda leaf: leaf[..., :length], info)
             chunk_losses = np.asarray(info.loss)
             loss_chunks.append(chunk_losses)
             infos.append(info)

@@ -67,6 +67,19 @@ def fingerprint(value: Any, seen: dict | None = None, depth: int = 0) -> Any:
     return ("object", id(value))
 
 
+def compiler_options() -> dict[str, Any]:
+    """XLA options for the programs ``mg.fit`` and the auto driver compile.
+
+    On CPU, LLVM optimization level 1 instead of XLA's default 2: about a third less
+    compile time for the same per-step time within noise (BLR: 1.11 s against 1.73 s
+    to compile 2000 steps, 0.267 against 0.273 ms/step; the discrete VAE: 1.69 s
+    against 2.49 s, 0.301 against 0.300 ms/step with level 2 set explicitly). Compiling is
+    most of what a user waits for in a fit of a few thousand steps. Other backends keep
+    XLA's defaults.
+    """
+    return {"xla_backend_optimization_level": 1} if jax.default_backend() == "cpu" else {}
+
+
 def cell_filled(cell) -> bool:
     try:
         cell.cell_contents

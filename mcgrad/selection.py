@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import functools
 import math
 import os
 import time
@@ -47,7 +48,7 @@ from mcgrad.diagnostics import efficiency, running_moments
 from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
 from mcgrad.inference import handlers
-from mcgrad.programs import ProgramCache
+from mcgrad.programs import ProgramCache, compiler_options
 from mcgrad.programs import fingerprint as _fingerprint
 
 Array = jax.Array
@@ -135,7 +136,7 @@ def measurer(training, static_inputs: Any) -> Callable:
     ``lax.scan`` (as steps run; the rest are skipped), summarised per parameter coordinate
     (Welford's running mean and sum of squares, ``ddof=1``)."""
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def measure(state, keys, count, array_inputs):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
         zeros = jnp.zeros(sum(jnp.size(leaf) for leaf in jax.tree.leaves(state.params)))

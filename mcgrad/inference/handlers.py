@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
@@ -94,13 +95,44 @@ class SiteKeys(Messenger):
 
 def random_subset(key: Array, size: int, subsample_size: int) -> Array:
     """A uniformly random ``subsample_size``-subset of ``range(size)``, without replacement and
-    in random order: the positions of the largest of ``size`` i.i.d. uniforms.
+    in random order, as NumPyro's plate subsampling draws it.
 
-    The same distribution as NumPyro's plate subsampling in one vectorised draw (its CPU
-    path is a Fisher-Yates loop of ``subsample_size`` steps with a key split each: 0.078
-    against 0.057 ms for 32 of 1437 on CPU).
+    A small subset of a large set (``B ≤ 256`` and ``8B ≤ N``, a minibatch) comes from
+    ``2B`` indices drawn with replacement, keeping the first ``B`` distinct ones
+    (:func:`first_distinct`): 0.008 ms for 32 of 1437 on a CPU core. Otherwise, the
+    positions of the largest of ``N`` i.i.d. uniforms (:func:`largest_uniforms`): 0.048 ms
+    there, almost all of it drawing the ``N`` uniforms. NumPyro's own CPU path, a
+    Fisher-Yates loop of ``B`` steps with a key split each, takes 0.078 ms.
     """
+    if subsample_size <= 256 and 8 * subsample_size <= size:
+        return first_distinct(key, size, subsample_size, 2 * subsample_size)
+    return largest_uniforms(key, size, subsample_size)
+
+
+def largest_uniforms(key: Array, size: int, subsample_size: int) -> Array:
+    """The positions of the ``subsample_size`` largest of ``size`` i.i.d. uniforms."""
     return jax.lax.top_k(jax.random.uniform(key, (size,)), subsample_size)[1]
+
+
+def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -> Array:
+    """The first ``subsample_size`` distinct of ``num_draws`` indices drawn uniformly with
+    replacement, in draw order.
+
+    Drawing with replacement and skipping repeats makes every ordered subset equally
+    likely, so the result is exact. In the rare case of fewer distinct draws than needed
+    (for 64 draws of 1437, 33 repeats), :func:`largest_uniforms` from a fresh key stands
+    in, which keeps it exact.
+    """
+    draws = jax.random.randint(jax.random.fold_in(key, 0), (num_draws,), 0, size)
+    repeat = jnp.any(jnp.tril(draws[:, None] == draws[None, :], k=-1), axis=1)
+    position = jnp.cumsum(~repeat) - 1
+    slot = jnp.where(~repeat & (position < subsample_size), position, subsample_size)  # out of range: dropped
+    subset = jnp.zeros((subsample_size,), draws.dtype).at[slot].set(draws, mode="drop")
+    return jax.lax.cond(
+        position[-1] + 1 >= subsample_size,
+        lambda: subset,
+        lambda: largest_uniforms(jax.random.fold_in(key, 1), size, subsample_size).astype(draws.dtype),
+    )
 
 
 class Draw(Messenger):

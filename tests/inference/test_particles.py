@@ -19,6 +19,7 @@ at chosen parameters, state and keys).
 """
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -557,18 +558,31 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     assert not (np.asarray(other.plates["data"]) == batch).all()
 
 
-def test_minibatches_are_uniform_subsets_without_replacement():
-    # Every one of the C(6, 2) = 15 subsets equally likely (within 5 standard errors), no
-    # index twice, both orders of a pair equally likely.
-    from mcgrad.inference.handlers import random_subset
+@pytest.mark.parametrize(
+    "draw, size",
+    [
+        ("random_subset", 6),  # the largest of N uniforms (N < 8B)
+        ("random_subset", 16),  # the first distinct of 2B draws with replacement
+        ("first_distinct", 8),  # two draws only: a repeat (1 in 8) takes the fallback
+    ],
+)
+def test_minibatches_are_uniform_subsets_without_replacement(draw, size):
+    # Every one of the C(N, 2) subsets equally likely (within 5 standard errors), no index
+    # twice, both orders of a pair equally likely.
+    from mcgrad.inference import handlers
 
-    num_draws = 30_000
-    draws = np.asarray(jax.vmap(lambda k: random_subset(k, 6, 2))(jax.random.split(jax.random.key(0), num_draws)))
-    assert np.all(draws[:, 0] != draws[:, 1]) and draws.min() >= 0 and draws.max() < 6
-    codes = np.minimum(draws[:, 0], draws[:, 1]) * 6 + np.maximum(draws[:, 0], draws[:, 1])
+    def subset(key):
+        if draw == "first_distinct":
+            return handlers.first_distinct(key, size, 2, num_draws=2)
+        return handlers.random_subset(key, size, 2)
+
+    num_draws = 40_000
+    draws = np.asarray(jax.vmap(subset)(jax.random.split(jax.random.key(0), num_draws)))
+    assert np.all(draws[:, 0] != draws[:, 1]) and draws.min() >= 0 and draws.max() < size
+    codes = np.minimum(draws[:, 0], draws[:, 1]) * size + np.maximum(draws[:, 0], draws[:, 1])
     _, counts = np.unique(codes, return_counts=True)
-    expected = 1 / 15
-    assert len(counts) == 15
+    expected = 1 / math.comb(size, 2)
+    assert len(counts) == math.comb(size, 2)
     assert np.all(np.abs(counts / num_draws - expected) < 5 * np.sqrt(expected * (1 - expected) / num_draws))
     first_smaller = np.mean(draws[:, 0] < draws[:, 1])
     assert abs(first_smaller - 0.5) < 5 * np.sqrt(0.25 / num_draws)
