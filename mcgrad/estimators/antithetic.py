@@ -121,7 +121,20 @@ def _draw_partner(key: Array, distribution: dist.Distribution, sample_shape: tup
     return _draw(key, distribution, sample_shape, flip=True)
 
 
-def _antithetic(name: str, rule: PairRule) -> GradientEstimator:
+def _pair_decisions(site: Site, logits: Array, half: int, needs_uniforms: bool) -> tuple[Array | None, Array, Array]:
+    """``(u, b, b̃)`` for every row, ``[N, *decisions]``: the uniforms and the decisions of
+    the row's pair. A Bernoulli's decisions are its rows' values (row ``i`` drew ``b``, row
+    ``i + N/2`` drew ``b̃`` from the same key), so only a rule that needs ``u`` (ARM) or a
+    Categorical (whose value does not show every decision) draws the uniforms again."""
+    if needs_uniforms or logits.shape[1:] != site.value.shape[1:]:
+        u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))  # equal within a pair
+        threshold = jax.nn.sigmoid(logits)
+        return u, u < threshold, 1.0 - u < threshold
+    first, partner = site.value[:half], site.value[half:]
+    return None, jnp.concatenate([first, first]), jnp.concatenate([partner, partner])
+
+
+def _antithetic(name: str, rule: PairRule, needs_uniforms: bool) -> GradientEstimator:
     def terms(key: Array, state, site: Site):
         del key
         if site.leave_one_out is not None:
@@ -134,9 +147,8 @@ def _antithetic(name: str, rule: PairRule) -> GradientEstimator:
         half = paired_rows(num_rows, site.name, f"{name}()")
         logits = site.map(lambda d: _binary_logits(d, value_shape), site.parameters)  # [N, *decisions]
         frozen = jax.lax.stop_gradient(logits)
-        u = jax.lax.stop_gradient(site.resample(_uniforms, site.parameters))  # equal within a pair
-        below = (u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)  # the first row's decisions
-        above = (1.0 - u < jax.nn.sigmoid(frozen)).astype(frozen.dtype)  # its partner's
+        u, below, above = _pair_decisions(site, frozen, half, needs_uniforms)
+        below, above = below.astype(frozen.dtype), above.astype(frozen.dtype)  # the pair's b, b̃
         cost = per_coordinate(site.cost, logits.shape[1:])
         first = jnp.reshape(jnp.arange(num_rows) < half, (num_rows,) + (1,) * (cost.ndim - 1))
         partner_cost = jnp.roll(cost, half, axis=0)
@@ -183,7 +195,7 @@ def arm() -> GradientEstimator:
     Reference: Yin & Zhou (2019), "ARM: Augment-REINFORCE-Merge Gradient for Stochastic
     Binary Networks".
     """
-    return _antithetic("arm", _arm_rule)
+    return _antithetic("arm", _arm_rule, needs_uniforms=True)
 
 
 def disarm() -> GradientEstimator:
@@ -213,4 +225,4 @@ def disarm() -> GradientEstimator:
     Binary Latent Variables"; (2021), "Coupled Gradient Estimators for Discrete Latent
     Variables".
     """
-    return _antithetic("disarm", _disarm_rule)
+    return _antithetic("disarm", _disarm_rule, needs_uniforms=False)
