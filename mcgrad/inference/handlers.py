@@ -114,6 +114,19 @@ def largest_uniforms(key: Array, size: int, subsample_size: int) -> Array:
     return jax.lax.top_k(jax.random.uniform(key, (size,)), subsample_size)[1]
 
 
+def uniform_indices(key: Array, size: int, num_draws: int) -> Array:
+    """``num_draws`` i.i.d. uniform indices in ``range(size)`` from one call of the key's bit
+    generator: two 32-bit words per index combined as ``jax.random.randint`` combines them
+    (``(hi mod N)·(2³² mod N)² + lo mod N``, mod ``N``; bias below ``N²/2⁶⁴``), without its
+    key split and second bit draw (on CPU each call of threefry is a loop)."""
+    if size >= 2**16:
+        return jax.random.randint(key, (num_draws,), 0, size)
+    high, low = jax.random.bits(key, (2, num_draws), jnp.uint32)
+    span = jnp.uint32(size)
+    multiplier = jnp.uint32((2**32 % size) ** 2 % size)
+    return (((high % span) * multiplier + low % span) % span).astype(jnp.int32)
+
+
 def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -> Array:
     """The first ``subsample_size`` distinct of ``num_draws`` indices drawn uniformly with
     replacement, in draw order.
@@ -123,7 +136,7 @@ def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -
     (for 64 draws of 1437, 33 repeats), :func:`largest_uniforms` from a fresh key stands
     in, which keeps it exact.
     """
-    draws = jax.random.randint(jax.random.fold_in(key, 0), (num_draws,), 0, size)
+    draws = uniform_indices(key, size, num_draws)
     repeat = jnp.any(jnp.tril(draws[:, None] == draws[None, :], k=-1), axis=1)
     position = jnp.cumsum(~repeat) - 1
     slot = jnp.where(~repeat & (position < subsample_size), position, subsample_size)  # out of range: dropped

@@ -15,10 +15,12 @@ estimator it holds. What the engine does for every estimator alike:
   same key table), for estimators that ask (measure-valued, antithetic pairs, control
   variates): its total, or per plate slice like the site's signal.
 
-Particles take their keys from one table drawn per step: ``[M, 3 + S]`` keys, a key for
-the cost terms, two spares, and one per random site of the program in program order
-(``seed`` would split a key at every site instead, a threefry loop per site in the
-compiled step). A subsampled plate's minibatch is drawn once per step and substituted
+Particles take their keys from one table drawn per step: ``[M + 1, 3 + S]`` keys, a row
+per particle (a key for the cost terms, two spares, and one per random site of the
+program in program order) and a last row for the estimators' own randomness (site ``i``
+of the program takes its ``i``-th key). One call of the key's bit generator per step:
+``seed`` would split a key at every site instead, and on CPU every call of threefry is a
+loop of its own in the compiled step. A subsampled plate's minibatch is drawn once per step and substituted
 into every particle (and every re-run): all particles of a step see one minibatch, so
 their learning signals compare like with like.
 """
@@ -80,15 +82,17 @@ def count_site_keys(
     return handlers.run(fn, args, kwargs, key=key, params=params, count_keys=True)
 
 
-def particle_keys(program: Program, key: Array, num_particles: int) -> Array:
-    """``[num_particles, 3 + width]`` keys, one row per particle, in one call (a subsampled
-    plate's minibatch comes from the first row's key: :func:`draw_minibatches`)."""
-    keys = jax.random.split(key, (num_particles, _FIRST_SITE_KEY + program.keys.width))
+def particle_keys(program: Program, key: Array, num_particles: int) -> tuple[Array, Array]:
+    """The step's key table in one call: ``[num_particles, 3 + width]`` keys, one row per
+    particle (a subsampled plate's minibatch comes from the first row's key:
+    :func:`draw_minibatches`), and a row of ``3 + width`` keys for the sites' estimators."""
+    table = jax.random.split(key, (num_particles + 1, _FIRST_SITE_KEY + program.keys.width))
+    keys, term_keys = table[:num_particles], table[num_particles]
     paired = program.keys.columns(paired_sites(program))
     if paired:  # a partner particle draws its paired sites from its first-half twin's keys
         columns, half = jnp.asarray(paired) + _FIRST_SITE_KEY, num_particles // 2
         keys = keys.at[half:, columns].set(keys[:half, columns])
-    return keys
+    return keys, term_keys
 
 
 def paired_sites(program: Program) -> tuple[str, ...]:
@@ -175,13 +179,15 @@ class SiteRows(NamedTuple):
 class Particles(NamedTuple):
     """``M`` particles of a program: their costs (pathwise gradients attached), their keys,
     and each latent site's rows; what a re-run needs to reproduce a particle's other draws
-    (the step's minibatches, shared by all particles, and each one's partner flag)."""
+    (the step's minibatches, shared by all particles, and each one's partner flag); the
+    keys of the sites' estimators (``term_keys[i]`` for the program's ``i``-th latent site)."""
 
     loss: Array
     keys: Array
     sites: dict[str, SiteRows]
     plates: dict[str, Array]
     partner: Array
+    term_keys: Array
 
     def rerun(self, program: Program, params: Params, args: tuple, kwargs: dict, values: dict, reduce: Callable):
         """``vmap`` over the particles of ``reduce(trace, terms)`` for each particle re-run with
@@ -221,7 +227,7 @@ def draw_particles(
     program: Program, params: Params, key: Array, num_particles: int, args: tuple, kwargs: dict, shard=None
 ) -> tuple[Particles, dict[str, _Layout]]:
     """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
-    keys = particle_keys(program, key, num_particles)
+    keys, term_keys = particle_keys(program, key, num_particles)
     partner = partner_flags(program, num_particles)
     plates = draw_minibatches(program, keys[0])
     if shard is not None:
@@ -247,7 +253,7 @@ def draw_particles(
         return total(terms), sites
 
     loss, sites = jax.vmap(one)(keys, partner)
-    return Particles(loss, keys, sites, plates, partner), layouts
+    return Particles(loss, keys, sites, plates, partner, term_keys), layouts
 
 
 def site_terms(
@@ -256,7 +262,6 @@ def site_terms(
     particles: Particles,
     layouts: dict[str, _Layout],
     states: dict[str, Any],
-    key: Array,
     args: tuple,
     kwargs: dict,
     *,
@@ -310,9 +315,7 @@ def site_terms(
             recost_slices=recost_slices if cost is None else None,
             plate_axes=layout.plate_axes,
         )
-        terms, new_states[name], info = program.estimators[name].terms(
-            jax.random.fold_in(key, index), states[name], site
-        )
+        terms, new_states[name], info = program.estimators[name].terms(particles.term_keys[index], states[name], site)
         total_terms = total_terms + terms
         num_evaluations += info.num_evaluations
     return total_terms, new_states, num_evaluations
@@ -334,7 +337,6 @@ def average_surrogate(
 ) -> tuple[Array, tuple[dict[str, Any], Array]]:
     """The per-particle surrogate ``[M]`` of the mean particle cost (the ELBO, a generator's
     loss): ``(surrogate, (new site states, particle costs))``."""
-    key_particles, key_terms = jax.random.split(key)
-    particles, layouts = draw_particles(program, params, key_particles, num_particles, args, kwargs, shard)
-    terms, new_states, _ = site_terms(program, params, particles, layouts, states, key_terms, args, kwargs)
+    particles, layouts = draw_particles(program, params, key, num_particles, args, kwargs, shard)
+    terms, new_states, _ = site_terms(program, params, particles, layouts, states, args, kwargs)
     return particles.loss + terms, (new_states, jax.lax.stop_gradient(particles.loss))

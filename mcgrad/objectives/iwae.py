@@ -61,13 +61,12 @@ def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Object
         def surrogate(params, state, key, args, kwargs, shard=None):
             if not doubly_reparameterized:
                 return bound_surrogate(program, params, state, key, num_particles, args, kwargs, shard, log_mean_exp)
-            key_particles, key_terms = jax.random.split(key)
             # DReG: log q of reparameterized sites with its parameters stopped, model params stopped.
             dreg = program._replace(stop_log_density=lambda estimator: estimator.reparameterized)
             only_guide = {n: v if n in guide_params else jax.lax.stop_gradient(v) for n, v in params.items()}
-            particles, layouts = draw_particles(dreg, only_guide, key_particles, num_particles, args, kwargs, shard)
+            particles, layouts = draw_particles(dreg, only_guide, key, num_particles, args, kwargs, shard)
             terms, new_state, value = bound_terms(
-                dreg, only_guide, state, particles, layouts, key_terms, args, kwargs, log_mean_exp
+                dreg, only_guide, state, particles, layouts, args, kwargs, log_mean_exp
             )
             log_weights = -particles.loss
             weights = jax.lax.stop_gradient(jax.nn.softmax(log_weights))
@@ -75,7 +74,7 @@ def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Object
             model_params = set(params) - guide_params
             if model_params:
                 only_model = {n: v if n in model_params else jax.lax.stop_gradient(v) for n, v in params.items()}
-                model_particles, _ = draw_particles(program, only_model, key_particles, num_particles, args, kwargs, shard)
+                model_particles, _ = draw_particles(program, only_model, key, num_particles, args, kwargs, shard)
                 per_particle = per_particle + num_particles * weights * gradient_only(model_particles.loss)
             s = -jax.lax.stop_gradient(value) + per_particle
             return s, (new_state, jax.lax.stop_gradient(particles.loss))

@@ -44,7 +44,6 @@ def bound_terms(
     states: dict,
     particles,
     layouts,
-    key: Array,
     args: tuple,
     kwargs: dict,
     bound: Bound,
@@ -65,7 +64,6 @@ def bound_terms(
         particles,
         layouts,
         states,
-        key,
         args,
         kwargs,
         cost=cost,
@@ -80,7 +78,6 @@ def bound_surrogate(
 ) -> tuple[Array, tuple[dict, Array]]:
     """The per-particle surrogate of ``−bound``: ``mean(s)`` is ``−B`` in value and the
     estimate in gradient."""
-    key_particles, key_terms = jax.random.split(key)
-    particles, layouts = draw_particles(program, params, key_particles, num_particles, args, kwargs, shard)
-    terms, new_states, value = bound_terms(program, params, states, particles, layouts, key_terms, args, kwargs, bound)
+    particles, layouts = draw_particles(program, params, key, num_particles, args, kwargs, shard)
+    terms, new_states, value = bound_terms(program, params, states, particles, layouts, args, kwargs, bound)
     return -value + terms, (new_states, jax.lax.stop_gradient(particles.loss))

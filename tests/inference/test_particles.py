@@ -518,8 +518,10 @@ def test_each_site_and_particle_draws_from_its_own_key(num_site_keys):
 
     table = handlers.KeyTable(num_site_keys)
     program = particles.Program(_two_site_program, cost_terms=None, estimators={}, keys=table)
-    keys = particles.particle_keys(program, jax.random.key(0), 2)
-    assert keys.shape == (2, 3 + num_site_keys)
+    keys, term_keys = particles.particle_keys(program, jax.random.key(0), 2)
+    assert keys.shape == (2, 3 + num_site_keys) and term_keys.shape == (3 + num_site_keys,)
+    rows = np.concatenate([np.asarray(jax.random.key_data(k)).reshape(-1, 2) for k in (keys, term_keys)])
+    assert len(np.unique(rows, axis=0)) == rows.shape[0]  # the estimators' keys are none of the particles'
 
     def draws(row):  # a particle's row: its site keys from index 3, index 2 the spare
         return handlers.SiteKeys(_two_site_program, row[3:], row[2])(1.0)
