@@ -28,7 +28,8 @@ bar), then the same call again in ``--timing-calls − 1`` interleaved rounds ov
 methods (those whose first call ran over ``--repeat-limit`` seconds are timed once): the
 trajectory is the first call's; a component's run seconds are the smallest over the calls
 (other load on the shared machine only adds time). Compile seconds are the first call's
-(``jax.monitoring``: trace, lower, compile, the union of the events' intervals); *end to
+one-time work (``jax.monitoring``: trace, lower, compile; and building each trainer, where
+NumPyro traces the model and guide eagerly; the union of the intervals); *end to
 end* is the first call's wall time.
 
 *Time to target*: the smoothed loss (a trailing mean over ``window`` steps) first at or
@@ -260,8 +261,9 @@ class Phases:
 
     ``enter(phase, **info)`` closes the open phase and opens the next. A phase's
     ``compile_seconds`` is the time covered by JAX's trace, lower and compile events
-    (``jax.monitoring``) while it is open: the union of their intervals, since a trace
-    nests the traces of the jitted functions it calls and their durations would count twice.
+    (``jax.monitoring``) and by trainer builds (:meth:`one_time`) while it is open: the
+    union of their intervals, since a trace nests the traces of the jitted functions it
+    calls (and a build traces) and their durations would count twice.
     """
 
     def __init__(self):
@@ -273,6 +275,12 @@ class Phases:
         if self._open is not None and event.rsplit("/", 1)[-1] in COMPILE_EVENTS:
             end = time.perf_counter()
             self._intervals.append((end - duration, end))
+
+    def one_time(self, start: float, end: float):
+        """A one-time interval that is not a JAX event (building a trainer: NumPyro traces
+        the model and guide eagerly), counted with the compile seconds."""
+        if self._open is not None:
+            self._intervals.append((start, end))
 
     def enter(self, phase: str, **info):
         now = time.perf_counter()
@@ -325,9 +333,19 @@ def timed_phases():
 
         return original(run._replace(fit=fit), training, state, *args, **kwargs)
 
+    fit_module = sys.modules["mcgrad.fit"]
+    original_trainer = fit_module.trainer
+
+    def timed_trainer(*args, **kwargs):
+        start = time.perf_counter()
+        built = original_trainer(*args, **kwargs)
+        phases.one_time(start, time.perf_counter())
+        return built
+
     jax.monitoring.register_event_duration_secs_listener(phases.listener)
     try:
-        with mock.patch.object(selection, "run", auto_run):  # mg.fit calls selection.run through the module
+        # mg.fit calls selection.run and trainer through their modules (fit hands auto its trainer).
+        with mock.patch.object(selection, "run", auto_run), mock.patch.object(fit_module, "trainer", timed_trainer):
             yield phases
     finally:
         phases.close()

@@ -7,6 +7,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,10 +28,14 @@ def test_quick_fit_speed_benchmark(tmp_path):
         # A call's compile time is part of it; the run estimate is a difference, so any sign.
         assert 0 < method["compile_seconds"] < method["end_to_end_seconds"], name
         assert math.isfinite(method["run_seconds"]) and math.isfinite(method["final_loss"]), name
-    # The same model, guide, optimizer and keys: the progress bar and the diagnostics change
-    # nothing but time (the diagnostics' extra estimates take keys of their own).
-    losses = {blr["methods"][name]["final_loss"] for name in ("mcgrad", "mcgrad_no_bar", "mcgrad_no_bar_no_diagnostics")}
-    assert len(losses) == 1
+    # The same model, guide, optimizer and keys: the progress bar changes nothing but time
+    # (one program, bit for bit), and neither do the diagnostics, whose extra estimates take
+    # keys of their own. With and without them the programs differ, so XLA fuses the update
+    # with different neighbours and it may round differently in the last bit: the same
+    # trajectory up to rounding (a key shared with the training steps would move it by far more).
+    final = {name: blr["methods"][name]["final_loss"] for name in ("mcgrad", "mcgrad_no_bar", "mcgrad_no_bar_no_diagnostics")}
+    assert final["mcgrad"] == final["mcgrad_no_bar"]
+    assert final["mcgrad_no_bar_no_diagnostics"] == pytest.approx(final["mcgrad_no_bar"], rel=1e-5)
     memory = blr["temp_memory_bytes"]
     assert 0 < memory["mcgrad_no_diagnostics"] <= memory["mcgrad_diagnostics_every_1"]
     particles = data["particles"]["particles"]
