@@ -273,11 +273,14 @@ class AutoRun(NamedTuple):
     estimators: Any
 
 
-def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, mask, last):
+def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, mask, last,
+                  programs):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
-    is first timed on one estimate (which also warms up its fresh program).
+    is first timed on one estimate (which also warms up its fresh program). ``programs``
+    holds this run's measurement programs by every site's choice, so a later decision
+    finds its programs without fingerprinting the model again (milliseconds a candidate).
     """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
@@ -289,16 +292,24 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         ):
             rows[candidate] = dict(previous, measured=False, compile_seconds=0.0, measure_seconds=0.0)
             continue
-        overrides = dict(_fixed_overrides(run.estimators))
-        overrides.update(pinned_estimators(sites, {**choices, name: index}))
-        settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
+        measured_choices = {**choices, name: index}
 
-        def build(settings=settings):
-            training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
-            return {"measure": measurer(training, static_inputs), "compiled": None}
+        def build(measured_choices=measured_choices):
+            overrides = dict(_fixed_overrides(run.estimators))
+            overrides.update(pinned_estimators(sites, measured_choices))
+            settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
+
+            def build_program():
+                training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
+                return {"measure": measurer(training, static_inputs), "compiled": None}
+
+            return MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build_program)
 
         try:
-            entry = MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build)
+            program_key = tuple(sorted(measured_choices.items()))
+            if program_key not in programs:
+                programs[program_key] = build()
+            entry = programs[program_key]
             if entry["compiled"] is None:  # traced here, so a candidate that refuses the site fails here
                 start = time.perf_counter()
                 entry["lowered"] = entry["measure"].lower(state, keys, jnp.int32(1), array_inputs)
@@ -377,6 +388,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
     records: list[dict] = []
     last: dict[str, dict] = {name: {} for name in sites}
+    programs: dict = {}
     loss_chunks, parts = [losses], []
     done = int(np.asarray(state.step))
     chunk = chunk_size or (default_chunk_size(every) if progress_bar or checkpoint_path else every)
@@ -391,7 +403,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                 keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
                 for name, site in sites.items():
                     rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, static_inputs, cache,
-                                         masks[name], last[name])
+                                         masks[name], last[name], programs)
                     new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
                                  site.settings.margin)
                     choices[name] = new
