@@ -105,8 +105,14 @@ def test_resuming_keeps_the_choice_and_matches_an_unbroken_run(tmp_path):
     resumed = fit(gaussian_model, gaussian_guide, estimators, num_steps=20, resume_from=tmp_path / "run.ckpt")
     assert len(resumed.losses) == 20
     np.testing.assert_allclose(resumed.losses[:10], first.losses)
-    if set(whole.diagnostics.choices.loc[whole.diagnostics.choices["chosen"], "candidate"]) == {"pw"}:
-        # the same choices give the same trajectory, bit for bit
+    def chosen(result):
+        choices = result.diagnostics.choices
+        return set(choices.loc[choices["chosen"], "candidate"])
+
+    # Decisions rest on measured seconds, so runs can choose otherwise under load (and the
+    # 10-step run decides on its own schedule); pathwise throughout, in every run, gives the
+    # same trajectory, bit for bit.
+    if chosen(whole) == chosen(first) == chosen(resumed) == {"pw"}:
         np.testing.assert_array_equal(resumed.losses, whole.losses)
 
 

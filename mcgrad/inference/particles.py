@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpyro
+from jax.extend import core as jax_core
 
 from mcgrad.estimators.base import GradientEstimator, Site, split_parameters
 from mcgrad.inference import handlers
@@ -192,12 +193,56 @@ class Particles(NamedTuple):
     def rerun(self, program: Program, params: Params, args: tuple, kwargs: dict, values: dict, reduce: Callable):
         """``vmap`` over the particles of ``reduce(trace, terms)`` for each particle re-run with
         ``values`` (``{name: [M, ...]}``) substituted and every other draw kept: the same
-        keys, minibatches and partner flags."""
+        keys, minibatches and partner flags. A site whose distribution does not depend on
+        the replaced sites (:func:`independent_sites`) takes its stored draw instead of
+        drawing it again from its key: the same value, without the draw (a plate of
+        Bernoulli labels beside a replaced location: most of a measure-valued step)."""
+        kept = {
+            other: rows.value
+            for other, rows in self.sites.items()
+            if other not in values and other in independent_sites(program, params, self, args, kwargs, tuple(values))
+        }
 
         def one(keys, partner, row_values):
             return reduce(*run_particle(program, params, keys, args, kwargs, {**self.plates, **row_values}, partner))
 
-        return jax.vmap(one)(self.keys, self.partner, values)
+        return jax.vmap(one)(self.keys, self.partner, {**kept, **values})
+
+
+def independent_sites(program: Program, params: Params, particles: Particles, args, kwargs, replaced: tuple) -> set:
+    """The latent sites whose distribution does not depend on the values of the ``replaced``
+    sites, in the program as traced for the first particle (the data flow of its jaxpr,
+    conservative: a primitive with any dependent input has only dependent outputs).
+
+    Such a site draws the same value from its key whatever the replaced values are, so a
+    re-run may substitute its stored draw.
+    """
+    others = [name for name in particles.sites if name not in replaced]
+    if not others:
+        return set()
+    first = {name: particles.sites[name].value[0] for name in replaced}
+    counts = []  # leaves per site, seen while tracing
+
+    def distributions(values):
+        trace, _ = run_particle(
+            program, params, particles.keys[0], args, kwargs, {**particles.plates, **values}, particles.partner[0]
+        )
+        leaves = [jax.tree.leaves(split_parameters(trace[name]["fn"])[:2]) if name in trace else [] for name in others]
+        counts.extend(len(site_leaves) for site_leaves in leaves)
+        return leaves
+
+    jaxpr = jax.make_jaxpr(distributions)(first).jaxpr
+    dependent = set(jaxpr.invars)
+    for equation in jaxpr.eqns:
+        if any(isinstance(var, jax_core.Var) and var in dependent for var in equation.invars):
+            dependent.update(equation.outvars)
+    outputs = iter(jaxpr.outvars)
+    independent = set()
+    for name, count in zip(others, counts, strict=True):
+        site_outputs = [next(outputs) for _ in range(count)]
+        if not any(isinstance(var, jax_core.Var) and var in dependent for var in site_outputs):
+            independent.add(name)
+    return independent
 
 
 class _Layout(NamedTuple):

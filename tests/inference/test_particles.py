@@ -560,6 +560,44 @@ def test_every_particle_of_a_step_sees_the_same_minibatch():
     assert not (np.asarray(other.plates["data"]) == batch).all()
 
 
+def _chain_program():
+    a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+    b = numpyro.sample("b", dist.Normal(a, 1.0))  # depends on a
+    with numpyro.plate("data", 4):
+        c = numpyro.sample("c", dist.Bernoulli(0.3))  # depends on neither
+    return a, b, c
+
+
+def test_a_rerun_keeps_the_independent_draws_and_draws_the_dependent_ones_again():
+    # A re-run replaces one site's value and keeps every other draw (the same keys). A site
+    # whose distribution does not depend on the replaced one takes its stored draw (the same
+    # value, without drawing it again); one that does is drawn again from its key.
+    from mcgrad.inference import particles
+
+    _, table = particles.count_site_keys(_chain_program, {}, jax.random.key(0), (), {})
+    estimators = {"a": mg.pathwise(), "b": mg.pathwise(), "c": mg.score_function()}
+    program = particles.Program(_chain_program, lambda *args: [], estimators, keys=table)
+    drawn, _ = particles.draw_particles(program, {}, jax.random.key(1), 3, (), {})
+    assert particles.independent_sites(program, {}, drawn, (), {}, ("a",)) == {"c"}
+    assert particles.independent_sites(program, {}, drawn, (), {}, ("b",)) == {"a", "c"}
+    assert particles.independent_sites(program, {}, drawn, (), {}, ("c",)) == {"a", "b"}
+
+    def values(trace, _):
+        return trace["b"]["value"], trace["c"]["value"]
+
+    shifted = drawn.sites["a"].value + 1.0
+    b, c = drawn.rerun(program, {}, (), {}, {"a": shifted}, values)
+    np.testing.assert_allclose(b, drawn.sites["b"].value + 1.0, rtol=1e-6)  # b = a + ε, ε from b's key
+    np.testing.assert_array_equal(c, drawn.sites["c"].value)
+
+    def redrawn(keys, partner, a):  # the re-run as it was before: every other site drawn from its key
+        return values(*particles.run_particle(program, {}, keys, (), {}, {"a": a}, partner))
+
+    b_again, c_again = jax.vmap(redrawn)(drawn.keys, drawn.partner, shifted)
+    np.testing.assert_array_equal(b, b_again)
+    np.testing.assert_array_equal(c, c_again)
+
+
 @pytest.mark.parametrize(
     "draw, size",
     [
