@@ -12,8 +12,9 @@ estimator it holds. What the engine does for every estimator alike:
   count, and inside a ``plate`` only the terms of the site's own slice (plus the terms
   outside that plate);
 * re-costs a particle with one site's value replaced and every other draw kept (the
-  same key table), for estimators that ask (measure-valued, antithetic pairs, control
-  variates): its total, or per plate slice like the site's signal.
+  same key table; a site whose distribution does not depend on the replaced one takes its
+  stored draw), for estimators that ask (measure-valued, enumeration, control variates):
+  its total, or per plate slice like the site's signal.
 
 Particles take their keys from one table drawn per step: ``[M + 1, 3 + S]`` keys, a row
 per particle (a key for the cost terms, two spares, and one per random site of the
