@@ -328,9 +328,14 @@ def trainer(
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
             record = state.step % diagnostics_every == 0 if diagnostics_every else jnp.array(False)
             replicate_trip = record & (replicate < diagnostics_replicates)
-            replicate_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)
+            # A replicate trip's key, derived only on replicate trips (two threefry calls,
+            # each a loop of its own on CPU, in every step otherwise).
             trip_key = jax.random.wrap_key_data(
-                jnp.where(replicate_trip, jax.random.key_data(replicate_key), jax.random.key_data(step_key))
+                jax.lax.cond(
+                    replicate_trip,
+                    lambda: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)),
+                    lambda: jax.random.key_data(step_key),
+                )
             )
             loss, grads, objective_state = gradient(state.params, state.objective_state, trip_key, args, kwargs)
 
