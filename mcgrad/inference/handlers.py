@@ -136,7 +136,7 @@ def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -
     (for 64 draws of 1437, 33 repeats), :func:`largest_uniforms` from a fresh key stands
     in, which keeps it exact.
     """
-    draws = uniform_indices(key, size, num_draws)
+    draws = uniform_indices(jax.random.fold_in(key, 0), size, num_draws)  # not `key`: the fallback's comes from it
     repeat = jnp.any(jnp.tril(draws[:, None] == draws[None, :], k=-1), axis=1)
     position = jnp.cumsum(~repeat) - 1
     slot = jnp.where(~repeat & (position < subsample_size), position, subsample_size)  # out of range: dropped

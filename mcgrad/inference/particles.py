@@ -198,11 +198,8 @@ class Particles(NamedTuple):
         the replaced sites (:func:`independent_sites`) takes its stored draw instead of
         drawing it again from its key: the same value, without the draw (a plate of
         Bernoulli labels beside a replaced location: most of a measure-valued step)."""
-        kept = {
-            other: rows.value
-            for other, rows in self.sites.items()
-            if other not in values and other in independent_sites(program, params, self, args, kwargs, tuple(values))
-        }
+        independent = independent_sites(program, params, self, args, kwargs, tuple(values))
+        kept = {other: rows.value for other, rows in self.sites.items() if other in independent}
 
         def one(keys, partner, row_values):
             return reduce(*run_particle(program, params, keys, args, kwargs, {**self.plates, **row_values}, partner))
