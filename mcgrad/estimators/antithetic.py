@@ -30,6 +30,7 @@ ordering the categories by logit, are not applied.)
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -108,17 +109,13 @@ def _value(decisions: Array, categorical: bool) -> Array:
     return jax.lax.stop_gradient(value.astype(jax.dtypes.canonicalize_dtype(jnp.int_)))
 
 
-def _draw(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = (), flip: bool = False) -> Array:
+def _draw(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = (), flip: Any = False) -> Array:
     """``b = 1[u < σ(η)]`` for the binary decisions (``1[1 − u < σ(η)]`` for the antithetic
-    partner, ``flip``), and the draw they make."""
+    partner, where ``flip``: a boolean, traced or not), and the draw they make."""
     u = _uniforms(key, distribution, sample_shape)
-    u = 1.0 - u if flip else u
+    u = jnp.where(flip, 1.0 - u, u)
     value_shape = u.shape[:-1] if _is_categorical(distribution) else u.shape
     return _value(u < jax.nn.sigmoid(_binary_logits(distribution, value_shape)), _is_categorical(distribution))
-
-
-def _draw_partner(key: Array, distribution: dist.Distribution, sample_shape: tuple[int, ...] = ()) -> Array:
-    return _draw(key, distribution, sample_shape, flip=True)
 
 
 def _pair_decisions(site: Site, logits: Array, half: int, needs_uniforms: bool) -> tuple[Array | None, Array, Array]:
@@ -160,7 +157,7 @@ def _antithetic(name: str, rule: PairRule, needs_uniforms: bool) -> GradientEsti
     def check(distribution, site):
         check_bernoulli_or_categorical(distribution, site, name)
 
-    return GradientEstimator(init_empty_state, _draw, terms, check, name, partner=_draw_partner)
+    return GradientEstimator(init_empty_state, _draw, terms, check, name, partner=_draw)
 
 
 def _arm_rule(difference, u, b, partner, logits):

@@ -62,6 +62,16 @@ class SampleFn(Protocol):
     def __call__(self, key: Array, distribution: Distribution, sample_shape: tuple[int, ...]) -> Array: ...
 
 
+class PairSampleFn(Protocol):
+    """``(key, distribution, sample_shape, is_partner) -> values``: one member of the
+    antithetic pair drawn from ``key``, ``sample``'s draw where ``is_partner`` is false and
+    its partner where true (a traced boolean in a model: one draw serves both)."""
+
+    def __call__(
+        self, key: Array, distribution: Distribution, sample_shape: tuple[int, ...], is_partner: Any
+    ) -> Array: ...
+
+
 class Problem(NamedTuple):
     """What is estimated: ∇θ E_{dist_fn(θ)}[cost_fn(x)] from ``num_samples`` samples.
 
@@ -221,8 +231,9 @@ class GradientEstimator(NamedTuple):
             it); otherwise it drops that zero-mean term, which only adds variance.
         bias: ``None`` for an unbiased estimator; otherwise what makes it biased (the
             relaxations), shown by ``compare`` and ``diagnose``.
-        partner: for antithetic estimators, ``(key, distribution, sample_shape) ->
-            values``, the draw paired with ``sample``'s from the same key. Rows then come
+        partner: for antithetic estimators, ``(key, distribution, sample_shape,
+            is_partner) -> values`` (:class:`PairSampleFn`): with ``is_partner`` true the
+            draw paired with ``sample``'s from the same key, else ``sample``'s. Rows then come
             in pairs, row ``i + N/2`` the partner of row ``i`` (``N`` must be even): both
             are ordinary draws of the distribution, so each row's cost is a plain Monte
             Carlo sample (and a model's other parameters learn from both), and ``terms``
@@ -239,7 +250,7 @@ class GradientEstimator(NamedTuple):
     name: str = "custom"
     reparameterized: bool = False
     bias: str | None = None
-    partner: SampleFn | None = None
+    partner: PairSampleFn | None = None
     auto: Any = None
 
 
@@ -345,7 +356,7 @@ def paired_rows(num_rows: int, site: str, name: str) -> int:
 
 
 def problem_site(
-    problem: Problem, params: Params, key: Array, sample: SampleFn = None, partner: SampleFn | None = None
+    problem: Problem, params: Params, key: Array, sample: SampleFn = None, partner: PairSampleFn | None = None
 ) -> tuple[Site, Array]:
     """The :class:`Site` of ``problem``'s ``N`` draws at ``params`` (drawn with ``sample``,
     default without gradient), and their costs ``[N]`` (with whatever gradient the draw
@@ -368,7 +379,7 @@ def problem_site(
         half = paired_rows(num_samples, problem.site, "the estimator")
         return jnp.concatenate([first(key, distribution, (half,)), second(key, distribution, (half,))])
 
-    value = draw(sample, partner, problem.dist_fn(params))
+    value = draw(sample, lambda *draw_args: partner(*draw_args, True), problem.dist_fn(params))
     costs = evaluate_costs(problem.cost_fn, value, problem.site)
 
     def map_rows(fn, parameters, *row_args):

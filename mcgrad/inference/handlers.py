@@ -93,7 +93,7 @@ class SiteKeys(Messenger):
             self.spare, msg["kwargs"]["rng_key"] = jax.random.split(self.spare)
 
 
-def random_subset(key: Array, size: int, subsample_size: int) -> Array:
+def random_subset(key: Array, size: int, subsample_size: int, fallback_key: Array | None = None) -> Array:
     """A uniformly random ``subsample_size``-subset of ``range(size)``, without replacement and
     in random order, as NumPyro's plate subsampling draws it.
 
@@ -103,9 +103,11 @@ def random_subset(key: Array, size: int, subsample_size: int) -> Array:
     positions of the largest of ``N`` i.i.d. uniforms (:func:`largest_uniforms`): 0.048 ms
     there, almost all of it drawing the ``N`` uniforms. NumPyro's own CPU path, a
     Fisher-Yates loop of ``B`` steps with a key split each, takes 0.078 ms.
+    ``fallback_key``: an independent key for the first way's rare fallback, so the draws
+    can take ``key`` itself (one threefry call less; by default both derive from ``key``).
     """
     if subsample_size <= 256 and 8 * subsample_size <= size:
-        return first_distinct(key, size, subsample_size, 2 * subsample_size)
+        return first_distinct(key, size, subsample_size, 2 * subsample_size, fallback_key)
     return largest_uniforms(key, size, subsample_size)
 
 
@@ -127,16 +129,21 @@ def uniform_indices(key: Array, size: int, num_draws: int) -> Array:
     return (((high % span) * multiplier + low % span) % span).astype(jnp.int32)
 
 
-def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -> Array:
+def first_distinct(
+    key: Array, size: int, subsample_size: int, num_draws: int, fallback_key: Array | None = None
+) -> Array:
     """The first ``subsample_size`` distinct of ``num_draws`` indices drawn uniformly with
     replacement, in draw order.
 
     Drawing with replacement and skipping repeats makes every ordered subset equally
     likely, so the result is exact. In the rare case of fewer distinct draws than needed
     (for 64 draws of 1437, 33 repeats), :func:`largest_uniforms` from a fresh key stands
-    in, which keeps it exact.
+    in, which keeps it exact. Its key is ``fallback_key``, independent of ``key``; without
+    one, the draws and the fallback take ``fold_in(key, 0)`` and ``fold_in(key, 1)``
+    (drawing from ``key`` itself would share threefry counters with ``fold_in(key, 1)``).
     """
-    draws = uniform_indices(jax.random.fold_in(key, 0), size, num_draws)  # not `key`: the fallback's comes from it
+    draws_key = key if fallback_key is not None else jax.random.fold_in(key, 0)
+    draws = uniform_indices(draws_key, size, num_draws)
     repeat = jnp.any(jnp.tril(draws[:, None] == draws[None, :], k=-1), axis=1)
     position = jnp.cumsum(~repeat) - 1
     slot = jnp.where(~repeat & (position < subsample_size), position, subsample_size)  # out of range: dropped
@@ -144,13 +151,16 @@ def first_distinct(key: Array, size: int, subsample_size: int, num_draws: int) -
     return jax.lax.cond(
         position[-1] + 1 >= subsample_size,
         lambda: subset,
-        lambda: largest_uniforms(jax.random.fold_in(key, 1), size, subsample_size).astype(draws.dtype),
+        lambda: largest_uniforms(
+            fallback_key if fallback_key is not None else jax.random.fold_in(key, 1), size, subsample_size
+        ).astype(draws.dtype),
     )
 
 
 class Draw(Messenger):
     """Draws each latent site that has no value yet with its estimator's ``sample`` (or,
-    in a partner particle, with its ``partner``: the antithetic draw from the same key)."""
+    where its estimator pairs draws, with its ``partner``: the pair's member this particle is,
+    one draw from the key)."""
 
     def __init__(self, fn, estimators: dict[str, Any], partner: Array | None = None):
         self.estimators, self.partner = estimators, partner
@@ -162,10 +172,10 @@ class Draw(Messenger):
         estimator = self.estimators.get(msg["name"])
         if estimator is not None:
             key, shape = msg["kwargs"]["rng_key"], tuple(msg["kwargs"].get("sample_shape", ()))
-            value = estimator.sample(key, msg["fn"], shape)
             if estimator.partner is not None and self.partner is not None:
-                value = jax.numpy.where(self.partner, estimator.partner(key, msg["fn"], shape), value)
-            msg["value"] = value
+                msg["value"] = estimator.partner(key, msg["fn"], shape, self.partner)
+            else:
+                msg["value"] = estimator.sample(key, msg["fn"], shape)
 
 
 def run(

@@ -159,12 +159,15 @@ def _run_particle(program, params, keys, args, kwargs, values, partner):
     return trace, terms
 
 
-def draw_minibatches(program: Program, keys: Array) -> dict[str, Array]:
+def draw_minibatches(program: Program, keys: Array, term_keys: Array) -> dict[str, Array]:
     """Each subsampled plate's minibatch for a step, drawn once from its key in ``keys`` (the
-    first particle's row) and substituted into every particle and re-run."""
+    first particle's row) and substituted into every particle and re-run. The rare fallback
+    of :func:`~mcgrad.inference.handlers.first_distinct` takes its key from the end of
+    ``term_keys``, the estimators' row: its ``3 + width`` keys outnumber the latent sites
+    by at least three plus the subsampled plates."""
     return {
-        name: handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size)
-        for name, position, size, subsample_size in program.keys.subsampled
+        name: handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size, term_keys[-1 - index])
+        for index, (name, position, size, subsample_size) in enumerate(program.keys.subsampled)
     }
 
 
@@ -272,7 +275,7 @@ def draw_particles(
     """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
     keys, term_keys = particle_keys(program, key, num_particles)
     partner = partner_flags(program, num_particles)
-    plates = draw_minibatches(program, keys[0])
+    plates = draw_minibatches(program, keys[0], term_keys)
     if shard is not None:
         keys, partner = shard(keys), shard(partner)
     layouts: dict[str, _Layout] = {}
