@@ -183,6 +183,15 @@ def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measu
     return Measurement(np.asarray(mean), np.asarray(variance), seconds, count)
 
 
+def with_estimate(measurement: Measurement, estimate: np.ndarray) -> Measurement:
+    """``measurement``'s moments with one more estimate (Welford's update; its seconds per
+    estimate stay the measurement's)."""
+    count = measurement.num_estimates + 1
+    squares = np.nan_to_num(measurement.variance * (measurement.num_estimates - 1))  # 0/0 for one estimate
+    mean, squares = running_moments(count, measurement.mean, squares, np.asarray(estimate))
+    return Measurement(np.asarray(mean), np.asarray(squares) / (count - 1), measurement.seconds, count)
+
+
 def relative_variances(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
     r"""Each candidate's variance over the coordinates in ``mask``, each relative to a scale
     all candidates share:
@@ -278,7 +287,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
-    is first timed on one estimate (which also warms up its fresh program). ``programs``
+    is first timed on one estimate, after an untimed call that warms up its fresh program;
+    that estimate is the first of its share (:func:`with_estimate`). ``programs``
     holds this run's measurement programs by every site's choice, so a later decision
     finds its programs without fingerprinting the model again (milliseconds a candidate).
     """
@@ -321,17 +331,26 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                                    raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
-    seconds, probe_seconds = {}, {}
+    seconds, probes = {}, {}
     for candidate, entry in entries.items():
         previous = last.get(candidate)
         if previous is not None and math.isfinite(previous["seconds"]):
             seconds[candidate] = previous["seconds"]
         else:  # a fresh program's first call carries one-time work (10 ms against 0.05): warm it up untimed
             jax.block_until_ready(entry["compiled"](state, keys, jnp.int32(0), array_inputs))
-            probe = run_measurement(entry, state, keys, 1, array_inputs)
-            seconds[candidate] = probe_seconds[candidate] = probe.seconds
+            probes[candidate] = run_measurement(entry, state, keys, 1, array_inputs)
+            seconds[candidate] = probes[candidate].seconds
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
-    measurements = {c: run_measurement(entry, state, keys, counts[c], array_inputs) for c, entry in entries.items()}
+    measurements, measure_seconds = {}, {}
+    for candidate, entry in entries.items():
+        probe = probes.get(candidate)
+        if probe is None:
+            measurements[candidate] = run_measurement(entry, state, keys, counts[candidate], array_inputs)
+            measure_seconds[candidate] = measurements[candidate].seconds * counts[candidate]
+        else:  # the probe was the estimate from keys[0]: the rest take keys[1:]
+            rest = run_measurement(entry, state, jnp.roll(keys, -1, axis=0), counts[candidate] - 1, array_inputs)
+            measurements[candidate] = with_estimate(rest, probe.mean)
+            measure_seconds[candidate] = rest.seconds * rest.num_estimates + probe.seconds
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
     for candidate, measurement in measurements.items():
@@ -346,7 +365,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             measured=True,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-            measure_seconds=measurement.seconds * measurement.num_estimates + probe_seconds.get(candidate, 0.0),
+            measure_seconds=measure_seconds[candidate],
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 

@@ -10,7 +10,15 @@ import pytest
 
 import mcgrad as mg
 from mcgrad.estimators.choice import AutoState
-from mcgrad.selection import choices_in, decide, efficiency, estimate_counts, upstream_mask
+from mcgrad.selection import (
+    Measurement,
+    choices_in,
+    decide,
+    efficiency,
+    estimate_counts,
+    upstream_mask,
+    with_estimate,
+)
 
 
 def gaussian_model(x):
@@ -160,6 +168,17 @@ def test_decision_rule_and_time_budget():
     assert efficiency(0.0, 1e-3) == float("inf") and np.isnan(efficiency(float("nan"), 1.0))
     # the fastest gets every estimate, a 4x slower one a quarter, a 100x slower one the minimum
     assert estimate_counts({"fast": 1e-4, "slow": 4e-4, "slowest": 1e-2}, 12) == {"fast": 12, "slow": 3, "slowest": 2}
+
+
+@pytest.mark.parametrize("num_rest", [1, 4])
+def test_a_probe_estimate_joins_the_measurement(num_rest):
+    estimates = np.random.default_rng(0).normal(size=(num_rest + 1, 3))
+    rest = estimates[1:]
+    variance = rest.var(axis=0, ddof=1) if num_rest > 1 else np.full(3, np.nan)  # one estimate: 0/0
+    joined = with_estimate(Measurement(rest.mean(axis=0), variance, 1e-3, num_rest), estimates[0])
+    assert joined.num_estimates == num_rest + 1 and joined.seconds == 1e-3
+    np.testing.assert_allclose(joined.mean, estimates.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(joined.variance, estimates.var(axis=0, ddof=1), rtol=1e-6)
 
 
 def test_the_parameters_that_feed_a_site():
