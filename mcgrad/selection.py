@@ -184,10 +184,26 @@ def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measu
 
 
 def with_estimate(measurement: Measurement, estimate: np.ndarray) -> Measurement:
-    """``measurement``'s moments with one more estimate (Welford's update; its seconds per
-    estimate stay the measurement's)."""
+    r"""``measurement``'s moments with one more estimate ``g`` (Welford's update; its seconds
+    per estimate stay the measurement's). With ``n`` estimates before:
+
+    .. math::  \bar g' = \bar g + (g - \bar g)/(n + 1), \qquad
+               V' = \big((n - 1) V + (g - \bar g)(g - \bar g')\big) / n.
+
+    One estimate before (``n = 1``, its variance ``0/0``) has no spread to carry.
+
+    Example:
+        >>> import numpy as np
+        >>> one = Measurement(np.array([1.0]), np.array([np.nan]), 1e-3, 1)
+        >>> two = with_estimate(one, np.array([3.0]))
+        >>> two.mean.tolist(), two.variance.tolist(), two.num_estimates
+        ([2.0], [2.0], 2)
+    """
     count = measurement.num_estimates + 1
-    squares = np.nan_to_num(measurement.variance * (measurement.num_estimates - 1))  # 0/0 for one estimate
+    if measurement.num_estimates > 1:
+        squares = measurement.variance * (measurement.num_estimates - 1)
+    else:
+        squares = np.zeros_like(measurement.mean)
     mean, squares = running_moments(count, measurement.mean, squares, np.asarray(estimate))
     return Measurement(np.asarray(mean), np.asarray(squares) / (count - 1), measurement.seconds, count)
 
