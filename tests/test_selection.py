@@ -96,13 +96,17 @@ def test_user_candidates_a_custom_schedule_and_annotations():
     def annotated_guide(x):
         loc = numpyro.param("loc", 0.0)
         numpyro.sample("z", dist.Normal(loc, 1.0),
-                       infer={"estimator": mg.auto(candidates={"sf": mg.score_function(), "pw": mg.pathwise()}, every=5)})
+                       infer={"estimator": mg.auto(candidates={"sf": mg.score_function(), "pw": mg.pathwise()}, every=5,
+                                                   criterion="variance")})
 
     result = fit(gaussian_model, annotated_guide, None, num_steps=12)
     choices = result.diagnostics.choices
     assert sorted(choices["step"].unique()) == [0, 5, 10]
     assert set(choices["candidate"]) == {"sf", "pw"}
-    assert set(choices.loc[choices["chosen"], "candidate"]) == {"pw"}  # 1/100 of the variance, same cost
+    # 1/20-1/100 of the variance at the same cost. Ranked by variance, not by the default's
+    # progress: with one coordinate both are near full progress (0.8 against 0.3), and a
+    # 2-4x gap is within the timing noise of a 0.25 ms measurement under the test suite's load.
+    assert set(choices.loc[choices["chosen"], "candidate"]) == {"pw"}
 
 
 def test_resuming_keeps_the_choice_and_matches_an_unbroken_run(tmp_path):
