@@ -40,7 +40,7 @@ class FitState(NamedTuple):
         objective_state: baseline states, a critic, … (the objective's own).
         key: the raw key data (``uint32``) the next step splits.
         step: steps taken.
-        num_nonfinite: steps skipped because the loss or a gradient was not finite.
+        num_nonfinite: steps skipped because the loss or the update was not finite.
     """
 
     params: dict
@@ -188,9 +188,9 @@ def trainer(
     Gradient diagnostics are honest for every objective: at a recorded step the step's
     own estimate and ``diagnostics_replicates`` more, from independent keys at the same
     parameters and state, give the variance of the gradient the step used. Cost: that
-    many extra gradient estimates every ``diagnostics_every`` steps, run by the same
-    compiled gradient as every step (:attr:`Trainer.advance`); memory ``O(|θ|)`` beside
-    the step's own.
+    many extra gradient estimates every ``diagnostics_every`` steps, in a branch of the
+    compiled step taken only then (:attr:`Trainer.advance`); memory ``O(|θ|)`` beside the
+    step's own.
 
     Args:
         model: the NumPyro model (the generator for :func:`mcgrad.adversarial`; ``None``
@@ -277,45 +277,59 @@ def trainer(
         nan = jnp.full((), jnp.nan)
         return {name: nan for name in params}, {name: nan for name in params}
 
-    def take_step(state: FitState, key: Array, loss, grads, objective_state, variance, snr, replicate_trip):
-        """The update from the step's estimate: skipped (the state kept) where the loss, a
-        gradient or the update is not finite, and nothing at all once halted or on a
-        replicate trip (an extra estimate for the diagnostics, which changes nothing)."""
+    def take_step(state: FitState, key: Array, loss, grads, objective_state, variance, snr, guard: bool):
+        """The update from the step's estimate. With ``guard`` a step whose loss or new state
+        (parameters, optimizer state) is not finite is skipped, the state kept, and once
+        halted nothing changes; without it every step is taken (see ``advance``)."""
+        updates, new_optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        if not guard:
+            finite = jnp.isfinite(loss)
+            new_state = FitState(new_params, new_optimizer_state, objective_state, jax.random.key_data(key),
+                                 state.step + 1, state.num_nonfinite)
+            return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
         # Halted (more than max_nonfinite skipped steps): the state stays where it went wrong.
         halted = state.num_nonfinite > max_nonfinite if max_nonfinite is not None else jnp.array(False)
-        stays = halted | replicate_trip
+        # The state is what the guard keeps finite: a non-finite gradient reaches it through
+        # every optax update (an optimizer that sanitises gradients, optax.zero_nans, keeps
+        # it finite and the step is taken).
+        finite = _all_finite(loss, new_params, new_optimizer_state) & ~halted
 
         # Selects, not branches: the update is computed every step and kept only where it is
         # finite. A branch runs the update as a computation of its own and copies the state
         # around it: 10-15% of the discrete VAE's step.
-        updates, new_optimizer_state = optimizer.update(grads, state.optimizer_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        # An update can overflow too: the new parameters and optimizer state must be finite.
-        finite = _all_finite(loss, grads, new_params, new_optimizer_state) & ~stays
-
         def kept(new, old):
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
-        params = kept(new_params, state.params)
-        optimizer_state = kept(new_optimizer_state, state.optimizer_state)
-        objective_state = kept(objective_state, state.objective_state)
         new_state = FitState(
-            params,
-            optimizer_state,
-            objective_state,
-            jnp.where(stays, state.key, jax.random.key_data(key)),
-            jnp.where(stays, state.step, state.step + 1),
-            jnp.where(stays, state.num_nonfinite, state.num_nonfinite + (~finite).astype(jnp.int32)),
+            kept(new_params, state.params),
+            kept(new_optimizer_state, state.optimizer_state),
+            kept(objective_state, state.objective_state),
+            jnp.where(halted, state.key, jax.random.key_data(key)),
+            jnp.where(halted, state.step, state.step + 1),
+            jnp.where(halted, state.num_nonfinite, state.num_nonfinite + (~finite).astype(jnp.int32)),
         )
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
-    def advance(state: FitState, num_steps: Array | int, length: int, args: tuple, kwargs: dict):
-        """``num_steps`` (``≤ length``, may be traced) steps in one ``while_loop`` over
-        gradient estimates, the only copy of the gradient in the program. A step is one
-        trip; a recorded step is ``1 + R`` (``R = diagnostics_replicates``): ``R`` trips at
-        the step's parameters that only add their estimate to Welford's running mean and
-        squares, then the step's own, which adds its estimate and takes the update. No
-        branch around the state: a replicate trip is a step that stays, like a skipped one.
+    def advance(state: FitState, num_steps: Array | int, length: int, args: tuple, kwargs: dict, *,
+                guard: bool = True):
+        """``num_steps`` (``≤ length``, may be traced) steps in one ``while_loop``: the
+        step's gradient estimate and the update. On a recorded step a branch adds
+        ``R = diagnostics_replicates`` estimates at the step's parameters and state, from
+        keys of their own, to the step's own by Welford's update. (The branch is a second
+        copy of the gradient in the program, and the cheapest form per step: kernel
+        launches on the discrete VAE, 300 without diagnostics, 311 with the branch, 326
+        with the estimates an inner loop of every step, about 340 as trips of this loop
+        that leave the state alone, whose selects copy the state.)
+
+        ``guard=False`` takes every step without the check (``info.finite`` is then the
+        loss's), and the update overwrites the state with no select: the check and the
+        selects around it copy the state every step, a fifth of the discrete VAE's step.
+        NaN and ±inf stay in a state once there (every optax update adds to the parameters
+        and decays its moments), so where all losses and the end state are finite no step
+        would have been skipped, and the guarded run is the same up to rounding.
+        :func:`fit` runs so and replays a chunk that fails the check with its failing
+        steps skipped (``_replayed``).
         Returns the state and the ``[length]`` infos (zeros after ``num_steps``)."""
         loss_dtype = jnp.result_type(*jax.tree.leaves(state.params)) if state.params else jnp.float32
         variance, snr = nan_statistics(state.params)
@@ -323,43 +337,32 @@ def trainer(
         infos = jax.tree.map(lambda leaf: jnp.zeros((length, *leaf.shape), leaf.dtype), info)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-        def trip(carry):
-            index, replicate, state, mean, squares, infos = carry
+        def recorded_statistics(state: FitState, step_key: Array, grads: dict):
+            def add(replicate, moments):
+                replicate_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)
+                _, more, _ = gradient(state.params, state.objective_state, replicate_key, args, kwargs)
+                return running_moments(replicate + 2, *moments, more)
+
+            moments = jax.lax.fori_loop(0, diagnostics_replicates, add, (grads, zeros))
+            return _replicate_statistics(*moments, diagnostics_replicates + 1)
+
+        def one_step(carry):
+            index, state, infos = carry
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-            record = state.step % diagnostics_every == 0 if diagnostics_every else jnp.array(False)
-            replicate_trip = record & (replicate < diagnostics_replicates)
-            # A replicate trip's key, derived only on replicate trips (two threefry calls,
-            # each a loop of its own on CPU, in every step otherwise).
-            trip_key = jax.random.wrap_key_data(
-                jax.lax.cond(
-                    replicate_trip,
-                    lambda: jax.random.key_data(jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)),
-                    lambda: jax.random.key_data(step_key),
+            loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
+            if diagnostics_every:
+                variance, snr = jax.lax.cond(
+                    state.step % diagnostics_every == 0,
+                    lambda: recorded_statistics(state, step_key, grads),
+                    lambda: nan_statistics(state.params),
                 )
-            )
-            loss, grads, objective_state = gradient(state.params, state.objective_state, trip_key, args, kwargs)
-
-            def add(mean, squares):  # the first estimate of a step starts afresh
-                fresh = replicate == 0
-                mean = jax.tree.map(lambda m: jnp.where(fresh, 0.0, m), mean)
-                squares = jax.tree.map(lambda q: jnp.where(fresh, 0.0, q), squares)
-                return running_moments(replicate + 1, mean, squares, grads)
-
-            mean, squares = jax.lax.cond(record, add, lambda *moments: moments, mean, squares)
-            variance, snr = jax.lax.cond(
-                record & ~replicate_trip,
-                lambda: _replicate_statistics(mean, squares, diagnostics_replicates + 1),
-                lambda: nan_statistics(state.params),
-            )
-            state, info = take_step(
-                state, key, loss.astype(loss_dtype), grads, objective_state, variance, snr, replicate_trip
-            )
+            else:
+                variance, snr = nan_statistics(state.params)
+            state, info = take_step(state, key, loss.astype(loss_dtype), grads, objective_state, variance, snr, guard)
             infos = jax.tree.map(lambda buffer, value: buffer.at[index].set(value), infos, info)
-            # A replicate trip's info is overwritten by its step's.
-            return index + ~replicate_trip, jnp.where(replicate_trip, replicate + 1, 0), state, mean, squares, infos
+            return index + 1, state, infos
 
-        carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), state, zeros, zeros, infos)
-        _, _, state, _, _, infos = jax.lax.while_loop(lambda c: c[0] < num_steps, trip, carry)
+        _, state, infos = jax.lax.while_loop(lambda c: c[0] < num_steps, one_step, (jnp.zeros((), jnp.int32), state, infos))
         return state, infos
 
     def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
@@ -398,16 +401,95 @@ def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, di
 # --------------------------------------------------------------------------- drivers
 
 
-def _chunk_runner(advance: Callable, static_inputs: Any) -> Callable:
-    """A jitted ``(state, array_inputs, num_steps, length) -> (state, infos)``: ``num_steps``
-    (traced) of at most ``length`` steps, so a run's shorter last chunk reuses the program."""
+def _chunk_runner(advance: Callable, static_inputs: Any, batched: bool) -> Callable:
+    """A jitted ``(state, array_inputs, num_steps, length) -> (state, infos, clean)``:
+    ``num_steps`` (traced) unguarded steps of at most ``length``, so a run's shorter last
+    chunk reuses the program. ``clean`` (per restart when ``batched``) says the guard would
+    have skipped none of them: every loss and the end state are finite."""
 
     @functools.partial(jax.jit, static_argnames=("length",), compiler_options=compiler_options())
     def run_chunk(state, array_inputs, num_steps, *, length):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
-        return advance(state, num_steps, length, args, kwargs)
+
+        def chunk(state):
+            state, infos = advance(state, num_steps, length, args, kwargs, guard=False)
+            ran = jnp.arange(length) < num_steps
+            return state, infos, jnp.all(infos.finite | ~ran) & _all_finite(state.params, state.optimizer_state)
+
+        return jax.vmap(chunk)(state) if batched else chunk(state)
 
     return run_chunk
+
+
+def _replayed(run: Callable, state: FitState, num_steps: int, max_nonfinite: int) -> tuple[FitState, StepInfo]:
+    """``num_steps`` steps of the unguarded ``run(state, n) -> (state, [n] infos, clean)``
+    with the guard's result. Where a run is not clean, its steps are run again up to the
+    first failing one, which is skipped (the state kept, the key and step moved on, the
+    loss NaN, counted), and the rest run again; a restart that has failed more than
+    ``max_nonfinite`` times stays where it is. The same program throughout, so the result
+    is the one a single run gives, bit for bit, wherever the run is cut into chunks.
+
+    The failing step is found by bisection from the first non-finite loss (a state can
+    turn non-finite under a finite loss). After a failure a run is twice as long as the
+    stretch before it, so a run with many bad steps costs a few times its clean cost."""
+
+    def steps(state, n):
+        end, infos, clean = run(state, n)
+        halted = np.asarray(state.num_nonfinite) > max_nonfinite
+        if not np.any(halted):
+            return end, infos, clean
+        return _where(halted, state, end), _where(halted, _stopped(infos), infos), clean | halted
+
+    pieces, span = [], num_steps
+    while num_steps > 0:
+        end, infos, clean = steps(state, min(span, num_steps))
+        if np.all(clean):
+            pieces.append(infos)
+            state, num_steps, span = end, num_steps - min(span, num_steps), 2 * span
+            continue
+        failed = ~np.asarray(infos.finite) & ~clean[..., None]
+        first = int(np.min(np.argmax(failed, axis=-1)[np.any(failed, axis=-1)], initial=failed.shape[-1] - 1))
+        probes = {}
+
+        def prefix(n):
+            if n not in probes:
+                probes[n] = steps(state, n)
+            return probes[n]
+
+        # Invariant: after lo steps every restart is clean, after hi some restart is not.
+        lo, hi, guess = 0, first + 1, first
+        while hi - lo > 1:
+            mid = guess if lo < guess < hi else (lo + hi) // 2
+            guess = None
+            lo, hi = (mid, hi) if np.all(prefix(mid)[2]) else (lo, mid)
+        failing = ~prefix(hi)[2] if np.ndim(state.step) else np.array(True)
+        if lo:
+            state, infos, _ = prefix(lo)
+            pieces.append(infos)
+        taken, infos, _ = steps(state, 1)
+        skipped = state._replace(key=taken.key, step=taken.step, num_nonfinite=state.num_nonfinite + 1)
+        state = _where(failing, skipped, taken)
+        pieces.append(_where(failing, infos._replace(loss=np.full_like(infos.loss, np.nan),
+                                                     finite=np.zeros_like(infos.finite)), infos))
+        num_steps, span = num_steps - hi, 2 * hi
+    return state, jax.tree.map(lambda *leaves: np.concatenate(leaves, axis=-1), *pieces)
+
+
+def _where(mask: np.ndarray, a: Any, b: Any) -> Any:
+    """Per restart (the leading axis of each leaf where ``mask`` has one): ``a`` where ``mask``
+    (arrays stay JAX arrays of their type, so the next chunk reuses its program)."""
+
+    def pick(x, y):
+        if np.ndim(mask) == 0:
+            return x if mask else y
+        return jnp.where(np.reshape(mask, np.shape(mask) + (1,) * (np.ndim(x) - 1)), x, y).astype(y.dtype)
+
+    return jax.tree.map(pick, a, b)
+
+
+def _stopped(infos: StepInfo) -> StepInfo:
+    """The infos of steps a halted run did not take: NaN, not finite."""
+    return jax.tree.map(lambda x: np.zeros_like(x) if x.dtype == bool else np.full_like(x, np.nan), infos)
 
 
 def default_chunk_size(num_steps: int) -> int:
@@ -696,10 +778,8 @@ def fit(
     def build():
         first_key = key_setup[0] if batched else key_setup
         training = trainer(model, guide, *args, key=first_key, **settings, **kwargs)
-        advance = training.advance
-        if batched:  # infos [restarts, length]
-            advance = lambda states, *a: jax.vmap(lambda s: training.advance(s, *a))(states)
-        return training, _chunk_runner(advance, static_inputs)
+        # infos [restarts, length] when batched
+        return training, _chunk_runner(training.advance, static_inputs, batched)
 
     program_key = (fingerprint((model, guide, settings, static_inputs, batched)), fingerprint(shapes))
     training, run_chunk = _PROGRAMS.get(program_key, build)
@@ -745,13 +825,15 @@ def fit(
         bar = tqdm(total=num_steps, initial=done, desc=objective.name)
     loss_chunks, infos, starts = [losses], [], []
     chunk_size = min(chunk_size, max(remaining, 1))  # chunks all run one compiled program
+
+    def run_steps(state, num_steps):
+        state, infos, clean = run_chunk(state, array_inputs, jnp.int32(num_steps), length=chunk_size)
+        return state, jax.tree.map(lambda leaf: np.asarray(leaf)[..., :num_steps], infos), np.asarray(clean)
     try:
         while remaining > 0:
             length = min(chunk_size, remaining)
             starts.append(done)
-            new_state, info = run_chunk(state, array_inputs, jnp.int32(length), length=chunk_size)
-            if length < chunk_size:
-                info = jax.tree.map(lambda leaf: leaf[..., :length], info)
+            new_state, info = _replayed(run_steps, state, length, max_nonfinite)
             chunk_losses = np.asarray(info.loss)
             loss_chunks.append(chunk_losses)
             infos.append(info)
@@ -773,8 +855,9 @@ def fit(
             if num_nonfinite > max_nonfinite:
                 raise NonFiniteError(
                     f"fit stopped at step {int(np.min(np.asarray(state.step)))}: {num_nonfinite} steps had a "
-                    f"non-finite loss, gradient or update (max_nonfinite={max_nonfinite}). The skipped steps "
-                    "left the parameters unchanged and the run halted inside the compiled loop; `error.state` "
+                    f"non-finite loss or update (from a non-finite gradient, or an overflow; "
+                    f"max_nonfinite={max_nonfinite}). The skipped steps left the parameters unchanged and the "
+                    "run halted there; `error.state` "
                     "is the last finite state. Check the model for log(0), overflow or invalid parameters, "
                     "or lower the learning rate.",
                     state,

@@ -249,7 +249,7 @@ def test_nonfinite_run_stops_with_the_last_finite_state():
     assert 0 < first_bad < 95 and np.all(np.isfinite(losses[:first_bad])) and np.all(np.isnan(losses[first_bad:]))
     state = error.value.state
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state))
-    # The run halts inside the compiled loop once more than max_nonfinite steps failed.
+    # The run halts once more than max_nonfinite steps failed.
     assert int(state.num_nonfinite) == 6 and int(state.step) == first_bad + 6
     # The skipped steps changed nothing: params and optimizer are those after the last finite step.
     last_finite = fit_barrier(first_bad).state
@@ -257,23 +257,67 @@ def test_nonfinite_run_stops_with_the_last_finite_state():
     assert_trees_equal(state.optimizer_state, last_finite.optimizer_state)
     assert float(state.params["loc"]) > 3.0  # the step that crossed the barrier was finite; the next was not
     message = str(error.value)
-    assert "non-finite loss, gradient or update" in message and "max_nonfinite=5" in message
+    assert "non-finite loss or update" in message and "max_nonfinite=5" in message
     assert "error.state" in message and "last finite state" in message and "6 steps" in message
 
 
+BAD_DATUM = jnp.abs(DATA).at[3].set(-1.0)
+
+
+def log_normal(x):
+    """A minibatch holding the negative datum gives LogNormal a NaN log-density."""
+    loc = numpyro.param("loc", 0.0)
+    with numpyro.plate("data", x.shape[0], subsample_size=10) as index:
+        numpyro.sample("x", dist.LogNormal(loc, 1.0), obs=x[index])
+
+
+LOG_NORMAL = {"optimizer": optax.adam(0.05), "objective": mg.maximum_likelihood(), "max_nonfinite": 60,
+              "diagnostics_every": 4}
+
+
+def fit_log_normal(key=jax.random.key(0), **kwargs):
+    return mg.fit(log_normal, None, BAD_DATUM, key=key, num_steps=60, progress_bar=False, **LOG_NORMAL, **kwargs)
+
+
 def test_occasional_nonfinite_steps_are_skipped_and_counted():
-    """A minibatch containing a negative value gives LogNormal a NaN log-density: those
-    steps are skipped (NaN loss, params unchanged) and the fit carries on."""
-    data = jnp.abs(DATA).at[3].set(-1.0)
-
-    def log_normal(x):
-        loc = numpyro.param("loc", 0.0)
-        with numpyro.plate("data", x.shape[0], subsample_size=10) as index:
-            numpyro.sample("x", dist.LogNormal(loc, 1.0), obs=x[index])
-
-    result = mg.fit(log_normal, None, data, key=jax.random.key(0), num_steps=60, optimizer=optax.adam(0.05),
-                    objective=mg.maximum_likelihood(), progress_bar=False, max_nonfinite=60)
+    """Those steps are skipped (NaN loss, params unchanged) and the fit carries on."""
+    result = fit_log_normal()
     skipped = ~np.isfinite(result.losses)
     assert 0 < skipped.sum() < 60
     assert int(result.state.num_nonfinite) == skipped.sum() == result.diagnostics.num_nonfinite
     assert np.isfinite(float(result.params["loc"]))
+
+
+def test_replayed_chunks_skip_the_guarded_runs_steps_wherever_the_run_is_cut():
+    """fit's chunks run without the per-step check; one that fails it is replayed with its
+    failing steps skipped. The same steps are skipped as under the guard of trainer.run
+    (the same values up to rounding: another program), and the result is the same bit for
+    bit however the run is cut into chunks."""
+    whole = fit_log_normal()
+    for chunk_size in (7, 13):
+        chunked = fit_log_normal(chunk_size=chunk_size)
+        np.testing.assert_array_equal(chunked.losses, whole.losses)
+        assert_trees_equal(chunked.state, whole.state)
+    key_setup, key_run = jax.random.split(jax.random.key(0))
+    training = mg.trainer(log_normal, None, BAD_DATUM, key=key_setup, **LOG_NORMAL)
+    guarded, infos = jax.jit(training.run, static_argnums=1)(training.init(key_run), 60, BAD_DATUM)
+    skipped = np.isnan(whole.losses)
+    assert 0 < skipped.sum() < 60
+    np.testing.assert_array_equal(np.isnan(infos.loss), skipped)
+    np.testing.assert_allclose(whole.losses[~skipped], infos.loss[~skipped], rtol=1e-5)
+    assert int(guarded.num_nonfinite) == int(whole.state.num_nonfinite) == skipped.sum()
+    np.testing.assert_allclose(whole.state.params["loc"], guarded.params["loc"], rtol=1e-5)
+
+
+def test_restarts_skip_their_own_failing_steps():
+    """A batch of restarts, each failing at its own steps: each skips what it would alone."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    batched = fit_log_normal(keys, chunk_size=20)
+    patterns = set()
+    for i, key in enumerate(keys):
+        alone = fit_log_normal(key)
+        np.testing.assert_array_equal(np.isnan(batched.losses[i]), np.isnan(alone.losses))
+        np.testing.assert_allclose(batched.losses[i], alone.losses, rtol=1e-5)
+        assert int(batched.state.num_nonfinite[i]) == int(alone.state.num_nonfinite) > 0
+        patterns.add(tuple(np.flatnonzero(np.isnan(alone.losses))))
+    assert len(patterns) == 3  # the restarts fail at different steps
