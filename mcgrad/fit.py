@@ -320,7 +320,8 @@ def trainer(
         copy of the gradient in the program, and the cheapest form per step: kernel
         launches on the discrete VAE, 300 without diagnostics, 311 with the branch, 326
         with the estimates an inner loop of every step, about 340 as trips of this loop
-        that leave the state alone, whose selects copy the state.)
+        that leave the state alone, whose selects copy the state. A loop of records around
+        the steps' loop costs nothing per step but compiled the BLR fit 17% slower.)
 
         ``guard=False`` takes every step without the check (``info.finite`` is then the
         loss's), and the update overwrites the state with no select: the check and the
