@@ -1,8 +1,8 @@
 """``mg.trainer``: the pure step under ``jit`` (no recompile, state structure kept, the
-model arguments of each step), ``run`` and ``fit`` follow the same keys (``fit`` the unguarded
-steps bit for bit), and the
-training diagnostics are honest: the variance ``fit`` records is the variance of the
-gradient the step used, for every objective and estimator."""
+model arguments of each step), ``run`` and ``fit`` follow the same keys (``fit`` the
+unguarded steps bit for bit), and the training diagnostics are honest: the variance
+``fit`` records is the variance of the gradient the step used, for every objective and
+estimator."""
 
 import jax
 import jax.numpy as jnp
