@@ -18,7 +18,7 @@ after another in one compiled ``lax.scan`` (as steps run), and records
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
-to rule out; one whose seconds alone rule it out (:func:`outpaced`) costs one estimate. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
+to rule out. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
 only for a gain above ``margin``. Each choice's segment is an ordinary compiled run of
 ``mg.fit`` (cached, so returning to a choice reuses its program); the choice itself lives
 in the state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes
@@ -256,37 +256,6 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     }
 
 
-def progress_per_second(measurements: dict[str, Measurement], seconds: dict[str, float], mask) -> dict[str, float]:
-    """Each measured candidate's :func:`progress` over its seconds per estimate (the fastest
-    timing so far: its measurement's or ``seconds``')."""
-    moves = progress(measurements, mask)
-    return {c: moves[c] / min(m.seconds, seconds.get(c, math.inf)) for c, m in measurements.items()}
-
-
-def outpaced(seconds: float, num_coordinates: int, best: float, prune: float) -> bool:
-    r"""Whether a candidate that takes ``seconds`` an estimate is less efficient than ``best``
-    by more than ``prune`` whatever its variance: :func:`progress` is at most 1 a coordinate,
-    so its progress per second is at most ``num_coordinates / seconds``.
-
-    One timed estimate then rules out an expensive candidate (measure-valued on the BLR,
-    50× pathwise's seconds): its variance is never measured. Load only adds time, so a
-    timing is no less than the cost; a cheap candidate's timing inflated by load keeps
-    ``best`` low and prunes less.
-
-    Example:
-        >>> outpaced(seconds=0.02, num_coordinates=4, best=4 / 0.001, prune=10.0)  # 20x slower
-        True
-        >>> outpaced(seconds=0.005, num_coordinates=4, best=4 / 0.001, prune=10.0)  # 5x: measure it
-        False
-    """
-    return num_coordinates / seconds * prune < best
-
-
-def _num_coordinates(measurements: dict[str, Measurement], mask) -> int:
-    size = len(next(iter(measurements.values())).mean)
-    return int(np.count_nonzero(np.ones(size, bool)[mask]))
-
-
 def decide(
     current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float
 ) -> int:
@@ -306,9 +275,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     (relative, :func:`relative_variances`; what is ranked), ``raw_variance`` (the plain sum
     over coordinates), ``progress`` (:func:`progress`), ``seconds`` (per estimate, the
     fastest timing so far), ``efficiency`` (what is ranked: progress per second, or
-    ``1/(variance·seconds)`` under ``criterion="variance"``), ``measured`` (``False``: pruned, last numbers kept;
-    a candidate ruled out by its seconds alone, :func:`outpaced`, has its ceiling
-    ``num_coordinates/seconds`` as ``efficiency`` and no variance), ``chosen``,
+    ``1/(variance·seconds)`` under ``criterion="variance"``), ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
     ``num_estimates`` behind the variance, and the ``compile_seconds`` /
     ``measure_seconds`` spent on it."""
     columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
@@ -337,9 +304,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
 
     Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
     is first timed on one estimate, after an untimed call that warms up its fresh program;
-    that estimate is the first of its share (:func:`with_estimate`). The cheapest are
-    measured first; a candidate whose seconds alone put it more than ``prune`` behind the
-    best measured so far (:func:`outpaced`) is not measured further. ``programs``
+    that estimate is the first of its share (:func:`with_estimate`). ``programs``
     holds this run's measurement programs by every site's choice, so a later decision
     finds its programs without fingerprinting the model again (milliseconds a candidate).
     """
@@ -393,20 +358,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             seconds[candidate] = probes[candidate].seconds
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
     measurements, measure_seconds = {}, {}
-    for candidate in sorted(entries, key=seconds.get):  # the cheapest first: they set the bar
-        entry, probe = entries[candidate], probes.get(candidate)
-        if site.settings.criterion == "progress" and measurements:
-            best = max(progress_per_second(measurements, seconds, mask).values())
-            if outpaced(seconds[candidate], _num_coordinates(measurements, mask), best, site.settings.prune):
-                previous = last.get(candidate)
-                rows[candidate] = (
-                    dict(previous, measured=False, compile_seconds=0.0, measure_seconds=0.0) if previous else
-                    dict(variance=math.nan, raw_variance=math.nan, progress=math.nan, seconds=seconds[candidate],
-                         efficiency=_num_coordinates(measurements, mask) / seconds[candidate], measured=False,
-                         num_estimates=1, compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-                         measure_seconds=probe.seconds if probe else 0.0)
-                )
-                continue
+    for candidate, entry in entries.items():
+        probe = probes.get(candidate)
         if probe is None:
             measurements[candidate] = run_measurement(entry, state, keys, counts[candidate], array_inputs)
             measure_seconds[candidate] = measurements[candidate].seconds * counts[candidate]

@@ -1,7 +1,5 @@
 """mg.auto() in fits (mcgrad/selection.py): decisions, records, state, resume, errors."""
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,34 +107,6 @@ def test_user_candidates_a_custom_schedule_and_annotations():
     # progress: with one coordinate both are near full progress (0.8 against 0.3), and a
     # 2-4x gap is within the timing noise of a 0.25 ms measurement under the test suite's load.
     assert set(choices.loc[choices["chosen"], "candidate"]) == {"pw"}
-
-
-def sleepy(estimator: mg.GradientEstimator, seconds: float) -> mg.GradientEstimator:
-    """``estimator`` with ``seconds`` of host sleep in every evaluation of its terms."""
-
-    def terms(key, state, site):
-        jax.debug.callback(lambda: time.sleep(seconds))
-        return estimator.terms(key, state, site)
-
-    return estimator._replace(terms=terms, name="sleepy")
-
-
-def test_a_candidate_whose_seconds_alone_rule_it_out_costs_one_estimate():
-    # pathwise takes ~0.1 ms an estimate here (more under load); the sleepy one 50 ms, so
-    # even at full progress it is > 10x behind and its one timed estimate rules it out.
-    candidates = {"pathwise": mg.pathwise(), "slow": sleepy(mg.pathwise(), 0.05)}
-    result = fit(gaussian_model, gaussian_guide, {"z": mg.auto(candidates=candidates, every=10)}, num_steps=30)
-    choices = result.diagnostics.choices.set_index(["step", "candidate"])
-    slow = choices.xs("slow", level="candidate")
-    assert not slow["measured"].any() and not slow["chosen"].any()
-    assert slow["num_estimates"].tolist() == [1, 1, 1]  # the probe's, kept at later decisions
-    assert slow["measure_seconds"].iloc[0] >= 0.05 and (slow["measure_seconds"].iloc[1:] == 0).all()
-    assert np.isnan(slow["variance"]).all()
-    # its efficiency is its ceiling (2 coordinates at full progress) and > 10x below the best
-    first = choices.xs(0, level="step")
-    np.testing.assert_allclose(first.loc["slow", "efficiency"], 2 / first.loc["slow", "seconds"])
-    assert first.loc["slow", "efficiency"] * 10 < first.loc["pathwise", "efficiency"]
-    assert first.loc["pathwise", "num_estimates"] == 10
 
 
 def test_resuming_keeps_the_choice_and_matches_an_unbroken_run(tmp_path):

@@ -171,9 +171,7 @@ def auto(
         margin: switch away from the current choice only for a candidate more than this
             fraction more efficient (no flip-flopping on noise; a switch can cost a compile).
         prune: after the first decision, candidates less efficient than the best by more
-            than this factor are not measured again (their last numbers are kept); at any
-            decision, a candidate whose seconds per estimate alone put it this far behind
-            (progress is at most 1 a coordinate) is not measured beyond one timed estimate.
+            than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
 
     Returns:
