@@ -174,13 +174,20 @@ def test_decision_rule_and_time_budget():
     assert estimate_counts({"fast": 1e-4, "slow": 4e-4, "slowest": 1e-2}, 12) == {"fast": 12, "slow": 3, "slowest": 2}
 
 
-@pytest.mark.parametrize("num_rest", [1, 4])
-def test_a_probe_estimate_joins_the_measurement(num_rest):
-    estimates = np.random.default_rng(0).normal(size=(num_rest + 1, 3))
-    rest = estimates[1:]
-    variance = rest.var(axis=0, ddof=1) if num_rest > 1 else np.full(3, np.nan)  # one estimate: 0/0
-    joined = with_estimate(Measurement(rest.mean(axis=0), variance, 1e-3, num_rest), estimates[0])
-    assert joined.num_estimates == num_rest + 1 and joined.seconds == 1e-3
+@pytest.mark.parametrize("num_rest", [0, 1, 4])
+def test_the_untimed_and_the_timed_estimates_join_the_measurement(num_rest):
+    # A fresh candidate's first estimate (untimed) and second (timed) join the rest of its share.
+    estimates = np.random.default_rng(0).normal(size=(num_rest + 2, 3))
+    first, timed = (Measurement(e, np.full(3, np.nan), 1.0, 1) for e in estimates[:2])
+    if num_rest:
+        rest = estimates[2:]
+        variance = rest.var(axis=0, ddof=1) if num_rest > 1 else np.full(3, np.nan)  # one estimate: 0/0
+        joined = with_estimate(with_estimate(Measurement(rest.mean(axis=0), variance, 1e-3, num_rest), first.mean),
+                               timed.mean)
+        assert joined.seconds == 1e-3
+    else:
+        joined = with_estimate(first, timed.mean)
+    assert joined.num_estimates == num_rest + 2
     np.testing.assert_allclose(joined.mean, estimates.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(joined.variance, estimates.var(axis=0, ddof=1), rtol=1e-6)
 
