@@ -306,9 +306,10 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     is timed on its second estimate: a fresh program's first estimate carries one-time
     work, which a call that skips the estimate does not absorb (on the BLR pathwise's
     first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2 of the
-    fastest's 10 estimates). Both are the first two of its share (:func:`with_estimate`). ``programs``
-    holds this run's measurement programs by every site's choice, so a later decision
-    finds its programs without fingerprinting the model again (milliseconds a candidate).
+    fastest's 10 estimates). Both are the first two of its share (:func:`with_estimate`).
+    ``programs`` holds this run's measurement programs by every site's choice, so a later
+    decision finds its programs without fingerprinting the model again (milliseconds a
+    candidate).
     """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
