@@ -370,11 +370,12 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             measure_seconds[candidate] = measurements[candidate].seconds * counts[candidate]
         else:  # the first two estimates took keys[0] and keys[1]: the rest take keys[2:]
             first, timed, probe_seconds = probe
-            joined = with_estimate(first, timed.mean)._replace(seconds=timed.seconds)
             if counts[candidate] > 2:
                 rest = run_measurement(entry, state, jnp.roll(keys, -2, axis=0), counts[candidate] - 2, array_inputs)
                 joined = with_estimate(with_estimate(rest, first.mean), timed.mean)
                 probe_seconds += rest.seconds * rest.num_estimates
+            else:  # its share is the two
+                joined = with_estimate(first, timed.mean)._replace(seconds=timed.seconds)
             measurements[candidate], measure_seconds[candidate] = joined, probe_seconds
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
