@@ -56,6 +56,9 @@ Array = jax.Array
 # Measurement programs of recent fits, so a second fit (or a resumed one) of the same model
 # does not compile them again; ``mg.fit.cache`` holds the training programs.
 MEASURERS = ProgramCache(max_entries=32)
+# Per program, argument shapes and site: the parameter coordinates upstream of the site
+# (:func:`upstream_mask`; an eager trace and reverse pass, tens of milliseconds a call).
+UPSTREAM_MASKS = ProgramCache(max_entries=64)
 
 # Set while the auto driver runs its segments through mg.fit, which must then run the
 # pinned choices as given instead of handing them back to the driver.
@@ -256,6 +259,24 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     }
 
 
+def outpaced(seconds: dict[str, float], num_coordinates: int, best: float, prune: float) -> dict[str, float]:
+    r"""The candidates, timed once, that cannot come within ``prune`` of the ``best``
+    progress per second, with their ceilings: progress is at most 1 a coordinate
+    (:func:`progress`), so a candidate taking ``t`` seconds an estimate makes at most
+
+    .. math::  E^{max}_c = n / t_c
+
+    per second over ``n`` coordinates. Used only on a program that has run before (a fresh
+    one's first estimate carries one-time work, which would make the ceiling too low).
+
+    Example:
+        >>> outpaced({"slow": 0.026, "close": 0.003}, 62, best=60_000.0, prune=10.0)
+        {'slow': 2384.6153846153848}
+    """
+    ceilings = {c: num_coordinates / t for c, t in seconds.items()}
+    return {c: ceiling for c, ceiling in ceilings.items() if ceiling * prune < best}
+
+
 def decide(
     current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float
 ) -> int:
@@ -275,7 +296,9 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     (relative, :func:`relative_variances`; what is ranked), ``raw_variance`` (the plain sum
     over coordinates), ``progress`` (:func:`progress`), ``seconds`` (per estimate, the
     fastest timing so far), ``efficiency`` (what is ranked: progress per second, or
-    ``1/(variance·seconds)`` under ``criterion="variance"``), ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
+    ``1/(variance·seconds)`` under ``criterion="variance"``; for a candidate timed once and
+    :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN), ``measured``
+    (``False``: pruned, last numbers kept), ``chosen``,
     ``num_estimates`` behind the variance, and the ``compile_seconds`` /
     ``measure_seconds`` spent on it."""
     columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
@@ -302,11 +325,15 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                   programs):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
-    Candidates share one time budget (:func:`estimate_counts`): a candidate not timed before
-    is timed on its second estimate: a fresh program's first estimate carries one-time
-    work, which a call that skips the estimate does not absorb (on the BLR pathwise's
-    first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2 of the
-    fastest's 10 estimates). Both are the first two of its share (:func:`with_estimate`).
+    Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
+    is timed on one estimate; a program's first run is not timed but taken as an extra
+    estimate first: it carries one-time work, which a call that skips the estimate does
+    not absorb (on the BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing
+    it gave pathwise 2 of the fastest's 10 estimates). Both join its share
+    (:func:`with_estimate`). A program that has run before (a repeated fit) is timed on
+    its first estimate, and a candidate at the floor of 2 estimates that cannot catch up
+    (:func:`outpaced`) takes no second: on the BLR, measure-valued's 26 ms against
+    pathwise's 0.6 ms.
     ``programs`` holds this run's measurement programs by every site's choice, so a later
     decision finds its programs without fingerprinting the model again (milliseconds a
     candidate).
@@ -350,48 +377,73 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                                    raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
-    seconds, probes = {}, {}
+    seconds, taken, spent = {}, {}, {}  # per candidate: seconds per estimate, estimates taken, seconds spent
     for candidate, entry in entries.items():
         previous = last.get(candidate)
         if previous is not None and math.isfinite(previous["seconds"]):
             seconds[candidate] = previous["seconds"]
-        else:  # a fresh program's first run carries one-time work: its estimate is untimed
-            start = time.perf_counter()
-            first = run_measurement(entry, state, keys, 1, array_inputs)
-            probe = run_measurement(entry, state, jnp.roll(keys, -1, axis=0), 1, array_inputs)
-            probes[candidate] = (first, probe, time.perf_counter() - start)
-            seconds[candidate] = probe.seconds
+            continue
+        start = time.perf_counter()
+        done = []
+        if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
+            done.append(run_measurement(entry, state, keys, 1, array_inputs))
+            entry["ran"] = True
+        timed = run_measurement(entry, state, jnp.roll(keys, -len(done), axis=0), 1, array_inputs)
+        taken[candidate], seconds[candidate] = [m.mean for m in done] + [timed.mean], timed.seconds
+        spent[candidate] = time.perf_counter() - start
     counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
-    measurements, measure_seconds = {}, {}
-    for candidate, entry in entries.items():
-        probe = probes.get(candidate)
-        if probe is None:
-            measurements[candidate] = run_measurement(entry, state, keys, counts[candidate], array_inputs)
-            measure_seconds[candidate] = measurements[candidate].seconds * counts[candidate]
-        else:  # the first two estimates took keys[0] and keys[1]: the rest take keys[2:]
-            first, timed, probe_seconds = probe
-            if counts[candidate] > 2:
-                rest = run_measurement(entry, state, jnp.roll(keys, -2, axis=0), counts[candidate] - 2, array_inputs)
-                joined = with_estimate(with_estimate(rest, first.mean), timed.mean)
-                probe_seconds += rest.seconds * rest.num_estimates
-            else:  # its share is the two
-                joined = with_estimate(first, timed.mean)._replace(seconds=timed.seconds)
-            measurements[candidate], measure_seconds[candidate] = joined, probe_seconds
+    # Timed once, a candidate at the 2-estimate floor (4x the fastest's seconds or more)
+    # waits: if even full progress (1 a coordinate) per its seconds is `prune` times short
+    # of the best, its second estimate would not change the decision.
+    waiting = [c for c in taken if len(taken[c]) == 1 and counts[c] <= 2 and site.settings.criterion == "progress"]
+    measurements = {}
+
+    def complete(candidate):
+        entry, first = entries[candidate], taken.get(candidate, [])
+        if counts[candidate] > len(first):
+            rest = run_measurement(entry, state, jnp.roll(keys, -len(first), axis=0), counts[candidate] - len(first),
+                                   array_inputs)
+            spent[candidate] = spent.get(candidate, 0.0) + rest.seconds * rest.num_estimates
+            joined = rest
+        else:
+            joined = Measurement(first[0], np.full_like(first[0], np.nan), seconds[candidate], 1)
+            first = first[1:]
+        for estimate in first:
+            joined = with_estimate(joined, estimate)
+        measurements[candidate] = joined._replace(seconds=min(joined.seconds, seconds[candidate]))
+
+    for candidate in entries:
+        if candidate not in waiting:
+            complete(candidate)
+    ceilings = {}
+    if waiting and measurements:
+        num_coordinates = int(np.count_nonzero(np.ones(np.size(next(iter(measurements.values())).mean), bool)[mask]))
+        moves = progress(measurements, mask)
+        best = max(moves[c] / measurements[c].seconds for c in measurements)
+        ceilings = outpaced({c: seconds[c] for c in waiting}, num_coordinates, best, site.settings.prune)
+        for candidate in waiting:
+            if candidate not in ceilings:
+                complete(candidate)
+    for candidate in ceilings:
+        rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
+                               efficiency=ceilings[candidate], measured=True, num_estimates=1,
+                               compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
+                               measure_seconds=spent[candidate])
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
     for candidate, measurement in measurements.items():
         # A program's cost does not change with the parameters, and other load only adds
         # time: the fastest timing so far is the best estimate of its seconds.
-        fastest = min(measurement.seconds, seconds[candidate])
         rows[candidate] = dict(
-            variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)), seconds=fastest,
+            variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)),
+            seconds=measurement.seconds,
             progress=moves[candidate],
-            efficiency=(moves[candidate] / fastest if site.settings.criterion == "progress"
-                        else efficiency(relative[candidate], fastest)),
+            efficiency=(moves[candidate] / measurement.seconds if site.settings.criterion == "progress"
+                        else efficiency(relative[candidate], measurement.seconds)),
             measured=True,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-            measure_seconds=measure_seconds[candidate],
+            measure_seconds=spent.get(candidate, measurement.seconds * measurement.num_estimates),
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
@@ -423,15 +475,19 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     num_estimates = max(site.settings.num_estimates for site in sites.values())
     array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
     program = run.guide if run.guide is not None else run.model
-    masks = {}
-    for name in sites:
-        try:
-            masks[name] = upstream_mask(program, run.args, run.kwargs, run.setup_key, state,
-                                        lambda p: training.params(state._replace(params=p)), name)
-        except Exception:  # noqa: BLE001  (a program the trace cannot follow: every coordinate)
-            masks[name] = slice(None)
-    choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
     cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
+
+    def mask_of(name):
+        try:
+            return upstream_mask(program, run.args, run.kwargs, run.setup_key, state,
+                                 lambda p: training.params(state._replace(params=p)), name)
+        except Exception:  # noqa: BLE001  (a program the trace cannot follow: every coordinate)
+            return slice(None)
+
+    program_fingerprint = _fingerprint((program, static_inputs))
+    masks = {name: UPSTREAM_MASKS.get((program_fingerprint, cache, name), functools.partial(mask_of, name))
+             for name in sites}
+    choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
     records: list[dict] = []
     last: dict[str, dict] = {name: {} for name in sites}
     programs: dict = {}

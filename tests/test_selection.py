@@ -16,6 +16,7 @@ from mcgrad.selection import (
     decide,
     efficiency,
     estimate_counts,
+    outpaced,
     upstream_mask,
     with_estimate,
 )
@@ -179,6 +180,10 @@ def test_decision_rule_and_time_budget():
     assert efficiency(0.0, 1e-3) == float("inf") and np.isnan(efficiency(float("nan"), 1.0))
     # the fastest gets every estimate, a 4x slower one a quarter, a 100x slower one the minimum
     assert estimate_counts({"fast": 1e-4, "slow": 4e-4, "slowest": 1e-2}, 12) == {"fast": 12, "slow": 3, "slowest": 2}
+    # timed once: out only if full progress (1 a coordinate) per second is `prune` times short
+    best = 8.0 / 1e-4  # 8 of 10 coordinates' progress at 0.1 ms
+    assert outpaced({"slow": 4e-4, "slowest": 1e-2}, 10, best, prune=10.0) == {"slowest": 10 / 1e-2}
+    assert outpaced({"slowest": 1e-2}, 10, best, prune=100.0) == {}  # within a looser prune
 
 
 @pytest.mark.parametrize("num_rest", [0, 1, 4])
