@@ -412,12 +412,15 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             joined = with_estimate(joined, estimate)
         measurements[candidate] = joined._replace(seconds=min(joined.seconds, seconds[candidate]))
 
+    def compile_share(candidate):
+        return compile_seconds / len(fresh) if candidate in fresh else 0.0
+
     for candidate in entries:
         if candidate not in waiting:
             complete(candidate)
     ceilings = {}
     if waiting and measurements:
-        num_coordinates = int(np.count_nonzero(np.ones(np.size(next(iter(measurements.values())).mean), bool)[mask]))
+        num_coordinates = np.ones(np.size(next(iter(measurements.values())).mean))[mask].size
         moves = progress(measurements, mask)
         best = max(moves[c] / measurements[c].seconds for c in measurements)
         ceilings = outpaced({c: seconds[c] for c in waiting}, num_coordinates, best, site.settings.prune)
@@ -427,8 +430,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     for candidate in ceilings:
         rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
                                efficiency=ceilings[candidate], measured=True, num_estimates=1,
-                               compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-                               measure_seconds=spent[candidate])
+                               compile_seconds=compile_share(candidate), measure_seconds=spent[candidate])
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
     for candidate, measurement in measurements.items():
@@ -442,8 +444,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                         else efficiency(relative[candidate], measurement.seconds)),
             measured=True,
             num_estimates=measurement.num_estimates,
-            compile_seconds=compile_seconds / len(fresh) if candidate in fresh else 0.0,
-            measure_seconds=spent.get(candidate, measurement.seconds * measurement.num_estimates),
+            compile_seconds=compile_share(candidate),
+            measure_seconds=spent[candidate],  # every measured candidate ran at least one estimate here
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
