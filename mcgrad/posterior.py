@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import arviz as az
 import jax
 import numpy as np
 import xarray as xr
@@ -10,6 +9,14 @@ from numpyro import handlers
 
 from mcgrad.inference import handlers as program_handlers
 from numpyro.infer import Predictive, log_likelihood
+
+try:
+    import arviz as az
+except FileNotFoundError:
+    # arviz 0.23 stamps a once-a-day notice through one fixed temporary file name, so when
+    # several processes import it at once the losers' rename fails. The winner has written
+    # today's stamp by then, and a second import reads it and writes nothing.
+    import arviz as az
 
 
 def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = None) -> az.InferenceData:

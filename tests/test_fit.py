@@ -4,6 +4,9 @@ step keeps its state's structure and does not recompile between chunks, and the 
 feeds ArviZ. The trainer under ``fit`` and the honesty of its diagnostics: test_trainer.py."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import arviz as az
 import jax
@@ -221,6 +224,32 @@ def test_maximum_likelihood_result_to_inference_data():
     idata = result.to_inference_data()
     assert idata.posterior["loc"].shape == (1, 1)
     np.testing.assert_allclose(idata.log_likelihood["x"].values[0, 0], dist.Normal(result.params["loc"], 1.0).log_prob(X), rtol=1e-6)
+
+
+LOST_STAMP_RACE = """
+import pathlib, sys
+rename = pathlib.Path.replace
+def lose_the_race(self, target):
+    # Another process renamed its temporary file first: today's stamp exists, ours is gone.
+    if self.name == "daily_warning.tmp":
+        rename(self, target)
+        raise FileNotFoundError(2, "No such file or directory", str(self))
+    return rename(self, target)
+pathlib.Path.replace = lose_the_race
+try:
+    import {module}
+except FileNotFoundError:
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("module, returncode", [("arviz", 3), ("mcgrad.posterior", 0)])
+def test_posterior_imports_arviz_through_a_lost_daily_stamp_race(tmp_path, module, returncode):
+    """ArviZ 0.23's import fails in the process that loses its daily-stamp rename; mcgrad's doesn't."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path), PYTHONWARNINGS="ignore")
+    done = subprocess.run([sys.executable, "-c", LOST_STAMP_RACE.format(module=module)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == returncode, done.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- the non-finite guard
