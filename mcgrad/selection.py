@@ -18,7 +18,7 @@ after another in one compiled ``lax.scan`` (as steps run), and records
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
-to rule out. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
+to rule out; fewer where that would pass ``budget`` of the segment being decided. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
 only for a gain above ``margin``. Each choice's segment is an ordinary compiled run of
 ``mg.fit`` (cached, so returning to a choice reuses its program); the choice itself lives
 in the state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes
@@ -134,13 +134,15 @@ class Measurement(NamedTuple):
 
 
 def measurer(training, static_inputs: Any) -> Callable:
-    """A jitted ``(state, keys, count, array_inputs) -> (mean [P], variance [P])``: the first
-    ``count`` of ``len(keys)`` gradient estimates at ``state``, one after another in a
-    ``lax.scan`` (as steps run; the rest are skipped), summarised per parameter coordinate
-    (Welford's running mean and sum of squares, ``ddof=1``)."""
+    """A jitted ``(state, keys, first, count, array_inputs) -> (mean [P], variance [P])``: the
+    gradient estimates at ``state`` under ``keys[first:first + count]``, one after another
+    in a ``lax.scan`` over all of ``keys`` (as steps run; the others are skipped),
+    summarised per parameter coordinate (Welford's running mean and sum of squares,
+    ``ddof=1``). ``first`` and ``count`` are arguments, so every share of the keys runs
+    one program."""
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
-    def measure(state, keys, count, array_inputs):
+    def measure(state, keys, first, count, array_inputs):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
         zeros = jnp.zeros(sum(jnp.size(leaf) for leaf in jax.tree.leaves(state.params)))
 
@@ -152,7 +154,8 @@ def measurer(training, static_inputs: Any) -> Callable:
 
         def one(carry, indexed):
             index, key = indexed
-            return jax.lax.cond(index < count, add, lambda c, _: c, carry, key), None
+            taken = (index >= first) & (index < first + count)
+            return jax.lax.cond(taken, add, lambda c, _: c, carry, key), None
 
         (n, mean, squares), _ = jax.lax.scan(one, (jnp.zeros(()), zeros, zeros), (jnp.arange(keys.shape[0]), keys))
         return mean, squares / (n - 1)
@@ -178,10 +181,12 @@ def compile_measurements(entries: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def run_measurement(entry: dict, state, keys, count: int, array_inputs) -> Measurement:
-    """The first ``count`` estimates of the entry's compiled program, timed alone."""
+def run_measurement(entry: dict, state, keys, first: int, count: int, array_inputs) -> Measurement:
+    """The estimates under ``keys[first:first + count]`` of the entry's compiled program,
+    timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own)."""
     start = time.perf_counter()
-    mean, variance = jax.block_until_ready(entry["compiled"](state, keys, jnp.int32(count), array_inputs))
+    mean, variance = jax.block_until_ready(entry["compiled"](state, keys, np.int32(first), np.int32(count),
+                                                             array_inputs))
     seconds = (time.perf_counter() - start) / count
     return Measurement(np.asarray(mean), np.asarray(variance), seconds, count)
 
@@ -227,11 +232,23 @@ def relative_variances(measurements: dict[str, Measurement], mask: np.ndarray) -
     return {c: float(np.sum((m.variance / np.maximum(scale, tiny))[mask])) for c, m in measurements.items()}
 
 
-def estimate_counts(seconds: dict[str, float], num_estimates: int) -> dict[str, int]:
-    """Estimates per candidate for one time budget: ``num_estimates`` of the fastest, and as
-    many of each other as the same seconds buy (at least 2, for a variance)."""
+def estimate_counts(seconds: dict[str, float], num_estimates: int, limit: float = math.inf) -> dict[str, int]:
+    """Estimates per candidate for one time budget: ``n`` of the fastest, and as many of each
+    other as the same seconds buy (at least 2, for a variance); ``n`` is ``num_estimates``,
+    or less where their seconds would pass ``limit`` (never below 2).
+
+    Example:
+        >>> estimate_counts({"fast": 1e-3, "slow": 4e-3}, 10)
+        {'fast': 10, 'slow': 2}
+        >>> estimate_counts({"fast": 1e-3, "slow": 4e-3}, 10, limit=0.012)
+        {'fast': 4, 'slow': 2}
+    """
     fastest = min(seconds.values())
-    return {c: int(min(num_estimates, max(2, round(num_estimates * fastest / t)))) for c, t in seconds.items()}
+    for n in range(num_estimates, 1, -1):
+        counts = {c: int(min(n, max(2, round(n * fastest / t)))) for c, t in seconds.items()}
+        if sum(counts[c] * seconds[c] for c in counts) <= limit:
+            return counts
+    return counts
 
 
 def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
@@ -321,8 +338,8 @@ class AutoRun(NamedTuple):
     estimators: Any
 
 
-def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, static_inputs, cache, mask, last,
-                  programs):
+def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, programs, mask, last,
+                  segment_steps: int, step_seconds: float | None):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
@@ -334,9 +351,10 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     its first estimate, and a candidate at the floor of 2 estimates that cannot catch up
     (:func:`outpaced`) takes no second: on the BLR, measure-valued's 26 ms against
     pathwise's 0.6 ms.
-    ``programs`` holds this run's measurement programs by every site's choice, so a later
-    decision finds its programs without fingerprinting the model again (milliseconds a
-    candidate).
+    ``programs`` (:func:`measurement_programs`) gives the program for every site's choice.
+    The estimates after timing fit the site's share of the budget: ``budget`` of the
+    ``segment_steps`` steps it decides, at ``step_seconds`` a step (the current choice's,
+    from its segments; before any, its seconds an estimate).
     """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
@@ -350,25 +368,11 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             continue
         measured_choices = {**choices, name: index}
 
-        def build(measured_choices=measured_choices):
-            overrides = dict(_fixed_overrides(run.estimators))
-            overrides.update(pinned_estimators(sites, measured_choices))
-            settings = dict(run.settings, estimators=overrides, diagnostics_every=0)
-
-            def build_program():
-                training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
-                return {"measure": measurer(training, static_inputs), "compiled": None}
-
-            return MEASURERS.get((fingerprint(run.model, run.guide, settings, static_inputs), cache), build_program)
-
         try:
-            program_key = tuple(sorted(measured_choices.items()))
-            if program_key not in programs:
-                programs[program_key] = build()
-            entry = programs[program_key]
+            entry = programs(measured_choices)
             if entry["compiled"] is None:  # traced here, so a candidate that refuses the site fails here
                 start = time.perf_counter()
-                entry["lowered"] = entry["measure"].lower(state, keys, jnp.int32(1), array_inputs)
+                entry["lowered"] = entry["measure"].lower(state, keys, np.int32(0), np.int32(1), array_inputs)
                 lowering_seconds += time.perf_counter() - start
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
@@ -386,12 +390,16 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         start = time.perf_counter()
         done = []
         if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
-            done.append(run_measurement(entry, state, keys, 1, array_inputs))
+            done.append(run_measurement(entry, state, keys, 0, 1, array_inputs))
             entry["ran"] = True
-        timed = run_measurement(entry, state, jnp.roll(keys, -len(done), axis=0), 1, array_inputs)
+        timed = run_measurement(entry, state, keys, len(done), 1, array_inputs)
         taken[candidate], seconds[candidate] = [m.mean for m in done] + [timed.mean], timed.seconds
         spent[candidate] = time.perf_counter() - start
-    counts = estimate_counts(seconds, keys.shape[0]) if seconds else {}
+    counts = {}
+    if seconds:
+        per_step = step_seconds or seconds.get(site.names[choices[name]], min(seconds.values()))
+        limit = site.settings.budget * segment_steps * per_step / len(sites)
+        counts = estimate_counts(seconds, keys.shape[0], limit + sum(len(first) * seconds[c] for c, first in taken.items()))
     # Timed once, a candidate at the 2-estimate floor (4x the fastest's seconds or more)
     # waits: if even full progress (1 a coordinate) per its seconds is `prune` times short
     # of the best, its second estimate would not change the decision.
@@ -401,8 +409,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     def complete(candidate):
         entry, first = entries[candidate], taken.get(candidate, [])
         if counts[candidate] > len(first):
-            rest = run_measurement(entry, state, jnp.roll(keys, -len(first), axis=0), counts[candidate] - len(first),
-                                   array_inputs)
+            rest = run_measurement(entry, state, keys, len(first), counts[candidate] - len(first), array_inputs)
             spent[candidate] = spent.get(candidate, 0.0) + rest.seconds * rest.num_estimates
             joined = rest
         else:
@@ -450,9 +457,33 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
 
-def fingerprint(model, guide, settings: dict, static_inputs) -> Any:
-    """What identifies a measurement program apart from argument shapes (as ``mg.fit``'s cache)."""
-    return _fingerprint((model, guide, settings, static_inputs))
+def measurement_programs(run: AutoRun, sites: dict[str, AutoSite], static_inputs, shapes) -> Callable[[dict], dict]:
+    """``programs(choices) -> entry``: the measurement program (``measure``, jitted; its
+    ``compiled`` form once compiled; whether it has ``ran``) that runs each auto site's
+    chosen candidate. Kept in :data:`MEASURERS` across fits, under what identifies it as
+    ``mg.fit``'s cache does: model, guide, settings, static and array-shape inputs. The
+    model and the sites are fingerprinted once per fit, so a candidate's program costs a
+    lookup (a full fingerprint per candidate was milliseconds)."""
+    fixed = _fixed_overrides(run.estimators)
+    base = _fingerprint((run.model, run.guide, dict(run.settings, estimators=fixed, diagnostics_every=0),
+                         static_inputs, shapes))
+    site_prints = {name: _fingerprint(site) for name, site in sites.items()}
+    found: dict = {}
+
+    def programs(choices: dict) -> dict:
+        key = tuple(sorted(choices.items()))
+        if key not in found:
+            def build():
+                settings = dict(run.settings, estimators={**fixed, **pinned_estimators(sites, choices)},
+                                diagnostics_every=0)
+                training = run.trainer(run.model, run.guide, *run.args, key=run.setup_key, **settings, **run.kwargs)
+                return {"measure": measurer(training, static_inputs), "compiled": None}
+
+            prints = tuple((name, site_prints[name], index) for name, index in key)
+            found[key] = MEASURERS.get((base, prints), build)
+        return found[key]
+
+    return programs
 
 
 def _fixed_overrides(estimators: Any) -> dict:
@@ -477,7 +508,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     num_estimates = max(site.settings.num_estimates for site in sites.values())
     array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
     program = run.guide if run.guide is not None else run.model
-    cache = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
+    shapes = _fingerprint(jax.tree.map(lambda a: (a.shape, str(a.dtype)), array_inputs))  # the arguments' shapes
 
     def mask_of(name):
         try:
@@ -487,12 +518,13 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
             return slice(None)
 
     program_fingerprint = _fingerprint((program, static_inputs))
-    masks = {name: UPSTREAM_MASKS.get((program_fingerprint, cache, name), functools.partial(mask_of, name))
+    masks = {name: UPSTREAM_MASKS.get((program_fingerprint, shapes, name), functools.partial(mask_of, name))
              for name in sites}
     choices = {name: choices_in(state.objective_state).get(name, site.index) for name, site in sites.items()}
     records: list[dict] = []
     last: dict[str, dict] = {name: {} for name in sites}
-    programs: dict = {}
+    programs = measurement_programs(run, sites, static_inputs, shapes)
+    step_seconds: dict = {}  # per combination of choices: the fastest seconds a step of its segments
     loss_chunks, parts = [losses], []
     done = int(np.asarray(state.step))
     chunk = chunk_size or (default_chunk_size(every) if progress_bar or checkpoint_path else every)
@@ -506,8 +538,9 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
             if done % every == 0:
                 keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
                 for name, site in sites.items():
-                    rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, static_inputs, cache,
-                                         masks[name], last[name], programs)
+                    rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
+                                         last[name], min(every, num_steps - done),
+                                         step_seconds.get(tuple(sorted(choices.items()))))
                     new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
                                  site.settings.margin)
                     choices[name] = new
@@ -519,6 +552,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
             length = min(chunk, every - done % every, num_steps - done)
             overrides = {**_fixed_overrides(run.estimators), **pinned_estimators(sites, choices)}
             token = SEGMENT.set(True)
+            start = time.perf_counter()
             try:
                 result = run.fit(
                     run.model, run.guide, *run.args, key=run.key, num_steps=done + length,
@@ -529,6 +563,8 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                 raise NonFiniteError(str(error), error.state, np.concatenate(loss_chunks + [error.losses])) from None
             finally:
                 SEGMENT.reset(token)
+            ran = tuple(sorted(choices.items()))
+            step_seconds[ran] = min(step_seconds.get(ran, math.inf), (time.perf_counter() - start) / length)
             state = result.state
             loss_chunks.append(result.losses)
             parts.append(result.diagnostics)

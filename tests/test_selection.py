@@ -1,5 +1,7 @@
 """mg.auto() in fits (mcgrad/selection.py): decisions, records, state, resume, errors."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,10 +220,16 @@ def test_the_parameters_that_feed_a_site():
 
 def test_the_recorded_variance_is_the_variance_of_the_step_gradient():
     """The measurement's variance (10 estimates) against the empirical variance over 200
-    independent estimates of the same trainer at the same state, within sampling error."""
-    estimators = {"z": mg.auto(candidates={"sf": mg.score_function()}, num_estimates=10)}
+    independent estimates of the same trainer at the same state, within sampling error.
+    By default a decision spends at most ``budget`` of the segment it decides: for a
+    1-step fit that is the floor of 2 estimates; ``budget=inf`` takes all 10."""
+    candidates = {"sf": mg.score_function()}
+    budgeted = fit(gaussian_model, gaussian_guide, {"z": mg.auto(candidates=candidates, num_estimates=10)}, num_steps=1)
+    assert budgeted.diagnostics.choices.iloc[0]["num_estimates"] == 2
+    estimators = {"z": mg.auto(candidates=candidates, num_estimates=10, budget=math.inf)}
     result = fit(gaussian_model, gaussian_guide, estimators, num_steps=1)
     record = result.diagnostics.choices.iloc[0]
+    assert record["num_estimates"] == 10
     training = mg.trainer(gaussian_model, gaussian_guide, DATA, key=jax.random.key(0), objective=mg.elbo(2),
                           optimizer=optax.adam(0.05), estimators={"z": mg.score_function()})
     state = training.init(jax.random.key(1))

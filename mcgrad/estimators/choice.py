@@ -104,6 +104,7 @@ class AutoSettings(NamedTuple):
     margin: float
     prune: float
     criterion: str = "progress"
+    budget: float = 0.05
 
 
 class AutoSite(NamedTuple):
@@ -144,6 +145,7 @@ def auto(
     margin: float = 0.1,
     prune: float = 10.0,
     criterion: str = "progress",
+    budget: float = 0.05,
 ) -> GradientEstimator:
     r"""Choose the estimator by measured variance × seconds, and keep choosing as training moves.
 
@@ -173,6 +175,10 @@ def auto(
         prune: after the first decision, candidates less efficient than the best by more
             than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
+        budget: the most a decision spends on estimates, as a fraction of the segment it
+            decides (``every`` steps at the current choice's seconds a step), shared by the
+            auto sites: fewer estimates per candidate where the time would exceed it, never
+            fewer than 2 (a variance). Timing a candidate not timed before is outside it.
 
     Returns:
         A :class:`~mcgrad.GradientEstimator` named ``"auto"``; its ``auto`` field holds the
@@ -190,8 +196,9 @@ def auto(
         check_whole_number("every", every, 1)
     if criterion not in ("progress", "variance"):
         raise ValueError(f"auto(criterion=...) is 'progress' or 'variance', got {criterion!r}.")
-    if not margin >= 0 or not prune >= 1:
-        raise ValueError(f"auto needs margin >= 0 and prune >= 1, got margin={margin!r}, prune={prune!r}.")
+    if not margin >= 0 or not prune >= 1 or not budget > 0:
+        raise ValueError(f"auto needs margin >= 0, prune >= 1 and budget > 0, got margin={margin!r}, prune={prune!r}, "
+                         f"budget={budget!r}.")
     if candidates is not None:
         candidates = dict(candidates)
         if not candidates:
@@ -200,7 +207,7 @@ def auto(
             if not isinstance(estimator, GradientEstimator) or estimator.auto is not None:
                 raise ValueError(f"auto candidate '{name}' must be a GradientEstimator (not mg.auto()), got {estimator!r}.")
         candidates = tuple(candidates.items())
-    settings = AutoSettings(candidates, every, num_estimates, float(margin), float(prune), criterion)
+    settings = AutoSettings(candidates, every, num_estimates, float(margin), float(prune), criterion, float(budget))
 
     def unresolved_draw(key, distribution, sample_shape=()):
         _unresolved(None)
