@@ -51,7 +51,8 @@ Run: ``python benchmarks/auto.py`` (about 10 minutes on 2 CPU cores; ``--quick``
 smoke run of seconds per model, ``--problems`` for a subset, ``--num-steps-*`` to
 shorten). Writes ``benchmarks/results/auto.json`` and ``.md`` and
 ``docs/img/auto_choices.png`` (auto's decisions on the VAE); with ``--update-docs`` the
-tables in ``docs/benchmarks.md``. With ``--quick`` everything goes to ``--output-dir``.
+tables in ``docs/benchmarks.md``. With ``--quick``, another ``--output-dir`` or problems
+without the VAE, everything goes to ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -731,7 +732,8 @@ def main(argv=None) -> dict:
                         help="tiny models, two candidates per site, one call per method: a smoke run")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=None,
-                        help=f"auto's decisions on the VAE (default {FIGURE}; --quick: in --output-dir)")
+                        help=f"auto's decisions on the VAE (default {FIGURE}; --quick, --output-dir or "
+                             "--problems without vae: in --output-dir)")
     parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
     parser.add_argument("--num-steps-blr", type=int, default=None, help="default 2000 (--quick 100)")
     parser.add_argument("--num-steps-vae", type=int, default=None, help="default 8000 (--quick 200)")
@@ -780,7 +782,9 @@ def main(argv=None) -> dict:
     text = markdown(results)
     (args.output_dir / "auto.md").write_text(text, encoding="utf-8")
     if figure_choices is not None:
-        figure = args.figure or (args.output_dir / FIGURE.name if args.quick else FIGURE)
+        # The docs' figure is the full run's VAE; a quick, partial or redirected run keeps its own.
+        docs_figure = not args.quick and "vae" in problems and args.output_dir == RESULTS
+        figure = args.figure or (FIGURE if docs_figure else args.output_dir / FIGURE.name)
         figure.parent.mkdir(parents=True, exist_ok=True)
         mg.plotting.choices_figure(figure_choices).savefig(figure, dpi=110)
         results["figure"] = str(figure)
