@@ -134,31 +134,26 @@ class Measurement(NamedTuple):
 
 
 def measurer(training, static_inputs: Any) -> Callable:
-    """A jitted ``(state, keys, first, count, array_inputs) -> (mean [P], variance [P])``: the
-    gradient estimates at ``state`` under ``keys[first:first + count]``, one after another
-    in a ``lax.scan`` over all of ``keys`` (as steps run; the others are skipped),
-    summarised per parameter coordinate (Welford's running mean and sum of squares,
-    ``ddof=1``). ``first`` and ``count`` are arguments, so every share of the keys runs
-    one program."""
+    """A jitted ``(state, keys, first, count, array_inputs) -> [2, P]``: per parameter
+    coordinate the mean and variance (``ddof=1``; Welford's running mean and sum of
+    squares) of the gradient estimates at ``state`` under ``keys[first:first + count]``,
+    one after another in a loop (as steps run). ``first`` and ``count`` are arguments, so
+    every share of the keys runs one program, and the loop runs only the estimates asked
+    for; the two rows come back as one array (one transfer)."""
 
     @functools.partial(jax.jit, compiler_options=compiler_options())
     def measure(state, keys, first, count, array_inputs):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
         zeros = jnp.zeros(sum(jnp.size(leaf) for leaf in jax.tree.leaves(state.params)))
 
-        def add(carry, key):
+        def add(index, carry):
             n, mean, squares = carry
-            _, grads, _ = training.estimate(state, key, *args, **kwargs)
+            _, grads, _ = training.estimate(state, keys[index], *args, **kwargs)
             flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(zeros.dtype)
             return (n + 1, *running_moments(n + 1, mean, squares, flat))
 
-        def one(carry, indexed):
-            index, key = indexed
-            taken = (index >= first) & (index < first + count)
-            return jax.lax.cond(taken, add, lambda c, _: c, carry, key), None
-
-        (n, mean, squares), _ = jax.lax.scan(one, (jnp.zeros(()), zeros, zeros), (jnp.arange(keys.shape[0]), keys))
-        return mean, squares / (n - 1)
+        n, mean, squares = jax.lax.fori_loop(first, first + count, add, (jnp.zeros(()), zeros, zeros))
+        return jnp.stack([mean, squares / (n - 1)])
 
     return measure
 
@@ -185,10 +180,9 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     """The estimates under ``keys[first:first + count]`` of the entry's compiled program,
     timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own)."""
     start = time.perf_counter()
-    mean, variance = jax.block_until_ready(entry["compiled"](state, keys, np.int32(first), np.int32(count),
-                                                             array_inputs))
+    mean, variance = np.asarray(entry["compiled"](state, keys, np.int32(first), np.int32(count), array_inputs))
     seconds = (time.perf_counter() - start) / count
-    return Measurement(np.asarray(mean), np.asarray(variance), seconds, count)
+    return Measurement(mean, variance, seconds, count)
 
 
 def with_estimate(measurement: Measurement, estimate: np.ndarray) -> Measurement:
