@@ -752,7 +752,8 @@ def fit(
     check_whole_number("max_nonfinite", max_nonfinite, 0)
     if chunk_size is not None:
         check_whole_number("chunk_size", chunk_size, 1)
-    check_data(args, kwargs, model)
+    if not selection.SEGMENT.get():  # an auto segment's data were checked when its fit began
+        check_data(args, kwargs, model)
     if diagnostics_every is None:
         diagnostics_every = max(1, num_steps // 50)
     check_whole_number("diagnostics_every", diagnostics_every, 0)
