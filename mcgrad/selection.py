@@ -3,7 +3,7 @@ r"""``mg.auto()`` in :func:`mcgrad.fit`: measure each auto site's candidates, ru
 A fit with auto sites runs in segments of ``every`` steps. Before each segment, for each
 auto site ``s`` and each of its candidates ``c`` (the other sites at their current
 choice), :func:`measurer` takes independent gradient estimates at the current state, one
-after another in one compiled ``lax.scan`` (as steps run), and records
+after another in one compiled loop (as steps run), and records
 
 * ``V_{s,c}``: the variance of the step's gradient in the parameters that feed ``s``'s
   distribution (found once per fit by differentiating its parameters), coordinate by
@@ -18,11 +18,12 @@ after another in one compiled ``lax.scan`` (as steps run), and records
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
-to rule out; fewer where that would pass ``budget`` of the segment being decided. The site runs ``argmax_c 1/(V_{s,c} · t_{s,c})`` for the segment, switching
-only for a gain above ``margin``. Each choice's segment is an ordinary compiled run of
-``mg.fit`` (cached, so returning to a choice reuses its program); the choice itself lives
-in the state (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes
-with it.
+to rule out; fewer where that would pass ``budget`` of the segment being decided. The
+site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
+t_{s,c})``) for the segment, switching only for a gain above ``margin``. Each choice's
+segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to a choice
+reuses its program); the choice itself lives in the state
+(:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
 
 Every decision is recorded (:func:`decision_table`): ``FitResult.diagnostics.choices``.
 """
