@@ -14,13 +14,15 @@ after another in one compiled loop (as steps run), and records
   site's parameters, because the other sites' coordinates carry noise that is the same
   in expectation for every candidate of this site and would drown its differences (500
   label logits beside a 2-parameter location);
-* ``t_{s,c}``: seconds per estimate (after compilation).
+* ``t_{s,c}``: seconds per estimate (after compilation, less the call's fixed cost, which
+  training steps do not pay: :func:`run_measurement`).
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
 to rule out; fewer where that would pass ``budget`` of the segment being decided. The
 site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
-t_{s,c})``) for the segment, switching only for a gain above ``margin``. Each choice's
+t_{s,c})``) among those measured for the segment, switching only for a gain above
+``margin``; a pruned candidate's row keeps its last numbers but is not chosen on them. Each choice's
 segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to a choice
 reuses its program); the choice itself lives in the state
 (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
@@ -179,11 +181,34 @@ def compile_measurements(entries: list[dict]) -> float:
 
 def run_measurement(entry: dict, state, keys, first: int, count: int, array_inputs) -> Measurement:
     """The estimates under ``keys[first:first + count]`` of the entry's compiled program,
-    timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own)."""
+    timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own).
+
+    Its seconds per estimate leave out the call's fixed cost (the entry's ``dispatch``,
+    :func:`time_dispatch`): a training step pays none of it (the steps run in one compiled
+    loop), and left in it charges a candidate given 2 estimates half of it an estimate and
+    one given 10 a tenth. On a 5 µs estimate under a 30 µs call that made the cheaper
+    candidate look 4x dearer. A call the fixed cost alone explains (timing noise) counts a
+    tenth of its time as the estimates'.
+    """
     start = time.perf_counter()
     mean, variance = np.asarray(entry["compiled"](state, keys, np.int32(first), np.int32(count), array_inputs))
-    seconds = (time.perf_counter() - start) / count
+    elapsed = time.perf_counter() - start
+    seconds = max(elapsed - entry.get("dispatch", 0.0), 0.1 * elapsed) / count
     return Measurement(mean, variance, seconds, count)
+
+
+def time_dispatch(entry: dict, state, keys, array_inputs, repeats: int = 3) -> float:
+    """The entry's fixed seconds a call (arguments in, the moments out, no estimate): the
+    fastest of ``repeats`` calls asking for none, kept in the entry. Run after the program's
+    first call, which carries one-time work."""
+    if "dispatch" not in entry:
+        calls = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.asarray(entry["compiled"](state, keys, np.int32(0), np.int32(0), array_inputs))
+            calls.append(time.perf_counter() - start)
+        entry["dispatch"] = min(calls)
+    return entry["dispatch"]
 
 
 def with_estimate(measurement: Measurement, estimate: np.ndarray) -> Measurement:
@@ -387,6 +412,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
             done.append(run_measurement(entry, state, keys, 0, 1, array_inputs))
             entry["ran"] = True
+        time_dispatch(entry, state, keys, array_inputs)
         timed = run_measurement(entry, state, keys, len(done), 1, array_inputs)
         taken[candidate], seconds[candidate] = [m.mean for m in done] + [timed.mean], timed.seconds
         spent[candidate] = time.perf_counter() - start
@@ -536,7 +562,11 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                     rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
                                          last[name], min(every, num_steps - done),
                                          step_seconds.get(tuple(sorted(choices.items()))))
-                    new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in rows.items()},
+                    # Pruned rows keep numbers relative to an earlier point and scale (the
+                    # relative variance and progress pool the candidates measured with them):
+                    # recorded, never chosen on.
+                    new = decide(choices[name], site.names,
+                                 {c: r["efficiency"] for c, r in rows.items() if r["measured"]},
                                  site.settings.margin)
                     choices[name] = new
                     last[name] = rows
