@@ -93,7 +93,9 @@ class SiteKeys(Messenger):
             self.spare, msg["kwargs"]["rng_key"] = jax.random.split(self.spare)
 
 
-def random_subset(key: Array, size: int, subsample_size: int, fallback_key: Array | None = None) -> Array:
+def random_subset(
+    key: Array, size: int, subsample_size: int, fallback_key: Array | None = None, words: Array | None = None
+) -> Array:
     """A uniformly random ``subsample_size``-subset of ``range(size)``, without replacement and
     in random order, as NumPyro's plate subsampling draws it.
 
@@ -105,10 +107,21 @@ def random_subset(key: Array, size: int, subsample_size: int, fallback_key: Arra
     Fisher-Yates loop of ``B`` steps with a key split each, takes 0.078 ms.
     ``fallback_key``: an independent key for the first way's rare fallback, so the draws
     can take ``key`` itself (one threefry call less; by default both derive from ``key``).
+    ``words``: ``[2, 2B]`` random 32-bit words for the first way's draws where
+    :func:`draws_from_words` (``key`` then unused but by the fallback), taken by the caller
+    from a threefry call it makes anyway: inside a compiled step each call is a loop of
+    its own, and the draws' own call was a fifth of the discrete VAE's step.
     """
     if subsample_size <= 256 and 8 * subsample_size <= size:
-        return first_distinct(key, size, subsample_size, 2 * subsample_size, fallback_key)
+        return first_distinct(key, size, subsample_size, 2 * subsample_size, fallback_key, words)
     return largest_uniforms(key, size, subsample_size)
+
+
+def draws_from_words(size: int, subsample_size: int) -> bool:
+    """Whether :func:`random_subset` of ``subsample_size`` of ``size`` takes its draws from
+    ``2 · subsample_size`` pairs of given words (the first way, with ``size < 2¹⁶`` so
+    that :func:`indices_from_words`' arithmetic stays in 32 bits)."""
+    return subsample_size <= 256 and 8 * subsample_size <= size < 2**16
 
 
 def largest_uniforms(key: Array, size: int, subsample_size: int) -> Array:
@@ -123,14 +136,21 @@ def uniform_indices(key: Array, size: int, num_draws: int) -> Array:
     key split and second bit draw (on CPU each call of threefry is a loop)."""
     if size >= 2**16:
         return jax.random.randint(key, (num_draws,), 0, size)
-    high, low = jax.random.bits(key, (2, num_draws), jnp.uint32)
+    return indices_from_words(jax.random.bits(key, (2, num_draws), jnp.uint32), size)
+
+
+def indices_from_words(words: Array, size: int) -> Array:
+    """``[n]`` uniform indices in ``range(size)`` (``size < 2¹⁶``) from ``[2, n]`` random
+    32-bit words, as :func:`uniform_indices` combines them."""
+    high, low = words
     span = jnp.uint32(size)
     multiplier = jnp.uint32((2**32 % size) ** 2 % size)
     return (((high % span) * multiplier + low % span) % span).astype(jnp.int32)
 
 
 def first_distinct(
-    key: Array, size: int, subsample_size: int, num_draws: int, fallback_key: Array | None = None
+    key: Array, size: int, subsample_size: int, num_draws: int, fallback_key: Array | None = None,
+    words: Array | None = None,
 ) -> Array:
     """The first ``subsample_size`` distinct of ``num_draws`` indices drawn uniformly with
     replacement, in draw order.
@@ -141,9 +161,12 @@ def first_distinct(
     in, which keeps it exact. Its key is ``fallback_key``, independent of ``key``; without
     one, the draws and the fallback take ``fold_in(key, 0)`` and ``fold_in(key, 1)``
     (drawing from ``key`` itself would share threefry counters with ``fold_in(key, 1)``).
+    Given ``[2, num_draws]`` random ``words`` (:func:`draws_from_words`), the draws are theirs.
     """
-    draws_key = key if fallback_key is not None else jax.random.fold_in(key, 0)
-    draws = uniform_indices(draws_key, size, num_draws)
+    if words is not None:
+        draws = indices_from_words(words, size)
+    else:
+        draws = uniform_indices(key if fallback_key is not None else jax.random.fold_in(key, 0), size, num_draws)
     repeat = jnp.any(jnp.tril(draws[:, None] == draws[None, :], k=-1), axis=1)
     position = jnp.cumsum(~repeat) - 1
     slot = jnp.where(~repeat & (position < subsample_size), position, subsample_size)  # out of range: dropped

@@ -84,17 +84,31 @@ def count_site_keys(
     return handlers.run(fn, args, kwargs, key=key, params=params, count_keys=True)
 
 
-def particle_keys(program: Program, key: Array, num_particles: int) -> tuple[Array, Array]:
+def minibatch_draws(program: Program) -> tuple[int, ...]:
+    """Per subsampled plate, the draws its minibatch takes from the step's key table (``2B``
+    where :func:`~mcgrad.inference.handlers.draws_from_words`, else 0: from its key)."""
+    return tuple(2 * subsample_size if handlers.draws_from_words(size, subsample_size) else 0
+                 for _, _, size, subsample_size in program.keys.subsampled)
+
+
+def particle_keys(program: Program, key: Array, num_particles: int) -> tuple[Array, Array, Array]:
     """The step's key table in one call: ``[num_particles, 3 + width]`` keys, one row per
     particle (a subsampled plate's minibatch comes from the first row's key:
-    :func:`draw_minibatches`), and a row of ``3 + width`` keys for the sites' estimators."""
-    table = jax.random.split(key, (num_particles + 1, _FIRST_SITE_KEY + program.keys.width))
-    keys, term_keys = table[:num_particles], table[num_particles]
+    :func:`draw_minibatches`), a row of ``3 + width`` keys for the sites' estimators, and
+    ``[2, D]`` random words for the ``D`` minibatch draws (:func:`minibatch_draws`): the
+    data of ``D`` more keys of the same call (a key's two words are threefry's output for a
+    counter of its own, as ``jax.random.bits`` draws them), so the draws cost no call."""
+    width = _FIRST_SITE_KEY + program.keys.width
+    num_draws = sum(minibatch_draws(program))
+    extra = -(-num_draws // (num_particles + 1))  # columns holding the draws' keys
+    table = jax.random.split(key, (num_particles + 1, width + extra))
+    keys, term_keys = table[:num_particles, :width], table[num_particles, :width]
+    words = jax.random.key_data(table[:, width:].reshape(-1)[:num_draws]).T
     paired = program.keys.columns(paired_sites(program))
     if paired:  # a partner particle draws its paired sites from its first-half twin's keys
         columns, half = jnp.asarray(paired) + _FIRST_SITE_KEY, num_particles // 2
         keys = keys.at[half:, columns].set(keys[:half, columns])
-    return keys, term_keys
+    return keys, term_keys, words
 
 
 def paired_sites(program: Program) -> tuple[str, ...]:
@@ -159,16 +173,21 @@ def _run_particle(program, params, keys, args, kwargs, values, partner):
     return trace, terms
 
 
-def draw_minibatches(program: Program, keys: Array, term_keys: Array) -> dict[str, Array]:
-    """Each subsampled plate's minibatch for a step, drawn once from its key in ``keys`` (the
-    first particle's row) and substituted into every particle and re-run. The rare fallback
-    of :func:`~mcgrad.inference.handlers.first_distinct` takes its key from the end of
+def draw_minibatches(program: Program, keys: Array, term_keys: Array, words: Array) -> dict[str, Array]:
+    """Each subsampled plate's minibatch for a step, drawn once and substituted into every
+    particle and re-run: from its share of ``words`` (:func:`particle_keys`) or else from
+    its key in ``keys`` (the first particle's row). The rare fallback of
+    :func:`~mcgrad.inference.handlers.first_distinct` takes its key from the end of
     ``term_keys``, the estimators' row: its ``3 + width`` keys outnumber the latent sites
     by at least three plus the subsampled plates."""
-    return {
-        name: handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size, term_keys[-1 - index])
-        for index, (name, position, size, subsample_size) in enumerate(program.keys.subsampled)
-    }
+    plates, start = {}, 0
+    for index, ((name, position, size, subsample_size), draws) in enumerate(
+        zip(program.keys.subsampled, minibatch_draws(program), strict=True)
+    ):
+        plates[name] = handlers.random_subset(keys[_FIRST_SITE_KEY + position], size, subsample_size,
+                                              term_keys[-1 - index], words[:, start:start + draws] if draws else None)
+        start += draws
+    return plates
 
 
 class SiteRows(NamedTuple):
@@ -273,9 +292,9 @@ def draw_particles(
     program: Program, params: Params, key: Array, num_particles: int, args: tuple, kwargs: dict, shard=None
 ) -> tuple[Particles, dict[str, _Layout]]:
     """Run ``num_particles`` particles of ``program`` and collect each latent site's rows."""
-    keys, term_keys = particle_keys(program, key, num_particles)
+    keys, term_keys, words = particle_keys(program, key, num_particles)
     partner = partner_flags(program, num_particles)
-    plates = draw_minibatches(program, keys[0], term_keys)
+    plates = draw_minibatches(program, keys[0], term_keys, words)
     if shard is not None:
         keys, partner = shard(keys), shard(partner)
     layouts: dict[str, _Layout] = {}

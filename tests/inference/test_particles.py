@@ -518,8 +518,9 @@ def test_each_site_and_particle_draws_from_its_own_key(num_site_keys):
 
     table = handlers.KeyTable(num_site_keys)
     program = particles.Program(_two_site_program, cost_terms=None, estimators={}, keys=table)
-    keys, term_keys = particles.particle_keys(program, jax.random.key(0), 2)
+    keys, term_keys, words = particles.particle_keys(program, jax.random.key(0), 2)
     assert keys.shape == (2, 3 + num_site_keys) and term_keys.shape == (3 + num_site_keys,)
+    assert words.shape == (2, 0)  # no subsampled plate: no minibatch draws
     rows = np.concatenate([np.asarray(jax.random.key_data(k)).reshape(-1, 2) for k in (keys, term_keys)])
     assert len(np.unique(rows, axis=0)) == rows.shape[0]  # the estimators' keys are none of the particles'
 
@@ -604,6 +605,7 @@ def test_a_rerun_keeps_the_independent_draws_and_draws_the_dependent_ones_again(
         ("random_subset", 6),  # the largest of N uniforms (N < 8B)
         ("random_subset", 16),  # the first distinct of 2B draws with replacement
         ("first_distinct", 8),  # two draws only: a repeat (1 in 8) takes the fallback
+        ("words", 16),  # the first way from given words: the data of split keys, as the engine gives them
     ],
 )
 def test_minibatches_are_uniform_subsets_without_replacement(draw, size):
@@ -614,6 +616,9 @@ def test_minibatches_are_uniform_subsets_without_replacement(draw, size):
     def subset(key):
         if draw == "first_distinct":
             return handlers.first_distinct(key, size, 2, num_draws=2)
+        if draw == "words":
+            table = jax.random.split(key, 5)
+            return handlers.random_subset(None, size, 2, table[0], jax.random.key_data(table[1:]).T)
         return handlers.random_subset(key, size, 2)
 
     num_draws = 40_000
