@@ -21,9 +21,10 @@ per particle (a key for the cost terms, two spares, and one per random site of t
 program in program order) and a last row for the estimators' own randomness (site ``i``
 of the program takes its ``i``-th key). One call of the key's bit generator per step:
 ``seed`` would split a key at every site instead, and on CPU every call of threefry is a
-loop of its own in the compiled step. A subsampled plate's minibatch is drawn once per step and substituted
-into every particle (and every re-run): all particles of a step see one minibatch, so
-their learning signals compare like with like.
+loop of its own in the compiled step. A subsampled plate's minibatch is drawn once per
+step, its random words the data of more keys of the same table, and substituted into
+every particle (and every re-run): all particles of a step see one minibatch, so their
+learning signals compare like with like.
 """
 
 from __future__ import annotations
