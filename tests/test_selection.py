@@ -114,14 +114,17 @@ def test_user_candidates_a_custom_schedule_and_annotations():
     assert sorted(choices["step"].unique()) == [0, 5, 10]
     assert set(choices["candidate"]) == {"sf", "pw"}
     # Started 3.7 posterior sds from the mean (12 Adam steps of 0.05 stay there), the score
-    # function's variance is ~50x pathwise's at every decision; timed in microseconds, their
-    # seconds an estimate are within a few times of each other either way. Ranked by variance,
-    # not by the default's progress (both near full progress on one coordinate), on 50
-    # estimates of the faster (the default's 10, or the 2 a 5-step segment's budget buys, leave
-    # a 1-dof variance that reverses a 20x gap about one time in seven).
-    assert set(choices.loc[choices["chosen"], "candidate"]) == {"pw"}
-    first = choices[choices["step"] == 0].set_index("candidate")["raw_variance"]
-    assert first["sf"] > 10 * first["pw"]  # after which the score function is pruned (prune=10)
+    # function's variance is ~50x pathwise's; 50 estimates of the faster make that gap sure.
+    first = choices[choices["step"] == 0].set_index("candidate")
+    assert first.loc["sf", "raw_variance"] > 10 * first.loc["pw", "raw_variance"]
+    # Ranked by 1/(variance x seconds), the user's criterion, and the choice is the best of the
+    # measured rows within the margin. Which one that is rests on the seconds too: these
+    # estimates take microseconds, which the suite's load can move by more than the gap (CI
+    # once chose the score function), so the test asserts the rule, not the winner.
+    measured = choices[choices["measured"]]
+    np.testing.assert_allclose(measured["efficiency"], 1 / (measured["variance"] * measured["seconds"]), rtol=1e-6)
+    for _, panel in measured.groupby("step"):
+        assert panel.loc[panel["chosen"], "efficiency"].iloc[0] >= panel["efficiency"].max() / 1.1
 
 
 def test_resuming_keeps_the_choice_and_matches_an_unbroken_run(tmp_path):
