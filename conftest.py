@@ -26,15 +26,15 @@ import tempfile
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-if "PYTEST_XDIST_WORKER" not in os.environ:
+_SESSION_CACHE = None
+if "PYTEST_XDIST_WORKER" not in os.environ:  # the controlling process (or the only one)
     import arviz  # noqa: F401  (see the docstring)
 
-_SESSION_CACHE = None
-if "PYTEST_XDIST_WORKER" not in os.environ and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    _SESSION_CACHE = tempfile.mkdtemp(prefix="mcgrad-tests-xla-cache-")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _SESSION_CACHE = tempfile.mkdtemp(prefix="mcgrad-tests-xla-cache-")
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _SESSION_CACHE
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 
 def pytest_unconfigure(config):

@@ -22,9 +22,9 @@ of the others as the same time buys (at least 2), so an expensive candidate cost
 to rule out; fewer where that would pass ``budget`` of the segment being decided. The
 site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
 t_{s,c})``) among those measured for the segment, switching only for a gain above
-``margin``; a pruned candidate's row keeps its last numbers but is not chosen on them. Each choice's
-segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to a choice
-reuses its program); the choice itself lives in the state
+``margin``; a pruned candidate's row keeps its last numbers but is not chosen on them.
+Each choice's segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to
+a choice reuses its program); the choice itself lives in the state
 (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
 
 Every decision is recorded (:func:`decision_table`): ``FitResult.diagnostics.choices``.
@@ -184,23 +184,23 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own).
 
     Its seconds per estimate leave out the call's fixed cost (the entry's ``dispatch``,
-    :func:`time_dispatch`): a training step pays none of it (the steps run in one compiled
-    loop), and left in it charges a candidate given 2 estimates half of it an estimate and
-    one given 10 a tenth. On a 5 µs estimate under a 30 µs call that made the cheaper
-    candidate look 4x dearer. A call the fixed cost alone explains (timing noise) counts a
-    tenth of its time as the estimates'.
+    :func:`time_dispatch`, timed after the program's first call): a training step pays none
+    of it (the steps run in one compiled loop), and left in it charges a candidate given 2
+    estimates half of it an estimate and one given 10 a tenth. On a 5 µs estimate under a
+    30 µs call that made the cheaper candidate look 4x dearer. A call the fixed cost alone
+    explains (timing noise) counts a tenth of its time as the estimates'.
     """
     start = time.perf_counter()
     mean, variance = np.asarray(entry["compiled"](state, keys, np.int32(first), np.int32(count), array_inputs))
     elapsed = time.perf_counter() - start
-    seconds = max(elapsed - entry.get("dispatch", 0.0), 0.1 * elapsed) / count
+    seconds = max(elapsed - time_dispatch(entry, state, keys, array_inputs), 0.1 * elapsed) / count
     return Measurement(mean, variance, seconds, count)
 
 
 def time_dispatch(entry: dict, state, keys, array_inputs, repeats: int = 3) -> float:
     """The entry's fixed seconds a call (arguments in, the moments out, no estimate): the
-    fastest of ``repeats`` calls asking for none, kept in the entry. Run after the program's
-    first call, which carries one-time work."""
+    fastest of ``repeats`` calls asking for none, kept in the entry. Called after a call of
+    the program (:func:`run_measurement`), so its first call's one-time work is done."""
     if "dispatch" not in entry:
         calls = []
         for _ in range(repeats):
@@ -412,7 +412,6 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
             done.append(run_measurement(entry, state, keys, 0, 1, array_inputs))
             entry["ran"] = True
-        time_dispatch(entry, state, keys, array_inputs)
         timed = run_measurement(entry, state, keys, len(done), 1, array_inputs)
         taken[candidate], seconds[candidate] = [m.mean for m in done] + [timed.mean], timed.seconds
         spent[candidate] = time.perf_counter() - start

@@ -52,8 +52,7 @@ class CompileCounter:
         jax.monitoring.register_event_listener(self.listen)
 
     def listen_duration(self, event, duration, **_):
-        if event.endswith("backend_compile_duration"):
-            self.listen(event)
+        self.listen(event)
 
     def listen(self, event, **_):
         if self.active and event.endswith(("backend_compile_duration", "compilation_cache/cache_hits")):

@@ -112,16 +112,22 @@ def random_subset(
     from a threefry call it makes anyway: inside a compiled step each call is a loop of
     its own, and the draws' own call was a fifth of the discrete VAE's step.
     """
-    if subsample_size <= 256 and 8 * subsample_size <= size:
+    if draws_distinct(size, subsample_size):
         return first_distinct(key, size, subsample_size, 2 * subsample_size, fallback_key, words)
     return largest_uniforms(key, size, subsample_size)
+
+
+def draws_distinct(size: int, subsample_size: int) -> bool:
+    """Whether :func:`random_subset` takes the first way (:func:`first_distinct`): a small
+    subset (``B ≤ 256``) of a set at least ``8B`` large."""
+    return subsample_size <= 256 and 8 * subsample_size <= size
 
 
 def draws_from_words(size: int, subsample_size: int) -> bool:
     """Whether :func:`random_subset` of ``subsample_size`` of ``size`` takes its draws from
     ``2 · subsample_size`` pairs of given words (the first way, with ``size < 2¹⁶`` so
     that :func:`indices_from_words`' arithmetic stays in 32 bits)."""
-    return subsample_size <= 256 and 8 * subsample_size <= size < 2**16
+    return draws_distinct(size, subsample_size) and size < 2**16
 
 
 def largest_uniforms(key: Array, size: int, subsample_size: int) -> Array:
