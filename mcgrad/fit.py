@@ -721,7 +721,9 @@ def fit(
         chunk_size: steps per compiled chunk (default: about 1/20 of the run with a progress
             bar, the whole run without). Every chunk runs one compiled program (a shorter
             last chunk too: the number of steps is its argument), and the result is the
-            single-chunk run's bit for bit.
+            single-chunk run's bit for bit. Given, it is the compiled length even for a
+            shorter run, so fits of different lengths (resumed runs, auto's segments)
+            share one program.
         diagnostics_every: record the variance and SNR of the step's gradient every this
             many steps (default ``num_steps // 50``; 0 turns it off); see :func:`trainer`.
         diagnostics_replicates: extra gradient estimates per record.
@@ -826,7 +828,6 @@ def fit(
 
         bar = tqdm(total=num_steps, initial=done, desc=objective.name)
     loss_chunks, infos, starts = [losses], [], []
-    chunk_size = min(chunk_size, max(remaining, 1))  # chunks all run one compiled program
 
     def run_steps(state, num_steps):
         state, infos, clean = run_chunk(state, array_inputs, jnp.int32(num_steps), length=chunk_size)
