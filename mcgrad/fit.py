@@ -601,6 +601,40 @@ def load_checkpoint(
 # --------------------------------------------------------------------------- fit
 
 
+def check_resumable(state: FitState, like: Any) -> None:
+    """Raise a clear error where ``state`` (a ``fit(resume_from=...)``) does not have the
+    structure of this fit's initial state ``like`` (its shapes: ``jax.eval_shape``): one
+    made with other estimators, another optimizer or another model keeps states this run
+    cannot step: its first trace fails deep inside (``'EmptyState' object has no attribute
+    'states'``, a DisARM fit's state given to an auto one), or worse, it runs (an Adam
+    state given to SGD). Costs an abstract trace of the initial state (``jax.eval_shape``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> old = FitState({"loc": jnp.zeros(2)}, (), {}, jnp.zeros(2, jnp.uint32), 0, 0)
+        >>> check_resumable(old, old._replace(objective_state={"z": jnp.zeros(())}))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: fit(resume_from=<FitState>): the state's objective_state ...
+    """
+    for field in FitState._fields:
+        given, expected = getattr(state, field), getattr(like, field)
+        given_leaves, given_tree = jax.tree_util.tree_flatten_with_path(given)
+        expected_leaves, expected_tree = jax.tree_util.tree_flatten_with_path(expected)
+        shapes = [jnp.shape(leaf) for _, leaf in given_leaves] == [jnp.shape(leaf) for _, leaf in expected_leaves]
+        if given_tree != expected_tree or not shapes:
+            paths = lambda leaves: [jax.tree_util.keystr(path) for path, _ in leaves]
+            differ = next((a for a, b in zip(paths(given_leaves), paths(expected_leaves)) if a != b), None)
+            raise ValueError(
+                f"fit(resume_from=<FitState>): the state's {field} does not fit this fit's "
+                f"({len(given_leaves)} leaves against {len(expected_leaves)}"
+                + (f"; first differing leaf {differ}" if differ else "") + "). A state resumes only the fit "
+                "that made it: the same model, guide, objective, optimizer and estimators (an estimator's "
+                "state, such as a baseline's or mg.auto()'s, is part of it). To continue from its parameters "
+                "with other settings, resume from the new settings' initial state holding them: "
+                "mg.trainer(model, guide, *args, key=..., <the new settings>).init(key)._replace(params=state.params)."
+            )
+
+
 def _strongly_typed(tree: Any) -> Any:
     """Python scalars and weakly typed arrays (``numpyro.param("loc", 0.0)``) as strongly
     typed arrays: a step returns strong types, so weak ones in the initial state would
@@ -791,8 +825,11 @@ def fit(
         return jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
 
     # A run resumed from a state does not build the initial one (a seeded trace of the
-    # guide and model): resuming segment after segment costs no tracing.
+    # guide and model); a user's state is checked against its shapes (an abstract trace),
+    # auto's segments, which resume its own states, not at all: they cost no tracing.
     state = resume_from if isinstance(resume_from, FitState) else initial()
+    if isinstance(resume_from, FitState) and not selection.SEGMENT.get():
+        check_resumable(resume_from, jax.eval_shape(initial))
     names = list(state.params)
     empty = np.zeros((len(key_run), 0) if batched else (0,), np.float32)
     history = TrainingDiagnostics(

@@ -20,7 +20,7 @@ after another in one compiled loop (as steps run), and records
 
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
-to rule out; fewer where that would pass ``budget`` of the segment being decided. The
+to rule out; fewer where that would pass ``budget`` of the run's steps per decision. The
 site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
 t_{s,c})``) among those measured for the segment, switching only for a gain above
 ``margin`` (from the fit's second decision on: at its first no choice has run); a pruned
@@ -372,7 +372,7 @@ class AutoRun(NamedTuple):
 
 
 def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, programs, mask, last,
-                  segment_steps: int, step_seconds: float | None):
+                  segment_steps: float, step_seconds: float | None):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
@@ -385,9 +385,11 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     (:func:`outpaced`) takes no second: on the BLR, measure-valued's 26 ms against
     pathwise's 0.6 ms.
     ``programs`` (:func:`measurement_programs`) gives the program for every site's choice.
-    The estimates after timing fit the site's share of the budget: ``budget`` of the
-    ``segment_steps`` steps it decides, at ``step_seconds`` a step (the current choice's,
-    from its segments; before any, its seconds an estimate).
+    The estimates after timing fit the site's share of the budget: ``budget`` of
+    ``segment_steps`` steps (the run's steps over its decisions: the budget is a share of
+    the run, the same at each decision however long the segment after it), at
+    ``step_seconds`` a step (the current choice's, from its segments; before any, its
+    seconds an estimate).
     """
     site = sites[name]
     rows, entries, lowering_seconds = {}, {}, 0.0
@@ -604,7 +606,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                 keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
                 for name, site in sites.items():
                     rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
-                                         last[name], following - done,
+                                         last[name], num_steps / len(decisions),
                                          step_seconds.get(tuple(sorted(choices.items()))))
                     # Pruned rows keep numbers relative to an earlier point and scale (the
                     # relative variance and progress pool the candidates measured with them):

@@ -160,6 +160,9 @@ def test_a_checkpoint_of_another_optimizer_or_guide_is_refused(tmp_path):
     run(num_steps=10, checkpoint_path=path)
     with pytest.raises(mg.checkpoints.CheckpointMismatchError, match=r"leaf .*\.state\.optimizer_state"):
         run(num_steps=20, resume_from=path, optimizer=optax.sgd(0.05))  # adam's state is not sgd's
+    # the same for a state in memory (SGD would run with Adam's state, silently)
+    with pytest.raises(ValueError, match=r"resume_from=<FitState>\): the state's optimizer_state"):
+        run(num_steps=20, resume_from=run(num_steps=10).state, optimizer=optax.sgd(0.05))
     with pytest.raises(mg.checkpoints.CheckpointMismatchError, match=r"objective elbo with 4 particles.*elbo with 8"):
         run(num_steps=20, resume_from=path, objective=mg.elbo(8))  # same state structure, another objective
 

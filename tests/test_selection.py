@@ -183,6 +183,9 @@ def test_inference_data_and_figure_carry_the_choices():
 
 
 def test_clear_errors():
+    plain = fit(gaussian_model, gaussian_guide, None, num_steps=2)  # a state without auto's
+    with pytest.raises(ValueError, match=r"resume_from=<FitState>\): the state's objective_state"):
+        fit(gaussian_model, gaussian_guide, {"z": mg.auto()}, num_steps=4, resume_from=plain.state)
     with pytest.raises(ValueError, match="batch of restarts"):
         mg.fit(gaussian_model, gaussian_guide, DATA, key=jax.random.split(jax.random.key(0), 2), num_steps=4,
                optimizer=optax.adam(0.05), objective=mg.elbo(2), estimators="auto", progress_bar=False)

@@ -79,6 +79,26 @@ def test_a_second_fit_reuses_the_compiled_program():
     np.testing.assert_array_equal(fresh.losses, first.losses)
 
 
+def subsampled_model(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", 40, subsample_size=8) as index:
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x[index])
+
+
+def test_a_second_fit_of_a_subsampled_model_compiles_nothing():
+    # An eager trace (the initial parameters, the data check) draws the minibatch: NumPyro's
+    # CPU draw, a scan over a function made afresh at each call, compiled again in every fit.
+    x = jnp.linspace(-1.0, 2.0, 40)
+    settings = {"num_steps": 5, "optimizer": optax.adam(0.05), "objective": mg.elbo(2), "progress_bar": False}
+    mg.fit(subsampled_model, guide, x, key=jax.random.key(0), **settings)
+    COMPILES.active = True
+    try:
+        mg.fit(subsampled_model, guide, x, key=jax.random.key(1), **settings)
+    finally:
+        COMPILES.active = False
+    assert COMPILES.count == 0
+
+
 def test_another_setting_is_another_program():
     slow, fast = fit(optimizer=optax.adam(0.01)), fit(optimizer=optax.adam(0.5))
     assert abs(float(slow.params["loc"]) - float(fast.params["loc"])) > 0.1
