@@ -23,8 +23,7 @@ of the others as the same time buys (at least 2), so an expensive candidate cost
 to rule out; fewer where that would pass ``budget`` of the run's steps per decision. The
 site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
 t_{s,c})``) among those measured for the segment, switching only for a gain above
-``margin`` (from the fit's second decision on: at its first no choice has run); a pruned
-candidate's row keeps its last numbers but is not chosen on them.
+``margin``; a pruned candidate's row keeps its last numbers but is not chosen on them.
 Each choice's segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to
 a choice reuses its program); the choice itself lives in the state
 (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
@@ -611,11 +610,14 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                     # Pruned rows keep numbers relative to an earlier point and scale (the
                     # relative variance and progress pool the candidates measured with them):
                     # recorded, never chosen on.
-                    # The margin keeps a choice that has run (no flip-flop, no compile for a
-                    # switch); before this fit's first segment none has.
+                    # The margin holds at the first decision too: the first candidate is
+                    # the registry's preference (mg.fit's default), and leaving it on noise
+                    # costs: the BLR's score function, chosen at step 0 without it, left a
+                    # run on pathwise from step 125 short of the target at step 2000
+                    # (Adam's second moments remember its gradients ~1000 steps).
                     new = decide(choices[name], site.names,
                                  {c: r["efficiency"] for c, r in rows.items() if r["measured"]},
-                                 site.settings.margin if step_seconds else 0.0)
+                                 site.settings.margin)
                     choices[name] = new
                     last[name] = rows
                     for candidate, row in rows.items():

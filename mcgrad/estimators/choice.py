@@ -172,7 +172,9 @@ def auto(
             the others get as many as the same seconds buy, at least 2.
         margin: switch away from the current choice only for a candidate more than this
             fraction more efficient (no flip-flopping on noise; a switch can cost a compile).
-            Not at a fit's first decision, before any choice has run.
+            At the first decision too: the first candidate is the preferred one, and an
+            early switch on noise can last (Adam's second moments remember a noisy
+            estimator's gradients for about ``1/(1 − β₂)`` steps).
         prune: after the first decision, candidates less efficient than the best by more
             than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
