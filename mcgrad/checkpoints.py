@@ -163,7 +163,7 @@ def load(path: str | os.PathLike, like: Any = None) -> tuple[Any, dict]:
             records, metadata = _read_description(archive, path)
             if like is not None:
                 template, treedef = jax.tree_util.tree_flatten_with_path(like)
-                _check_fits(path, records, [_template_record(leaf, jax.tree_util.keystr(p)) for p, leaf in template])
+                _check_fits(path, records, leaf_records(like))
             leaves = [_read_leaf(archive, index, record, path) for index, record in enumerate(records)]
     if like is None:
         return {record["path"]: leaf for record, leaf in zip(records, leaves)}, metadata
@@ -344,19 +344,29 @@ def _describe(record: dict) -> str:
 
 
 def _check_fits(path: str, found: list[dict], expected: list[dict]) -> None:
-    def mismatch(problem: str) -> CheckpointMismatchError:
-        message = f"{path}: the checkpoint does not fit the template: {problem}. {_MISMATCH_HINT}"
-        return CheckpointMismatchError(message)
+    problem = first_difference(expected, found)
+    if problem is not None:
+        raise CheckpointMismatchError(f"{path}: the checkpoint does not fit the template: {problem}. {_MISMATCH_HINT}")
 
+
+def leaf_records(tree: Any) -> list[dict]:
+    """Each leaf's path, shape and dtype (arrays, Python scalars, ``jax.ShapeDtypeStruct``)."""
+    return [_template_record(leaf, jax.tree_util.keystr(p)) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def first_difference(expected: list[dict], found: list[dict], expected_name: str = "the template",
+                     found_name: str = "the file") -> str | None:
+    """The first leaf where ``found`` does not fit ``expected`` (:func:`leaf_records`), in
+    words, or ``None`` where every leaf's path, shape and dtype agree."""
     for index, (want, have) in enumerate(zip(expected, found)):
         if want["path"] != have["path"]:
-            raise mismatch(f"leaf {index} is {want['path']} in the template but {have['path']} in the file")
+            return f"leaf {index} is {want['path']} in {expected_name} but {have['path']} in {found_name}"
         if (want["shape"], want["dtype"]) != (have["shape"], have["dtype"]):
-            expects = f"the template expects {_describe(want)} but the file has {_describe(have)}"
-            raise mismatch(f"at leaf {want['path']} {expects}")
+            return f"at leaf {want['path']} {expected_name} expects {_describe(want)} but {found_name} has {_describe(have)}"
     if len(expected) > len(found):
         first = expected[len(found)]["path"]
-        raise mismatch(f"the template has {len(expected)} leaves, the file {len(found)}; the first missing is {first}")
+        return f"{expected_name} has {len(expected)} leaves, {found_name} {len(found)}; the first missing is {first}"
     if len(found) > len(expected):
         first = found[len(expected)]["path"]
-        raise mismatch(f"the file has {len(found)} leaves, the template {len(expected)}; the first extra is {first}")
+        return f"{found_name} has {len(found)} leaves, {expected_name} {len(expected)}; the first extra is {first}"
+    return None

@@ -607,7 +607,8 @@ def check_resumable(state: FitState, like: Any) -> None:
     made with other estimators, another optimizer or another model keeps states this run
     cannot step: its first trace fails deep inside (``'EmptyState' object has no attribute
     'states'``, a DisARM fit's state given to an auto one), or worse, it runs (an Adam
-    state given to SGD). Costs an abstract trace of the initial state (``jax.eval_shape``).
+    state given to SGD). Leaf by leaf, as a checkpoint is checked
+    (:func:`mcgrad.checkpoints.first_difference`).
 
     Example:
         >>> import jax.numpy as jnp
@@ -617,17 +618,12 @@ def check_resumable(state: FitState, like: Any) -> None:
         ValueError: fit(resume_from=<FitState>): the state's objective_state ...
     """
     for field in FitState._fields:
-        given, expected = getattr(state, field), getattr(like, field)
-        given_leaves, given_tree = jax.tree_util.tree_flatten_with_path(given)
-        expected_leaves, expected_tree = jax.tree_util.tree_flatten_with_path(expected)
-        shapes = [jnp.shape(leaf) for _, leaf in given_leaves] == [jnp.shape(leaf) for _, leaf in expected_leaves]
-        if given_tree != expected_tree or not shapes:
-            paths = lambda leaves: [jax.tree_util.keystr(path) for path, _ in leaves]
-            differ = next((a for a, b in zip(paths(given_leaves), paths(expected_leaves)) if a != b), None)
+        problem = checkpoints.first_difference(checkpoints.leaf_records(getattr(like, field)),
+                                               checkpoints.leaf_records(getattr(state, field)), "this fit's", "the state")
+        if problem is not None:
             raise ValueError(
-                f"fit(resume_from=<FitState>): the state's {field} does not fit this fit's "
-                f"({len(given_leaves)} leaves against {len(expected_leaves)}"
-                + (f"; first differing leaf {differ}" if differ else "") + "). A state resumes only the fit "
+                f"fit(resume_from=<FitState>): the state's {field} does not fit this fit's ({problem}). "
+                "A state resumes only the fit "
                 "that made it: the same model, guide, objective, optimizer and estimators (an estimator's "
                 "state, such as a baseline's or mg.auto()'s, is part of it). To continue from its parameters "
                 "with other settings, resume from the new settings' initial state holding them: "

@@ -179,7 +179,8 @@ def auto(
             than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
         budget: the most a decision spends on estimates, as a fraction of the run's steps
-            per decision (at the current choice's seconds a step), shared by the auto sites: fewer estimates per candidate where the time would exceed it, never
+            per decision (at the current choice's seconds a step), shared by the auto
+            sites: fewer estimates per candidate where the time would exceed it, never
             fewer than 2 (a variance). Timing a candidate not timed before is outside it.
 
     Returns:
