@@ -350,14 +350,29 @@ def _check_fits(path: str, found: list[dict], expected: list[dict]) -> None:
 
 
 def leaf_records(tree: Any) -> list[dict]:
-    """Each leaf's path, shape and dtype (arrays, Python scalars, ``jax.ShapeDtypeStruct``)."""
+    """Each leaf's path, shape and dtype (arrays, Python scalars, ``jax.ShapeDtypeStruct``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> leaf_records({"loc": jnp.zeros(2), "step": 3})
+        [{'path': "['loc']", 'shape': [2], 'dtype': 'float32'}, {'path': "['step']", 'shape': [], 'dtype': 'int32'}]
+    """
     return [_template_record(leaf, jax.tree_util.keystr(p)) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def first_difference(expected: list[dict], found: list[dict], expected_name: str = "the template",
                      found_name: str = "the file") -> str | None:
     """The first leaf where ``found`` does not fit ``expected`` (:func:`leaf_records`), in
-    words, or ``None`` where every leaf's path, shape and dtype agree."""
+    words, or ``None`` where every leaf's path, shape and dtype agree: a checkpoint against
+    its template, or a state to resume against a fit's.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> first_difference(leaf_records({"loc": jnp.zeros(2)}), leaf_records({"loc": jnp.zeros(3)}))
+        "at leaf ['loc'] the template expects float32[2] but the file has float32[3]"
+        >>> first_difference(leaf_records({"loc": jnp.zeros(2)}), leaf_records({"loc": jnp.ones(2)})) is None
+        True
+    """
     for index, (want, have) in enumerate(zip(expected, found)):
         if want["path"] != have["path"]:
             return f"leaf {index} is {want['path']} in {expected_name} but {have['path']} in {found_name}"
