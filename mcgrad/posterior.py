@@ -80,14 +80,15 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
 
 def _choices_dataset(choices) -> xr.Dataset:
     """``mg.auto()``'s decisions: per site, the chosen candidate at each decision step, and
-    every candidate's measured variance, seconds and efficiency (``decision`` × ``candidate``)."""
+    every candidate's measured variance, seconds, efficiency and its relative standard error
+    (``decision`` × ``candidate``)."""
     variables, coords = {}, {}
     for site, panel in choices.groupby("site", sort=False):
         steps = np.array(sorted(panel["step"].unique()))
         candidates = list(dict.fromkeys(panel["candidate"]))
         step_dim, candidate_dim = f"{site}_decision_step", f"{site}_candidate"
         coords[step_dim], coords[candidate_dim] = steps, candidates
-        for column in ("variance", "seconds", "efficiency"):
+        for column in ("variance", "seconds", "efficiency", "efficiency_error"):
             table = panel.pivot(index="step", columns="candidate", values=column).reindex(index=steps, columns=candidates)
             variables[f"{site}_{column}"] = ((step_dim, candidate_dim), table.to_numpy(dtype=float))
         chosen = panel[panel["chosen"]].set_index("step")["candidate"].reindex(steps)

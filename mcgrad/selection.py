@@ -23,7 +23,9 @@ of the others as the same time buys (at least 2), so an expensive candidate cost
 to rule out; fewer where that would pass ``budget`` of the run's steps per decision. The
 site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
 t_{s,c})``) among those measured for the segment, switching only for a gain above
-``margin``; a pruned candidate's row keeps its last numbers but is not chosen on them.
+``margin`` by more than ``confidence`` standard errors (:func:`standard_errors`: a
+variance from few estimates is itself noisy, and a switch on noise costs steps and a
+compile); a pruned candidate's row keeps its last numbers but is not chosen on them.
 Each choice's segment is an ordinary compiled run of ``mg.fit`` (cached, so returning to
 a choice reuses its program); the choice itself lives in the state
 (:class:`~mcgrad.estimators.choice.AutoState`), so a checkpoint resumes with it.
@@ -283,6 +285,17 @@ def estimate_counts(seconds: dict[str, float], num_estimates: int, limit: float 
     return counts
 
 
+def _signal(measurements: dict[str, Measurement]) -> np.ndarray:
+    """Per coordinate ``ḡ²``, the squared gradient every unbiased candidate estimates: their
+    estimates pooled, the square corrected for the pooled mean's own noise."""
+    counts = np.array([m.num_estimates for m in measurements.values()], float)
+    means = np.stack([m.mean for m in measurements.values()])
+    variances = np.stack([m.variance for m in measurements.values()])
+    pooled = counts @ means / counts.sum()
+    noise_of_pooled = counts @ variances / counts.sum() ** 2
+    return np.maximum(pooled**2 - noise_of_pooled, 0.0)
+
+
 def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
     r"""Each candidate's expected progress per step, as an adaptive optimizer makes it:
 
@@ -295,17 +308,59 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     where noise rules. Variance alone keeps rewarding an estimator after its noise has
     stopped limiting the steps.
     """
-    counts = np.array([m.num_estimates for m in measurements.values()], float)
-    means = np.stack([m.mean for m in measurements.values()])
-    variances = np.stack([m.variance for m in measurements.values()])
-    pooled = counts @ means / counts.sum()
-    noise_of_pooled = counts @ variances / counts.sum() ** 2
-    signal = np.maximum(pooled**2 - noise_of_pooled, 0.0)
+    signal = _signal(measurements)
     tiny = np.finfo(np.float32).tiny
     return {
         c: float(np.sum((np.sqrt(signal) / np.sqrt(np.maximum(signal + m.variance, tiny)))[mask]))
         for c, m in measurements.items()
     }
+
+
+def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, criterion: str) -> dict[str, float]:
+    r"""Each candidate's efficiency's standard error relative to the efficiency, from the
+    noise of its own variance estimate: ``n`` estimates give ``V̂_d`` with
+    ``Var(V̂_d) ≈ 2 V_d² / (n − 1)`` (Gaussian estimates, coordinates independent). For
+    :func:`progress` (``s = ḡ²``, held fixed: every candidate shares it) and for the
+    relative variance (:func:`relative_variances`, scale ``S``):
+
+    .. math::  \frac{SE(P_c)^2}{P_c^2} = \frac{2}{n - 1} \frac{\sum_d \big(\tfrac12 \sqrt{s_d}\, V_d\,
+               (s_d + V_d)^{-3/2}\big)^2}{P_c^2}, \qquad
+               \frac{SE(1/V^{rel}_c)^2}{(1/V^{rel}_c)^2} = \frac{2}{n - 1}
+               \frac{\sum_d \big(r_d (1 - r_d / C)\big)^2}{(V^{rel}_c)^2},
+
+    ``r_d = V_d / S_d``, ``C`` the number of candidates (the scale averages their second
+    moments, so ``V_d`` is in it too).
+
+    Seconds are the fastest timing so far and carry no error here. With 2 estimates the
+    error is about the efficiency's own size: such a candidate wins only by far.
+
+    Example:
+        >>> m = {"a": Measurement(np.ones(4), np.full(4, 1.0), 1e-3, 9),
+        ...      "b": Measurement(np.ones(4), np.full(4, 1.0), 1e-3, 3)}
+        >>> errors = standard_errors(m, np.ones(4, bool), "variance")
+        >>> errors   # r = ½ on 4 coordinates, C = 2: √(2/(n−1)) · √4 · ½(1 − ¼) / (4 · ½)
+        {'a': 0.1875, 'b': 0.375}
+    """
+    tiny = np.finfo(np.float32).tiny
+    errors = {}
+    if criterion == "progress":
+        signal = _signal(measurements)
+        for c, m in measurements.items():
+            total = np.maximum(signal + m.variance, tiny)
+            moved = float(np.sum((np.sqrt(signal) / np.sqrt(total))[mask]))
+            slope = 0.5 * np.sqrt(signal) * m.variance / total**1.5  # |∂P/∂V_d| · V_d
+            spread = math.sqrt(float(np.sum((slope**2)[mask])) * 2.0 / max(m.num_estimates - 1, 1))
+            errors[c] = spread / moved if moved > 0 else math.inf
+    else:
+        scale = np.maximum(np.mean([m.mean**2 + m.variance for m in measurements.values()], axis=0), tiny)
+        for c, m in measurements.items():
+            share = (m.variance / scale)[mask]
+            total = float(np.sum(share))
+            # V_d also enters the scale (a 1/C share): ∂(V_d/S_d)/∂V_d · V_d = (V_d/S_d)(1 − V_d/(C S_d))
+            slope = share * (1.0 - share / len(measurements))
+            spread = math.sqrt(float(np.sum(slope**2)) * 2.0 / max(m.num_estimates - 1, 1))
+            errors[c] = spread / total if total > 0 else 0.0
+    return errors
 
 
 def outpaced(seconds: dict[str, float], num_coordinates: int, best: float, prune: float) -> dict[str, float]:
@@ -327,17 +382,41 @@ def outpaced(seconds: dict[str, float], num_coordinates: int, best: float, prune
 
 
 def decide(
-    current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float
+    current: int, names: tuple[str, ...], efficiencies: dict[str, float], margin: float,
+    errors: dict[str, float] | None = None, confidence: float = 2.0,
 ) -> int:
-    """The candidate to run: the most efficient, unless the current one is within ``margin``."""
+    r"""The candidate to run: the most efficient of those that beat the current one by more
+    than ``margin``, surely: with ``E`` the efficiencies and ``ε`` their relative standard
+    errors (:func:`standard_errors`; none given: no error),
+
+    .. math::  E_c - (1 + m) E_{cur} > z \sqrt{(ε_c E_c)^2 + \big((1 + m) ε_{cur} E_{cur}\big)^2},
+
+    ``z`` the ``confidence``. Otherwise the current one stays: a switch on noise costs the
+    steps it runs on the worse estimator, and a compile.
+
+    Example:
+        >>> names = ("a", "b")
+        >>> decide(0, names, {"a": 1.0, "b": 1.3}, margin=0.1)
+        1
+        >>> decide(0, names, {"a": 1.0, "b": 1.3}, margin=0.1, errors={"a": 0.3, "b": 0.3})
+        0
+    """
+    errors = errors or {}
     finite = {n: e for n, e in efficiencies.items() if not math.isnan(e)}
     if not finite:
         return current
-    best = max(finite, key=finite.get)
-    current_efficiency = finite.get(names[current], -math.inf)
-    if best != names[current] and finite[best] > current_efficiency * (1.0 + margin):
-        return names.index(best)
-    return current
+    current_efficiency = finite.get(names[current], -math.inf)  # not measured: any measured one beats it
+    if current_efficiency == math.inf:
+        return current
+    bar = (1.0 + margin) * current_efficiency
+    bar_error = bar * errors.get(names[current], 0.0) if math.isfinite(bar) else 0.0
+
+    def surely_better(name, e):
+        return e == math.inf or bar == -math.inf or (
+            e - bar > confidence * math.hypot(e * errors.get(name, 0.0), bar_error))
+
+    sure = {n: e for n, e in finite.items() if n != names[current] and surely_better(n, e)}
+    return names.index(max(sure, key=sure.get)) if sure else current
 
 
 def decision_table(records: list[dict]) -> pd.DataFrame:
@@ -346,12 +425,13 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     over coordinates), ``progress`` (:func:`progress`), ``seconds`` (per estimate, the
     fastest timing so far), ``efficiency`` (what is ranked: progress per second, or
     ``1/(variance·seconds)`` under ``criterion="variance"``; for a candidate timed once and
-    :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN), ``measured``
-    (``False``: pruned, last numbers kept), ``chosen``,
+    :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN),
+    ``efficiency_error`` (its standard error relative to it, :func:`standard_errors`; 0 for
+    a ceiling), ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
     ``num_estimates`` behind the variance, and the ``compile_seconds`` /
     ``measure_seconds`` spent on it."""
     columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
-               "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
+               "efficiency_error", "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -411,7 +491,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, progress=math.nan,
-                                   measured=False,
+                                   efficiency_error=math.nan, measured=False,
                                    raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
@@ -474,10 +554,11 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                 complete(candidate)
     for candidate in ceilings:
         rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
-                               efficiency=ceilings[candidate], measured=True, num_estimates=1,
+                               efficiency=ceilings[candidate], efficiency_error=0.0, measured=True, num_estimates=1,
                                compile_seconds=compile_share(candidate), measure_seconds=spent[candidate])
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
+    errors = standard_errors(measurements, mask, site.settings.criterion) if measurements else {}
     for candidate, measurement in measurements.items():
         # A program's cost does not change with the parameters, and other load only adds
         # time: the fastest timing so far is the best estimate of its seconds.
@@ -487,6 +568,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             progress=moves[candidate],
             efficiency=(moves[candidate] / measurement.seconds if site.settings.criterion == "progress"
                         else efficiency(relative[candidate], measurement.seconds)),
+            efficiency_error=errors[candidate],
             measured=True,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_share(candidate),
@@ -615,9 +697,10 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                     # costs: the BLR's score function, chosen at step 0 without it, left a
                     # run on pathwise from step 125 short of the target at step 2000
                     # (Adam's second moments remember its gradients ~1000 steps).
-                    new = decide(choices[name], site.names,
-                                 {c: r["efficiency"] for c, r in rows.items() if r["measured"]},
-                                 site.settings.margin)
+                    measured = {c: r for c, r in rows.items() if r["measured"]}
+                    new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in measured.items()},
+                                 site.settings.margin, {c: r["efficiency_error"] for c, r in measured.items()},
+                                 site.settings.confidence)
                     choices[name] = new
                     last[name] = rows
                     for candidate, row in rows.items():

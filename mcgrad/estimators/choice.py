@@ -105,6 +105,7 @@ class AutoSettings(NamedTuple):
     prune: float
     criterion: str = "progress"
     budget: float = 0.05
+    confidence: float = 2.0
 
 
 class AutoSite(NamedTuple):
@@ -146,6 +147,7 @@ def auto(
     prune: float = 10.0,
     criterion: str = "progress",
     budget: float = 0.05,
+    confidence: float = 2.0,
 ) -> GradientEstimator:
     r"""Choose the estimator by measured variance × seconds, and keep choosing as training moves.
 
@@ -182,6 +184,11 @@ def auto(
             per decision (at the current choice's seconds a step), shared by the auto
             sites: fewer estimates per candidate where the time would exceed it, never
             fewer than 2 (a variance). Timing a candidate not timed before is outside it.
+        confidence: switch only where the gain beyond ``margin`` exceeds this many standard
+            errors of the difference (each efficiency's error from its own variance
+            estimate: about its whole size with 2 estimates, a third with 10 on one
+            coordinate; :func:`mcgrad.selection.standard_errors`). A few estimates on a
+            site of few coordinates rarely decide anything: the current choice stays.
 
     Returns:
         A :class:`~mcgrad.GradientEstimator` named ``"auto"``; its ``auto`` field holds the
@@ -199,9 +206,9 @@ def auto(
         check_whole_number("every", every, 1)
     if criterion not in ("progress", "variance"):
         raise ValueError(f"auto(criterion=...) is 'progress' or 'variance', got {criterion!r}.")
-    if not margin >= 0 or not prune >= 1 or not budget > 0:
-        raise ValueError(f"auto needs margin >= 0, prune >= 1 and budget > 0, got margin={margin!r}, prune={prune!r}, "
-                         f"budget={budget!r}.")
+    if not margin >= 0 or not prune >= 1 or not budget > 0 or not confidence >= 0:
+        raise ValueError(f"auto needs margin >= 0, prune >= 1, budget > 0 and confidence >= 0, got margin={margin!r}, "
+                         f"prune={prune!r}, budget={budget!r}, confidence={confidence!r}.")
     if candidates is not None:
         candidates = dict(candidates)
         if not candidates:
@@ -210,7 +217,8 @@ def auto(
             if not isinstance(estimator, GradientEstimator) or estimator.auto is not None:
                 raise ValueError(f"auto candidate '{name}' must be a GradientEstimator (not mg.auto()), got {estimator!r}.")
         candidates = tuple(candidates.items())
-    settings = AutoSettings(candidates, every, num_estimates, float(margin), float(prune), criterion, float(budget))
+    settings = AutoSettings(candidates, every, num_estimates, float(margin), float(prune), criterion, float(budget),
+                            float(confidence))
 
     def unresolved_draw(key, distribution, sample_shape=()):
         _unresolved(None)
