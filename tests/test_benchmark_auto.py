@@ -41,6 +41,9 @@ def test_quick_benchmark(benchmark_module, tmp_path):
         assert sum(p["wall_seconds"] for p in phases) == pytest.approx(row["end_to_end_seconds"])
         if row["steps_to_target"] is not None:
             assert 0 < row["time_to_target_seconds"], name
+        if not row["is_auto"]:  # a fixed call: setup, its compiled steps, wrap-up; the parts add up
+            assert [p["phase"] for p in phases] == ["setup", "steps", "wrapup"], name
+            assert row["setup_run_seconds"] + row["seconds_per_step"] * num_steps <= row["run_seconds"] * 1.0001 + 1e-9
     # The reference reaches its own final smoothed loss + tolerance.
     assert rows["loc=pathwise, z=score_function_loo"]["steps_to_target"] is not None
 
@@ -70,10 +73,11 @@ def test_quick_benchmark(benchmark_module, tmp_path):
 
 
 def test_time_to_target_of_fixed_and_auto(benchmark_module):
-    """A fixed estimator: steps × s/step. Auto: its setup, the decisions before the step
-    and the segments up to it (pro rata in the one the step falls in)."""
-    fixed = {"seconds_per_step": 0.01}
-    assert benchmark_module.time_to_step(fixed, 30, 100, is_auto=False) == pytest.approx(0.3)
+    """A fixed estimator: its setup and wrap-up, and steps × s/step. Auto: its setup, the
+    decisions before the step and the segments up to it (pro rata in the one the step
+    falls in)."""
+    fixed = {"seconds_per_step": 0.01, "setup_run_seconds": 0.05}
+    assert benchmark_module.time_to_step(fixed, 30, 100, is_auto=False) == pytest.approx(0.05 + 0.3)
     assert math.isnan(benchmark_module.time_to_step(fixed, None, 100, is_auto=False))
     auto = {
         "setup_run_seconds": 0.5,
