@@ -193,28 +193,68 @@ def compile_measurements(entries: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def run_measurement(entry: dict, state, keys, first: int, count: int, array_inputs) -> Measurement:
-    """The estimates under ``keys[first:first + count]`` of the entry's compiled program,
-    timed alone (numpy scalars: a ``jnp`` one is a dispatch of its own).
-
-    Its seconds per estimate leave out the call's fixed cost (the entry's ``dispatch``,
-    :func:`time_dispatch`, timed after the program's first call): a training step pays none
-    of it (the steps run in one compiled loop), and left in it charges a candidate given 2
-    estimates half of it an estimate and one given 10 a tenth. On a 5 µs estimate under a
-    30 µs call that made the cheaper candidate look 4x dearer. A call the fixed cost alone
-    explains (timing noise) counts a tenth of its time as the estimates'.
-    """
+def _timed_call(entry: dict, state, keys, first: int, count: int, array_inputs):
+    """The entry's program on ``keys[first:first + count]``: the two moment rows and the call's
+    wall seconds (numpy scalars in: a ``jnp`` one is a dispatch of its own)."""
     start = time.perf_counter()
     mean, variance = np.asarray(entry["compiled"](state, keys, np.int32(first), np.int32(count), array_inputs))
-    elapsed = time.perf_counter() - start
-    seconds = max(elapsed - time_dispatch(entry, state, keys, array_inputs), 0.1 * elapsed) / count
-    return Measurement(mean, variance, seconds, count)
+    return mean, variance, time.perf_counter() - start
+
+
+def run_measurement(entry: dict, state, keys, first: int, count: int, array_inputs) -> Measurement:
+    """The estimates under ``keys[first:first + count]`` of the entry's compiled program,
+    timed alone.
+
+    Its seconds per estimate leave out the call's fixed cost: a training step pays none of
+    it (the steps run in one compiled loop), and left in it charges a candidate given 2
+    estimates half of it an estimate and one given 10 a tenth. The fixed cost is the
+    entry's ``fixed`` where :func:`time_estimates` found it, else its ``dispatch``
+    (:func:`time_dispatch`: a call asking for no estimate, which leaves out the loop's own
+    set-up). A call the fixed cost alone explains (timing noise) counts a tenth of its time
+    as the estimates'.
+    """
+    mean, variance, elapsed = _timed_call(entry, state, keys, first, count, array_inputs)
+    fixed = entry["fixed"] if "fixed" in entry else time_dispatch(entry, state, keys, array_inputs)
+    return Measurement(mean, variance, max(elapsed - fixed, 0.1 * elapsed) / count, count)
+
+
+def time_estimates(entry: dict, state, keys, first: int, array_inputs, short: float = 1e-3) -> list[Measurement]:
+    r"""Time a program not timed before, on estimates that join its measurement: one, and,
+    where that call took less than ``short`` seconds, ``k`` more in one call (enough to
+    take about ``short``, within the keys). Two calls of ``1`` and ``k`` estimates give the
+    seconds an estimate and the call's fixed cost apart:
+
+    .. math::  t = \frac{T_k - T_1}{k - 1}, \qquad F = T_1 - t,
+
+    kept in the entry (``seconds``, ``fixed``). A call's fixed cost is more than its
+    dispatch: the loop's set-up and the moments' wrap-up run once a call whatever the
+    count (on the benchmark mixture a call of one estimate took 155 µs past its dispatch
+    and each of ten 42 µs, and timed on one estimate measure-valued looked 2.5–4× dearer
+    than its training step). A longer estimate keeps the one call: its fixed cost is a
+    small part of it. Returns the calls' measurements, each at the seconds found.
+    """
+    mean, variance, single = _timed_call(entry, state, keys, first, 1, array_inputs)
+    fixed = time_dispatch(entry, state, keys, array_inputs)
+    seconds = max(single - fixed, 0.1 * single)
+    groups = [Measurement(mean, variance, seconds, 1)]
+    more = min(keys.shape[0] - first - 1, math.ceil(short / max(single, 1e-6)))
+    if single < short and more >= 2:
+        mean, variance, bulk = _timed_call(entry, state, keys, first + 1, more, array_inputs)
+        slope = (bulk - single) / (more - 1)
+        if slope > 0:
+            seconds, fixed = slope, max(single - slope, 0.0)
+            entry["fixed"] = fixed
+        else:  # timing noise: the bulk call was quicker than the single one
+            seconds = max(bulk - fixed, 0.1 * bulk) / more
+        groups = [groups[0]._replace(seconds=seconds), Measurement(mean, variance, seconds, more)]
+    entry["seconds"] = min(entry.get("seconds", math.inf), seconds)
+    return groups
 
 
 def time_dispatch(entry: dict, state, keys, array_inputs, repeats: int = 3) -> float:
-    """The entry's fixed seconds a call (arguments in, the moments out, no estimate): the
-    fastest of ``repeats`` calls asking for none, kept in the entry. Called after a call of
-    the program (:func:`run_measurement`), so its first call's one-time work is done."""
+    """The entry's fixed seconds a call that asks for no estimate (arguments in, the moments
+    out): the fastest of ``repeats`` such calls, kept in the entry. Called after a call of
+    the program, so its first call's one-time work is done."""
     if "dispatch" not in entry:
         calls = []
         for _ in range(repeats):
@@ -225,29 +265,28 @@ def time_dispatch(entry: dict, state, keys, array_inputs, repeats: int = 3) -> f
     return entry["dispatch"]
 
 
-def with_estimate(measurement: Measurement, estimate: np.ndarray) -> Measurement:
-    r"""``measurement``'s moments with one more estimate ``g`` (Welford's update; its seconds
-    per estimate stay the measurement's). With ``n`` estimates before:
+def merged(a: Measurement, b: Measurement) -> Measurement:
+    r"""The moments of two groups of estimates joined (Chan et al.'s pairwise update), at
+    ``a``'s seconds: with ``δ = \bar g_b - \bar g_a`` and ``n = n_a + n_b``,
 
-    .. math::  \bar g' = \bar g + (g - \bar g)/(n + 1), \qquad
-               V' = \big((n - 1) V + (g - \bar g)(g - \bar g')\big) / n.
+    .. math::  \bar g = \bar g_a + δ\, n_b / n, \qquad
+               (n - 1) V = (n_a - 1) V_a + (n_b - 1) V_b + δ^2 n_a n_b / n.
 
-    One estimate before (``n = 1``, its variance ``0/0``) has no spread to carry.
+    A group of one estimate has no spread (its variance ``0/0``) to carry.
 
     Example:
         >>> import numpy as np
         >>> one = Measurement(np.array([1.0]), np.array([np.nan]), 1e-3, 1)
-        >>> two = with_estimate(one, np.array([3.0]))
-        >>> two.mean.tolist(), two.variance.tolist(), two.num_estimates
-        ([2.0], [2.0], 2)
+        >>> two = Measurement(np.array([4.0]), np.array([2.0]), 1e-3, 2)  # estimates 3 and 5
+        >>> both = merged(one, two)
+        >>> both.mean.tolist(), both.variance.tolist(), both.num_estimates   # of 1, 3, 5
+        ([3.0], [4.0], 3)
     """
-    count = measurement.num_estimates + 1
-    if measurement.num_estimates > 1:
-        squares = measurement.variance * (measurement.num_estimates - 1)
-    else:
-        squares = np.zeros_like(measurement.mean)
-    mean, squares = running_moments(count, measurement.mean, squares, np.asarray(estimate))
-    return Measurement(np.asarray(mean), np.asarray(squares) / (count - 1), measurement.seconds, count)
+    n = a.num_estimates + b.num_estimates
+    delta = b.mean - a.mean
+    squares = sum(m.variance * (m.num_estimates - 1) if m.num_estimates > 1 else np.zeros_like(m.mean) for m in (a, b))
+    squares = squares + delta**2 * a.num_estimates * b.num_estimates / n
+    return Measurement(a.mean + delta * b.num_estimates / n, squares / (n - 1), a.seconds, n)
 
 
 def relative_variances(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
@@ -455,14 +494,14 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
-    is timed on one estimate; a program's first run is not timed but taken as an extra
-    estimate first: it carries one-time work, which a call that skips the estimate does
-    not absorb (on the BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing
-    it gave pathwise 2 of the fastest's 10 estimates). Both join its share
-    (:func:`with_estimate`). A program that has run before (a repeated fit) is timed on
-    its first estimate, and a candidate at the floor of 2 estimates that cannot catch up
-    (:func:`outpaced`) takes no second: on the BLR, measure-valued's 26 ms against
-    pathwise's 0.6 ms. A program's fastest timing is kept with it (``entry["seconds"]``):
+    is timed by :func:`time_estimates` (one estimate, and a call of several more where one
+    is short); a program's first run is not timed but taken as an extra estimate first: it
+    carries one-time work, which a call that skips the estimate does not absorb (on the
+    BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2
+    of the fastest's 10 estimates). All join its share (:func:`merged`). A candidate
+    timed on one estimate (or by an earlier fit) at the floor of 2 estimates that cannot
+    catch up (:func:`outpaced`) takes no second: on the BLR, measure-valued's 26 ms
+    against pathwise's 0.6 ms. A program's fastest timing is kept with it (``entry["seconds"]``):
     a program's cost does not change and other load only adds time, so a later fit of
     the same program starts from it, takes no timing estimate, and its choices stop
     following the noise of one timing (on the mixture of ``benchmarks/auto.py``, repeated
@@ -515,36 +554,31 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
             done.append(run_measurement(entry, state, keys, 0, 1, array_inputs))
             entry["ran"] = True
-        timed = run_measurement(entry, state, keys, len(done), 1, array_inputs)
-        taken[candidate], seconds[candidate] = [m.mean for m in done] + [timed.mean], timed.seconds
-        entry["seconds"] = timed.seconds
+        done += time_estimates(entry, state, keys, len(done), array_inputs)
+        taken[candidate], seconds[candidate] = done, entry["seconds"]
         spent[candidate] = time.perf_counter() - start
     counts = {}
     if seconds:
         per_step = step_seconds or seconds.get(site.names[choices[name]], min(seconds.values()))
         limit = site.settings.budget * segment_steps * per_step / len(sites)
-        counts = estimate_counts(seconds, keys.shape[0], limit + sum(len(first) * seconds[c] for c, first in taken.items()))
+        counts = estimate_counts(seconds, keys.shape[0], limit + sum(_count(first) * seconds[c] for c, first in taken.items()))
     # Timed once, a candidate at the 2-estimate floor (4x the fastest's seconds or more)
     # waits: if even full progress (1 a coordinate) per its seconds is `prune` times short
     # of the best, its second estimate would not change the decision.
     # So does one timed by an earlier fit of its program (no estimate yet).
-    waiting = [c for c in [*taken, *known_before] if len(taken.get(c, [])) <= 1 and counts[c] <= 2
+    waiting = [c for c in [*taken, *known_before] if _count(taken.get(c, [])) <= 1 and counts[c] <= 2
                and site.settings.criterion == "progress"]
     measurements = {}
 
     def complete(candidate):
-        entry, first = entries[candidate], taken.get(candidate, [])
-        if counts[candidate] > len(first):
-            rest = run_measurement(entry, state, keys, len(first), counts[candidate] - len(first), array_inputs)
+        entry, groups = entries[candidate], list(taken.get(candidate, []))
+        if counts[candidate] > _count(groups):
+            rest = run_measurement(entry, state, keys, _count(groups), counts[candidate] - _count(groups), array_inputs)
             spent[candidate] = spent.get(candidate, 0.0) + rest.seconds * rest.num_estimates
             entry["seconds"] = min(entry.get("seconds", math.inf), rest.seconds)
-            joined = rest
-        else:
-            joined = Measurement(first[0], np.full_like(first[0], np.nan), seconds[candidate], 1)
-            first = first[1:]
-        for estimate in first:
-            joined = with_estimate(joined, estimate)
-        measurements[candidate] = joined._replace(seconds=min(joined.seconds, seconds[candidate]))
+            groups.append(rest)
+        joined = functools.reduce(merged, groups)
+        measurements[candidate] = joined._replace(seconds=min(entry["seconds"], seconds[candidate]))
 
     def compile_share(candidate):
         return compile_seconds / len(fresh) if candidate in fresh else 0.0
@@ -568,7 +602,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     for candidate in ceilings:
         rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
                                efficiency=ceilings[candidate], efficiency_error=0.0, measured=True,
-                               num_estimates=len(taken.get(candidate, [])),
+                               num_estimates=_count(taken.get(candidate, [])),
                                compile_seconds=compile_share(candidate), measure_seconds=spent.get(candidate, 0.0))
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
@@ -589,6 +623,10 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             measure_seconds=spent[candidate],  # every measured candidate ran at least one estimate here
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
+
+
+def _count(groups: list[Measurement]) -> int:
+    return sum(group.num_estimates for group in groups)
 
 
 def measurement_programs(run: AutoRun, sites: dict[str, AutoSite], static_inputs, shapes) -> Callable[[dict], dict]:

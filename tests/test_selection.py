@@ -1,5 +1,6 @@
 """mg.auto() in fits (mcgrad/selection.py): decisions, records, state, resume, errors."""
 
+import functools
 import math
 
 import jax
@@ -22,8 +23,8 @@ from mcgrad.selection import (
     progress,
     relative_variances,
     standard_errors,
+    merged,
     upstream_mask,
-    with_estimate,
 )
 
 
@@ -247,22 +248,49 @@ def test_decision_rule_and_time_budget():
     assert outpaced({"slowest": 1e-2}, 10, best, prune=100.0) == {}  # within a looser prune
 
 
-@pytest.mark.parametrize("num_rest", [0, 1, 4])
-def test_the_untimed_and_the_timed_estimates_join_the_measurement(num_rest):
-    # A fresh candidate's first estimate (untimed) and second (timed) join the rest of its share.
-    estimates = np.random.default_rng(0).normal(size=(num_rest + 2, 3))
-    first, timed = (Measurement(e, np.full(3, np.nan), 1.0, 1) for e in estimates[:2])
-    if num_rest:
-        rest = estimates[2:]
-        variance = rest.var(axis=0, ddof=1) if num_rest > 1 else np.full(3, np.nan)  # one estimate: 0/0
-        joined = with_estimate(with_estimate(Measurement(rest.mean(axis=0), variance, 1e-3, num_rest), first.mean),
-                               timed.mean)
-        assert joined.seconds == 1e-3
-    else:
-        joined = with_estimate(first, timed.mean)
-    assert joined.num_estimates == num_rest + 2
+@pytest.mark.parametrize("sizes", [(1, 1), (1, 1, 3), (1, 4, 2), (2, 5)])
+def test_groups_of_estimates_join_into_one_measurement(sizes):
+    # The untimed first estimate, the timing calls and the rest of a candidate's share.
+    estimates = np.random.default_rng(0).normal(size=(sum(sizes), 3))
+    groups, start = [], 0
+    for size in sizes:
+        part = estimates[start:start + size]
+        variance = part.var(axis=0, ddof=1) if size > 1 else np.full(3, np.nan)  # one estimate: 0/0
+        groups.append(Measurement(part.mean(axis=0), variance, 1e-3 * size, size))
+        start += size
+    joined = functools.reduce(merged, groups)
+    assert joined.num_estimates == len(estimates) and joined.seconds == groups[0].seconds
     np.testing.assert_allclose(joined.mean, estimates.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(joined.variance, estimates.var(axis=0, ddof=1), rtol=1e-6)
+
+
+def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
+    """Calls of 1 and k estimates that take F + t and F + k·t give t and F, whatever the
+    dispatch (a call of none) is."""
+    import mcgrad.selection as selection
+
+    per_estimate, fixed, dispatch = 4e-5, 1.5e-4, 3e-5
+    calls = []
+
+    def fake_call(entry, state, keys, first, count, array_inputs):
+        calls.append(count)
+        return np.zeros(2), np.ones(2), (fixed + count * per_estimate) if count else dispatch
+
+    monkeypatch.setattr(selection, "_timed_call", fake_call)
+    monkeypatch.setattr(selection, "time_dispatch", lambda *args: dispatch)
+    entry = {}
+    groups = selection.time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    assert calls == [1, 6] and [g.num_estimates for g in groups] == [1, 6]  # ceil(1 ms / 0.19 ms) more
+    assert entry["seconds"] == pytest.approx(per_estimate) and entry["fixed"] == pytest.approx(fixed)
+    assert all(g.seconds == pytest.approx(per_estimate) for g in groups)
+    # later calls leave the found fixed cost out, not the dispatch
+    assert selection.run_measurement(entry, None, None, 6, 4, None).seconds == pytest.approx(per_estimate)
+    # a long estimate keeps the one call
+    calls.clear()
+    per_estimate = 2e-3
+    entry = {}
+    groups = selection.time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    assert calls == [1] and entry["seconds"] == pytest.approx(per_estimate + fixed - dispatch)
 
 
 def test_the_parameters_that_feed_a_site():
@@ -280,10 +308,14 @@ def test_the_parameters_that_feed_a_site():
 def test_the_recorded_variance_is_the_variance_of_the_step_gradient():
     """The measurement's variance (10 estimates) against the empirical variance over 200
     independent estimates of the same trainer at the same state, within sampling error.
-    By default a decision spends at most ``budget`` of the segment it decides: for a
-    1-step fit that is the floor of 2 estimates; ``budget=inf`` takes all 10."""
+    By default a decision spends at most ``budget`` of the run's steps per decision: for a
+    repeated 1-step fit that is the floor of 2 estimates; ``budget=inf`` takes all 10."""
     candidates = {"sf": mg.score_function()}
-    budgeted = fit(gaussian_model, gaussian_guide, {"z": mg.auto(candidates=candidates, num_estimates=10)}, num_steps=1)
+    # (The first fit of a program also takes the estimates that time it, outside the budget;
+    # the second starts from that timing.)
+    for _ in range(2):
+        budgeted = fit(gaussian_model, gaussian_guide, {"z": mg.auto(candidates=candidates, num_estimates=10)},
+                       num_steps=1)
     assert budgeted.diagnostics.choices.iloc[0]["num_estimates"] == 2
     estimators = {"z": mg.auto(candidates=candidates, num_estimates=10, budget=math.inf)}
     result = fit(gaussian_model, gaussian_guide, estimators, num_steps=1)
