@@ -362,3 +362,33 @@ def test_the_efficiency_error_is_the_spread_of_the_efficiency_over_measurements(
     efficiencies = np.array(efficiencies)
     spread = efficiencies.std() / efficiencies.mean()
     assert 0.75 * spread < np.median(predicted) < 1.25 * spread, (spread, np.median(predicted))
+
+
+def test_a_candidate_that_refuses_the_site_is_not_traced_again():
+    """Enumeration over 2^9 configurations (more than its 256) refuses once traced; the
+    refusal is kept with its measurement program, so a second fit does not trace it again."""
+    import mcgrad.selection as selection
+
+    def model(x):
+        bits = numpyro.sample("bits", dist.Bernoulli(0.5).expand([9]).to_event(1))
+        numpyro.sample("x", dist.Normal(jnp.sum(bits), 1.0), obs=x)
+
+    def guide(x):
+        logits = numpyro.param("logits", jnp.zeros(9))
+        numpyro.sample("bits", dist.Bernoulli(logits=logits).to_event(1))
+
+    estimators = {"bits": mg.auto(candidates={"sf": mg.score_function(), "enumerate": mg.enumerate()})}
+    first = fit(model, guide, estimators, num_steps=4)
+    choices = first.diagnostics.choices
+    assert not choices.loc[choices["candidate"] == "enumerate", "measured"].any()
+    assert choices.loc[choices["candidate"] == "sf", "measured"].all()
+    refused = [entry for entry in selection.MEASURERS.entries.values() if entry.get("refused")]
+    assert len(refused) == 1 and "enumerat" in refused[0]["refused"].lower()
+
+    class NotAgain:
+        def lower(self, *args, **kwargs):
+            raise AssertionError("traced again")
+
+    refused[0]["measure"] = NotAgain()
+    second = fit(model, guide, estimators, num_steps=4).diagnostics.choices
+    assert not second.loc[second["candidate"] == "enumerate", "measured"].any()
