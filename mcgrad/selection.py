@@ -317,9 +317,15 @@ def relative_variances(measurements: dict[str, Measurement], mask: np.ndarray) -
     divides by). A raw sum is ruled by the few coordinates with the largest gradients;
     relative to their scale every coordinate counts as the optimizer sees it.
     """
+    scale = _second_moment(measurements)
+    return {c: float(np.sum((m.variance / scale)[mask])) for c, m in measurements.items()}
+
+
+def _second_moment(measurements: dict[str, Measurement]) -> np.ndarray:
+    """Per coordinate ``S_d = mean_c(ḡ_{c,d}² + V_{c,d})`` (at least float32's tiny), the
+    scale :func:`relative_variances` divides by."""
     scale = np.mean([m.mean**2 + m.variance for m in measurements.values()], axis=0)
-    tiny = np.finfo(np.float32).tiny
-    return {c: float(np.sum((m.variance / np.maximum(scale, tiny))[mask])) for c, m in measurements.items()}
+    return np.maximum(scale, np.finfo(np.float32).tiny)
 
 
 def estimate_counts(seconds: dict[str, float], num_estimates: int, limit: float = math.inf) -> dict[str, int]:
@@ -397,25 +403,22 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
         >>> errors   # r = ½ on 4 coordinates, C = 2: √(2/(n−1)) · √4 · ½(1 − ¼) / (4 · ½)
         {'a': 0.1875, 'b': 0.375}
     """
-    tiny = np.finfo(np.float32).tiny
     errors = {}
     if criterion == "progress":
-        signal = _signal(measurements)
+        signal, moves = _signal(measurements), progress(measurements, mask)
+        tiny = np.finfo(np.float32).tiny
         for c, m in measurements.items():
-            total = np.maximum(signal + m.variance, tiny)
-            moved = float(np.sum((np.sqrt(signal) / np.sqrt(total))[mask]))
-            slope = 0.5 * np.sqrt(signal) * m.variance / total**1.5  # |∂P/∂V_d| · V_d
+            slope = 0.5 * np.sqrt(signal) * m.variance / np.maximum(signal + m.variance, tiny) ** 1.5  # |∂P/∂V_d|·V_d
             spread = math.sqrt(float(np.sum((slope**2)[mask])) * 2.0 / max(m.num_estimates - 1, 1))
-            errors[c] = spread / moved if moved > 0 else math.inf
+            errors[c] = spread / moves[c] if moves[c] > 0 else math.inf
     else:
-        scale = np.maximum(np.mean([m.mean**2 + m.variance for m in measurements.values()], axis=0), tiny)
+        scale, relative = _second_moment(measurements), relative_variances(measurements, mask)
         for c, m in measurements.items():
             share = (m.variance / scale)[mask]
-            total = float(np.sum(share))
             # V_d also enters the scale (a 1/C share): ∂(V_d/S_d)/∂V_d · V_d = (V_d/S_d)(1 − V_d/(C S_d))
             slope = share * (1.0 - share / len(measurements))
             spread = math.sqrt(float(np.sum(slope**2)) * 2.0 / max(m.num_estimates - 1, 1))
-            errors[c] = spread / total if total > 0 else 0.0
+            errors[c] = spread / relative[c] if relative[c] > 0 else 0.0
     return errors
 
 
@@ -578,7 +581,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         start = time.perf_counter()
         done = []
         if not entry.get("ran"):  # a fresh program's first run carries one-time work: untimed
-            done.append(run_measurement(entry, state, keys, 0, 1, array_inputs))
+            mean, variance, _ = _timed_call(entry, state, keys, 0, 1, array_inputs)
+            done.append(Measurement(mean, variance, math.nan, 1))
             entry["ran"] = True
         done += time_estimates(entry, state, keys, len(done), array_inputs)
         taken[candidate], seconds[candidate] = done, entry["seconds"]
