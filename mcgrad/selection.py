@@ -217,7 +217,7 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     Its seconds per estimate leave out the call's fixed cost: a training step pays none of
     it (the steps run in one compiled loop), and left in it charges a candidate given 2
     estimates half of it an estimate and one given 10 a tenth. The fixed cost is the
-    entry's ``fixed`` where :func:`time_estimates` found it, else its ``dispatch``
+    entry's ``fixed`` where ``_time_estimates`` found it, else its ``dispatch``
     (:func:`time_dispatch`: a call asking for no estimate, which leaves out the loop's own
     set-up). A call the fixed cost alone explains (timing noise) counts a tenth of its time
     as the estimates'.
@@ -227,7 +227,7 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     return Measurement(mean, variance, max(elapsed - fixed, 0.1 * elapsed) / count, count)
 
 
-def time_estimates(entry: dict, state, keys, first: int, array_inputs, short: float = 1e-3,
+def _time_estimates(entry: dict, state, keys, first: int, array_inputs, short: float = 1e-3,
                    repeats: int = 3) -> list[Measurement]:
     r"""Time a program not timed before, on estimates that join its measurement: one, and,
     where that call took less than ``short`` seconds, ``k`` more in one call (enough to
@@ -514,7 +514,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
-    is timed by :func:`time_estimates` (one estimate, and a call of several more where one
+    is timed by ``_time_estimates`` (one estimate, and a call of several more where one
     is short); a program's first run is not timed but taken as an extra estimate first: it
     carries one-time work, which a call that skips the estimate does not absorb (on the
     BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2
@@ -584,7 +584,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             mean, variance, _ = _timed_call(entry, state, keys, 0, 1, array_inputs)
             done.append(Measurement(mean, variance, math.nan, 1))
             entry["ran"] = True
-        done += time_estimates(entry, state, keys, len(done), array_inputs)
+        done += _time_estimates(entry, state, keys, len(done), array_inputs)
         taken[candidate], seconds[candidate] = done, entry["seconds"]
         spent[candidate] = time.perf_counter() - start
     counts = {}

@@ -286,7 +286,7 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     monkeypatch.setattr(selection, "_timed_call", fake_call)
     monkeypatch.setattr(selection, "time_dispatch", lambda *args: dispatch)
     entry = {}
-    groups = selection.time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1, 6] * 3 and [g.num_estimates for g in groups] == [1, 6]  # ceil(1 ms / 0.19 ms) more, 3 times
     assert entry["seconds"] == pytest.approx(per_estimate) and entry["fixed"] == pytest.approx(fixed)
     assert all(g.seconds == pytest.approx(per_estimate) for g in groups)
@@ -296,7 +296,7 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     calls.clear()
     per_estimate = 2e-3
     entry = {}
-    groups = selection.time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1] and entry["seconds"] == pytest.approx(per_estimate + fixed - dispatch)
 
 
