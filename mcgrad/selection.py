@@ -241,7 +241,10 @@ def _time_estimates(entry: dict, state, keys, first: int, array_inputs, short: f
     count (on the benchmark mixture a call of one estimate took 155 µs past its dispatch
     and each of ten 42 µs, and timed on one estimate measure-valued looked 2.5–4× dearer
     than its training step). A longer estimate keeps the one call: its fixed cost is a
-    small part of it. The two calls are timed ``repeats`` times, the fastest of each kept
+    small part of it, and so does one whose ``k − 1`` estimates take less than a call (their
+    slope is then within the calls' noise: microsecond estimates came out 100× apart);
+    they are charged their share of the call past its dispatch. The two calls are timed
+    ``repeats`` times, the fastest of each kept
     (the same keys give the same estimates, so the repeats only time): one pair of
     sub-millisecond timings moved by ±40% (the discrete VAE's DisARM 63 µs an estimate
     in one, 98 µs as the fastest of 40). Returns the calls' measurements, each at the
@@ -257,11 +260,11 @@ def _time_estimates(entry: dict, state, keys, first: int, array_inputs, short: f
         for _ in range(repeats - 1):
             single = min(single, _timed_call(entry, state, keys, first, 1, array_inputs)[2])
             bulk = min(bulk, _timed_call(entry, state, keys, first + 1, more, array_inputs)[2])
-        slope = (bulk - single) / (more - 1)
-        if slope > 0:
-            seconds, fixed = slope, max(single - slope, 0.0)
-            entry["fixed"] = fixed
-        else:  # timing noise: the bulk call was quicker than the single one
+        if bulk - single > single:  # the k − 1 more estimates outlast a call: their cost is resolved
+            seconds = (bulk - single) / (more - 1)
+            entry["fixed"] = max(single - seconds, 0.0)
+        else:  # estimates too cheap to tell from a call's fixed cost and its noise (the slope can
+            # come out near 0): each takes its share of the call past the dispatch, alike for all
             seconds = max(bulk - fixed, 0.1 * bulk) / more
         groups = [groups[0]._replace(seconds=seconds), Measurement(mean, variance, seconds, more)]
     entry["seconds"] = min(entry.get("seconds", math.inf), seconds)

@@ -292,8 +292,16 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     assert all(g.seconds == pytest.approx(per_estimate) for g in groups)
     # later calls leave the found fixed cost out, not the dispatch
     assert selection.run_measurement(entry, None, None, 6, 4, None).seconds == pytest.approx(per_estimate)
+    # estimates too cheap to tell from the call's fixed cost: a share of the call past the dispatch
+    calls.clear()
+    per_estimate, fixed = 1e-6, 4e-5
+    entry = {}
+    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    assert calls == [1, 8] * 3 and "fixed" not in entry  # ceil(1 ms / 41 us) more, within the 10 keys
+    assert entry["seconds"] == pytest.approx((fixed + 8 * per_estimate - dispatch) / 8)
     # a long estimate keeps the one call
     calls.clear()
+    fixed = 1.5e-4
     per_estimate = 2e-3
     entry = {}
     groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
