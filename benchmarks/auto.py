@@ -13,7 +13,7 @@ Three models, each fitted once per method from the same initial parameters and k
    default), measure-valued (with ``mg.elbo(2)``, and with ``mg.elbo(1)`` as
    ``benchmarks/discrete.py`` runs it), double control variate, REBAR. Auto:
    ``mg.auto()`` (its default schedule: decisions at 0, a sixteenth of the run and every
-   quarter). Target: within 1.1× of the best fixed estimator's
+   quarter, those the run affords at its 5% budget). Target: within 1.1× of the best fixed estimator's
    time to the −ELBO 21.09 nats per image.
 3. **Mixture**: a two-component mixture with a continuous and a discrete latent, on
    data drawn from a fixed key: ``loc ~ N(0, 5²)``, per datum ``z_i ~ Bernoulli(½)``,
@@ -84,6 +84,7 @@ from mcgrad import selection
 from mcgrad.estimators.choice import CANDIDATES
 from mcgrad.experiments import discrete_vae
 from mcgrad.experiments.blr import load_breast_cancer
+from mcgrad.programs import COMPILE_EVENTS, covered
 
 RESULTS = Path(__file__).parent / "results"
 FIGURE = Path(__file__).parent.parent / "docs" / "img" / "auto_choices.png"
@@ -95,7 +96,6 @@ PROBLEMS = ("blr", "vae", "mixture")
 TIME_RATIO = 1.1  # auto's time to target / the reference's (pathwise on BLR, the best fixed otherwise), at most
 OVERHEAD = 0.1  # auto's measurement run seconds / its segments' run seconds, at most
 
-COMPILE_EVENTS = ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration")
 
 
 # --------------------------------------------------------------------------- models
@@ -275,7 +275,7 @@ class Phases:
         self._intervals: list[tuple[float, float]] = []
 
     def listener(self, event: str, duration: float, **_):
-        if self._open is not None and event.rsplit("/", 1)[-1] in COMPILE_EVENTS:
+        if self._open is not None and event in COMPILE_EVENTS:
             end = time.perf_counter()
             self._intervals.append((end - duration, end))
 
@@ -301,17 +301,6 @@ class Phases:
             self._open["compile_seconds"] = covered(self._intervals, start, now)
             self.rows.append(self._open)
             self._open, self._intervals = None, []
-
-
-def covered(intervals: list[tuple[float, float]], start: float, end: float) -> float:
-    """The length of the union of ``intervals`` within ``[start, end]``."""
-    total, reach = 0.0, start
-    for low, high in sorted(intervals):
-        low, high = max(low, reach), min(high, end)
-        if high > low:
-            total += high - low
-            reach = high
-    return total
 
 
 @contextlib.contextmanager
@@ -381,6 +370,11 @@ def fit_once(problem: Problem, method: Method):
                         optimizer=problem.optimizer, objective=method.objective, estimators=method.estimators,
                         progress_bar=False)
         jax.block_until_ready(result.state)
+    if result.diagnostics.choices is not None:  # which of auto's stops between segments decided
+        decided = set(result.diagnostics.choices["step"])
+        for row in phases.rows:
+            if row["phase"] == "measure":
+                row["decided"] = row["step"] in decided
     return result, phases.rows
 
 
@@ -407,21 +401,28 @@ def summarize_fixed(calls: list[list[dict]], num_steps: int) -> dict:
 
 
 def summarize_auto(calls: list[list[dict]], num_steps: int) -> dict:
-    """Auto's phases: per decision and per segment, the smallest run seconds over the calls
-    (a segment's only where the call ran the first call's choice there)."""
+    """Auto's phases, the first call's: per stop between segments (``decided`` or not) and
+    per segment, the smallest run seconds over the calls that had the same phase (a stop
+    at the same step that decided alike; a segment of the same steps and choices). A
+    repeated call can decide elsewhere (the choices and the ledger rest on timings)."""
     first = calls[0]
 
     def of(rows, phase):
         return [row for row in rows if row["phase"] == phase]
 
-    measures = [{"step": row["step"], "run_seconds": min(run_seconds(of(rows, "measure")[i]) for rows in calls
-                                                        if len(of(rows, "measure")) > i),
+    def same_stop(a, b):
+        return a["step"] == b["step"] and a.get("decided") == b.get("decided")
+
+    def same_segment(a, b):
+        return (a["step"], a["steps"], a["choices"]) == (b["step"], b["steps"], b["choices"])
+
+    measures = [{"step": row["step"], "decided": row.get("decided"),
+                 "run_seconds": min(run_seconds(r) for rows in calls for r in of(rows, "measure") if same_stop(r, row)),
                  "compile_seconds": row["compile_seconds"], "wall_seconds": row["wall_seconds"]}
-                for i, row in enumerate(of(first, "measure"))]
+                for row in of(first, "measure")]
     segments = []
-    for i, row in enumerate(of(first, "segment")):
-        same = [of(rows, "segment")[i] for rows in calls
-                if len(of(rows, "segment")) > i and of(rows, "segment")[i]["choices"] == row["choices"]]
+    for row in of(first, "segment"):
+        same = [r for rows in calls for r in of(rows, "segment") if same_segment(r, row)]
         segments.append({"step": row["step"], "steps": row["steps"], "choices": row["choices"],
                          "run_seconds": min(run_seconds(r) for r in same), "compile_seconds": row["compile_seconds"],
                          "wall_seconds": row["wall_seconds"], "calls_timed": len(same)})
@@ -443,8 +444,19 @@ def summarize_auto(calls: list[list[dict]], num_steps: int) -> dict:
         "decisions": measures,
         "segments": segments,
         # Decisions rest on measured seconds, so a repeated call can choose otherwise.
-        "choices_per_call": [[row["choices"] for row in of(rows, "segment")] for rows in calls],
+        "choices_per_call": [choice_runs(of(rows, "segment")) for rows in calls],
+        "decided_per_call": [[row["step"] for row in of(rows, "measure") if row.get("decided")] for rows in calls],
     }
+
+
+def choice_runs(segments: list[dict]) -> list[dict]:
+    """The choices a call ran, from the step each began: consecutive segments of the same
+    choices joined (a stop that kept the choice, or a boundary without a decision)."""
+    runs: list[dict] = []
+    for segment in segments:
+        if not runs or runs[-1]["choices"] != segment["choices"]:
+            runs.append({"step": segment["step"], "choices": segment["choices"]})
+    return runs
 
 
 def time_to_step(summary: dict, steps: int | None, num_steps: int, is_auto: bool) -> float:
@@ -658,16 +670,21 @@ def markdown(results: dict) -> str:
                 f"| {fmt(1e3 * row['seconds_per_step'], '.3f')} | {fmt(row['time_to_target_seconds'], '.2f')} "
                 f"| {fmt(ratio, '.2f')} | {fmt(row['compile_seconds'], '.1f')} | {fmt(row['end_to_end_seconds'], '.1f')} |"
             )
-        chosen = " → ".join(
-            f"{s['step']}: " + ", ".join(f"{site}={c}" for site, c in s["choices"].items()) for s in auto["segments"]
-        )
+        def ran(runs):
+            return " → ".join(f"{r['step']}: " + ", ".join(f"{site}={c}" for site, c in r["choices"].items())
+                              for r in runs)
+
+        chosen = ran(auto["choices_per_call"][0])
+        decided = ", ".join(str(step) for step in auto["decided_per_call"][0])
         others = [call for call in auto["choices_per_call"][1:] if call != auto["choices_per_call"][0]]
         if others:
             chosen += (f" (the {len(others)} of {len(auto['choices_per_call']) - 1} repeated calls that chose otherwise: "
-                       + "; ".join(" → ".join(",".join(c.values()) for c in call) for call in others) + ")")
+                       + "; ".join(ran(call) for call in others) + ")")
+        repeats = "; ".join(", ".join(str(step) for step in call) for call in auto["decided_per_call"][1:])
         lines += [
             "",
-            (f"Auto (ms/step: its segments alone): chose {chosen}. Run: measurements "
+            (f"Auto (ms/step: its segments alone): ran {chosen}; decided at steps {decided}"
+             + (f" (the repeated calls: {repeats})" if repeats else "") + ". Run: measurements "
             f"{fmt(auto['measurement_run_seconds'], '.3f')} s, segments {fmt(auto['segment_run_seconds'], '.3f')} s "
             f"(overhead {fmt(100 * auto['overhead'], '.1f')}%), setup {fmt(auto['setup_run_seconds'], '.3f')} s; "
             f"compile: measurements {fmt(auto['measurement_compile_seconds'], '.1f')} s, segments "

@@ -81,8 +81,10 @@ def to_inference_data(result, num_samples: int = 1000, key: jax.Array | None = N
 def _choices_dataset(choices) -> xr.Dataset:
     """``mg.auto()``'s decisions: per site, the chosen candidate at each decision step, and
     every candidate's measured variance, seconds, efficiency and its relative standard error
-    (``decision`` × ``candidate``)."""
-    variables, coords = {}, {}
+    (``decision`` × ``candidate``); per decision its seconds and the run's seconds before it."""
+    ledger = choices.groupby("step")[["decision_seconds", "run_seconds"]].first()
+    variables = {column: (("decision_step",), ledger[column].to_numpy(dtype=float)) for column in ledger}
+    coords = {"decision_step": ledger.index.to_numpy()}
     for site, panel in choices.groupby("site", sort=False):
         steps = np.array(sorted(panel["step"].unique()))
         candidates = list(dict.fromkeys(panel["candidate"]))

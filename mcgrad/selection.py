@@ -1,7 +1,8 @@
 r"""``mg.auto()`` in :func:`mcgrad.fit`: measure each auto site's candidates, run the most efficient.
 
 A fit with auto sites runs in segments between decisions (:func:`decision_steps`: every
-``every`` steps). Before each segment, for each
+``every`` steps; on the default schedule those the run's ledger affords,
+:func:`affordable`). At each decision, for each
 auto site ``s`` and each of its candidates ``c`` (the other sites at their current
 choice), :func:`measurer` takes independent gradient estimates at the current state, one
 after another in one compiled loop (as steps run), and records
@@ -54,7 +55,7 @@ from mcgrad.diagnostics import efficiency, running_moments
 from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
 from mcgrad.inference import handlers
-from mcgrad.programs import ProgramCache, compiler_options
+from mcgrad.programs import ProgramCache, compile_clock, compiler_options
 from mcgrad.programs import fingerprint as _fingerprint
 
 Array = jax.Array
@@ -490,10 +491,14 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN),
     ``efficiency_error`` (its standard error relative to it, :func:`standard_errors`; 0 for
     a ceiling), ``measured`` (``False``: pruned, last numbers kept), ``chosen``,
-    ``num_estimates`` behind the variance, and the ``compile_seconds`` /
-    ``measure_seconds`` spent on it."""
+    ``num_estimates`` behind the variance, the ``compile_seconds`` / ``measure_seconds``
+    spent on it (``timing_seconds`` of the latter a program's one-time work: its untimed
+    first run and timing calls), and the run's ledger (the same on a decision's rows; a
+    program's one-time work excluded): ``decision_seconds``, what the whole decision took,
+    and ``run_seconds``, what the run's segments had taken before it (:func:`affordable`)."""
     columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
-               "efficiency_error", "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds"]
+               "efficiency_error", "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds",
+               "timing_seconds", "decision_seconds", "run_seconds"]
     return pd.DataFrame(records, columns=columns)
 
 
@@ -544,7 +549,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         if previous is not None and (
             math.isnan(previous["efficiency"]) or previous["efficiency"] * site.settings.prune < best_before
         ):
-            rows[candidate] = dict(previous, measured=False, compile_seconds=0.0, measure_seconds=0.0)
+            rows[candidate] = dict(previous, measured=False, compile_seconds=0.0, measure_seconds=0.0, timing_seconds=0.0)
             continue
         measured_choices = {**choices, name: index}
 
@@ -567,7 +572,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, progress=math.nan,
                                    efficiency_error=math.nan, measured=False,
-                                   raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0)
+                                   raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0,
+                                   timing_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
     compile_seconds = lowering_seconds + compile_measurements(list(entries.values()))
     seconds, taken, spent = {}, {}, {}  # per candidate: seconds per estimate, estimates taken, seconds spent
@@ -590,6 +596,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         done += _time_estimates(entry, state, keys, len(done), array_inputs)
         taken[candidate], seconds[candidate] = done, entry["seconds"]
         spent[candidate] = time.perf_counter() - start
+    timing = dict(spent)  # a program's one-time work, as its compile is: once a process
     counts = {}
     if seconds:
         per_step = step_seconds or seconds.get(site.names[choices[name]], min(seconds.values()))
@@ -636,7 +643,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
                                efficiency=ceilings[candidate], efficiency_error=0.0, measured=True,
                                num_estimates=_count(taken.get(candidate, [])),
-                               compile_seconds=compile_share(candidate), measure_seconds=spent.get(candidate, 0.0))
+                               compile_seconds=compile_share(candidate), measure_seconds=spent.get(candidate, 0.0),
+                               timing_seconds=timing.get(candidate, 0.0))
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
     errors = standard_errors(measurements, mask, site.settings.criterion) if measurements else {}
@@ -654,6 +662,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             num_estimates=measurement.num_estimates,
             compile_seconds=compile_share(candidate),
             measure_seconds=spent[candidate],  # every measured candidate ran at least one estimate here
+            timing_seconds=timing.get(candidate, 0.0),
         )
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
@@ -699,9 +708,9 @@ def _fixed_overrides(estimators: Any) -> dict:
 
 
 def decision_steps(every: list[int | None], num_steps: int) -> list[int]:
-    """The steps at which the auto sites decide: 0 and every ``every`` steps (the smallest
-    the sites set). Where none sets it, a quarter of the run, and one more decision at a
-    sixteenth: the first is made at the initial parameters, which the run leaves at once
+    """The steps at which the auto sites may decide: 0 and every ``every`` steps (the
+    smallest the sites set). Where none sets it, a quarter of the run, and one more at a
+    sixteenth, each made where the run affords it (:func:`affordable`): the first is made at the initial parameters, which the run leaves at once
     and never sees again (on the discrete VAE the score function, DisARM and the double
     control variate tie there within 4%; by step 250 of 8000 DisARM makes 18% more
     progress a step at the same seconds, which the decision at step 2000 was the first
@@ -721,9 +730,31 @@ def decision_steps(every: list[int | None], num_steps: int) -> list[int]:
     return sorted(steps)
 
 
+def affordable(measured: float, ran: float, budget: float) -> bool:
+    """Whether a decision of the default schedule is made: the measurements so far took at
+    most ``budget`` of the seconds the run's segments have taken, so over a run they take
+    about ``budget`` of it, one decision beyond at most. A program's one-time work is left
+    out of both: compiling it, and for a measurement program its first run and timing
+    (once a process, as compiling is; the ledger is what recurs).
+
+    A decision's cost does not shrink with the run: timing and calling each candidate
+    (milliseconds for a few, ~20 ms for the discrete VAE's first) is fixed, and a run of
+    under a second cannot pay for five of them (the benchmark mixture's four decisions
+    before its target took 0.039 s, against its best combination's 0.06 s to the target).
+    Such a run keeps its first choice; a longer one decides where the schedule says. A
+    user's ``every`` is kept as given.
+
+    Example:
+        >>> affordable(0.0, 0.0, 0.05), affordable(0.02, 0.1, 0.05), affordable(0.02, 0.5, 0.05)
+        (True, False, True)
+    """
+    return budget == math.inf or measured <= budget * ran
+
+
 def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps: int, progress_bar: bool,
         checkpoint_path, chunk_size: int | None):
-    """The auto driver: decisions at :func:`decision_steps`, ordinary ``mg.fit`` segments between them."""
+    """The auto driver: decisions at :func:`decision_steps` (on the default schedule, those
+    :func:`affordable`), ordinary ``mg.fit`` segments between them."""
     from mcgrad.fit import (
         FitResult,
         NonFiniteError,
@@ -733,6 +764,9 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
 
     sites = auto_sites(training.estimators)
     decisions = decision_steps([site.settings.every for site in sites.values()], num_steps)
+    scheduled_by_user = any(site.settings.every is not None for site in sites.values())
+    budget = min(site.settings.budget for site in sites.values())
+    measured_seconds = ran_seconds = 0.0  # the run's ledger, compile excluded from both
     num_estimates = max(site.settings.num_estimates for site in sites.values())
     array_inputs, static_inputs = eqx.partition((run.args, run.kwargs), eqx.is_array)
     program = run.guide if run.guide is not None else run.model
@@ -767,47 +801,64 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
         bar = tqdm(total=num_steps, initial=done, desc=f"{run.settings['objective'].name} (auto)")
     try:
         while done < num_steps:
-            following = next((d for d in decisions if d > done), num_steps)  # the next decision's step
-            if done in decisions:
-                keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
-                for name, site in sites.items():
-                    rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
-                                         last[name], num_steps / len(decisions),
-                                         step_seconds.get(tuple(sorted(choices.items()))))
-                    # Pruned rows keep numbers relative to an earlier point and scale (the
-                    # relative variance and progress pool the candidates measured with them):
-                    # recorded, never chosen on.
-                    # The margin holds at the first decision too: the first candidate is
-                    # the registry's preference (mg.fit's default), and leaving it on noise
-                    # costs: the BLR's score function, chosen at step 0 without it, left a
-                    # run on pathwise from step 125 short of the target at step 2000
-                    # (Adam's second moments remember its gradients ~1000 steps).
-                    measured = {c: r for c, r in rows.items() if r["measured"]}
-                    new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in measured.items()},
-                                 site.settings.margin, {c: r["efficiency_error"] for c, r in measured.items()},
-                                 site.settings.confidence)
-                    choices[name] = new
-                    last[name] = rows
-                    for candidate, row in rows.items():
-                        records.append(dict(row, step=done, site=name, candidate=candidate,
-                                            chosen=candidate == site.names[new]))
-                state = state._replace(objective_state=with_choices(state.objective_state, choices))
-            length = min(chunk, following - done)
+            if done in decisions and (scheduled_by_user or affordable(measured_seconds, ran_seconds, budget)):
+                with compile_clock() as compiling:
+                    started, first_record = time.perf_counter(), len(records)
+                    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
+                    for name, site in sites.items():
+                        rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
+                                             last[name], num_steps / len(decisions),
+                                             step_seconds.get(tuple(sorted(choices.items()))))
+                        # Pruned rows keep numbers relative to an earlier point and scale (the
+                        # relative variance and progress pool the candidates measured with them):
+                        # recorded, never chosen on.
+                        # The margin holds at the first decision too: the first candidate is
+                        # the registry's preference (mg.fit's default), and leaving it on noise
+                        # costs: the BLR's score function, chosen at step 0 without it, left a
+                        # run on pathwise from step 125 short of the target at step 2000
+                        # (Adam's second moments remember its gradients ~1000 steps).
+                        measured = {c: r for c, r in rows.items() if r["measured"]}
+                        new = decide(choices[name], site.names, {c: r["efficiency"] for c, r in measured.items()},
+                                     site.settings.margin, {c: r["efficiency_error"] for c, r in measured.items()},
+                                     site.settings.confidence)
+                        choices[name] = new
+                        last[name] = rows
+                        for candidate, row in rows.items():
+                            records.append(dict(row, step=done, site=name, candidate=candidate,
+                                                chosen=candidate == site.names[new]))
+                    state = state._replace(objective_state=with_choices(state.objective_state, choices))
+                    # A program's one-time work (compile, first run, timing) is left out, as
+                    # the segments' compile is: the ledger is what recurs.
+                    one_time = compiling() + sum(r["timing_seconds"] for r in records[first_record:])
+                    decision_seconds = time.perf_counter() - started - one_time
+                for record in records[first_record:]:
+                    record.update(run_seconds=ran_seconds, decision_seconds=decision_seconds)
+                measured_seconds += decision_seconds
+            # The segment runs to the next decision the ledger will afford at the current pace
+            # (a skipped one would only split the segment: a call's setup, ~2 ms).
+            pace = step_seconds.get(tuple(sorted(choices.items()))) or _chosen_seconds(sites, choices, last)
+            following = next((d for d in decisions if d > done and (
+                scheduled_by_user or pace is None
+                or affordable(measured_seconds, ran_seconds + (d - done) * pace, budget))), num_steps)
+            length = min(chunk, following - done) if periodic else following - done
             overrides = {**_fixed_overrides(run.estimators), **pinned_estimators(sites, choices)}
             token = SEGMENT.set(True)
-            start = time.perf_counter()
             try:
-                result = run.fit(
-                    run.model, run.guide, *run.args, key=run.key, num_steps=done + length,
-                    **dict(run.settings, estimators=overrides), progress_bar=False, chunk_size=chunk,
-                    checkpoint_path=None, resume_from=state, **run.kwargs,
-                )
+                with compile_clock() as compiling:
+                    start = time.perf_counter()
+                    result = run.fit(
+                        run.model, run.guide, *run.args, key=run.key, num_steps=done + length,
+                        **dict(run.settings, estimators=overrides), progress_bar=False, chunk_size=chunk,
+                        checkpoint_path=None, resume_from=state, **run.kwargs,
+                    )
+                    elapsed = time.perf_counter() - start - compiling()  # a new choice's first segment compiles
             except NonFiniteError as error:
                 raise NonFiniteError(str(error), error.state, np.concatenate(loss_chunks + [error.losses])) from None
             finally:
                 SEGMENT.reset(token)
             ran = tuple(sorted(choices.items()))
-            step_seconds[ran] = min(step_seconds.get(ran, math.inf), (time.perf_counter() - start) / length)
+            step_seconds[ran] = min(step_seconds.get(ran, math.inf), elapsed / length)
+            ran_seconds += elapsed
             state = result.state
             loss_chunks.append(result.losses)
             parts.append(result.diagnostics)
@@ -829,6 +880,14 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     return FitResult(
         training.params(state), np.concatenate(loss_chunks), state, diagnostics, run.model, run.guide, run.args, run.kwargs
     )
+
+
+def _chosen_seconds(sites: dict[str, AutoSite], choices: dict[str, int], last: dict[str, dict]) -> float | None:
+    """A step's seconds before a segment of these choices has run: the slowest of the chosen
+    candidates' measured seconds an estimate (each estimate is a whole step's), if any."""
+    seconds = [last[name].get(sites[name].names[index], {}).get("seconds", math.nan) for name, index in choices.items()]
+    finite = [s for s in seconds if math.isfinite(s)]
+    return max(finite) if finite else None
 
 
 def _joined(history, parts, records, num_nonfinite):

@@ -49,9 +49,12 @@ def test_quick_benchmark(benchmark_module, tmp_path):
 
     auto = rows["auto"]
     segments, decisions = auto["segments"], auto["decisions"]
-    schedule = [0, 6, 25, 50, 75]  # a quarter of the run, and a sixteenth
-    assert sum(s["steps"] for s in segments) == num_steps and [s["step"] for s in segments] == schedule
-    assert [d["step"] for d in decisions] == schedule
+    schedule = [0, 6, 25, 50, 75]  # a quarter of the run, and a sixteenth: those the run affords
+    starts = [s["step"] for s in segments]
+    assert sum(s["steps"] for s in segments) == num_steps and starts[0] == 0 and set(starts) <= set(schedule)
+    assert [d["step"] for d in decisions] == starts  # the time before each segment
+    decided = sorted({row["step"] for row in problem["choices"]})
+    assert decided[0] == 0 and set(decided) <= set(starts)
     for segment in segments:
         assert segment["choices"]["loc"] in candidates["loc"] and segment["choices"]["z"] in candidates["z"]
     assert auto["run_seconds"] == pytest.approx(
@@ -59,7 +62,7 @@ def test_quick_benchmark(benchmark_module, tmp_path):
     assert auto["overhead"] == pytest.approx(auto["measurement_run_seconds"] / auto["segment_run_seconds"])
     # Every decision is recorded: a row per (step, site, candidate).
     choices = problem["choices"]
-    assert len(choices) == len(schedule) * (len(candidates["loc"]) + len(candidates["z"]))
+    assert len(choices) == len(decided) * (len(candidates["loc"]) + len(candidates["z"]))
     assert {"step", "site", "candidate", "variance", "seconds", "efficiency", "chosen"} <= set(choices[0])
 
     checks = problem["targets"]
@@ -89,8 +92,24 @@ def test_time_to_target_of_fixed_and_auto(benchmark_module):
     assert benchmark_module.time_to_step(auto, 75, 100, is_auto=True) == pytest.approx(0.5 + 3.0 + 0.4 + 0.4)
 
 
-def test_compile_time_is_the_union_of_nested_events(benchmark_module):
-    covered = benchmark_module.covered
-    assert covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.2, 5.7)], 0.0, 10.0) == pytest.approx(4.0)
-    assert covered([(0.0, 2.0)], 1.0, 10.0) == pytest.approx(1.0)  # clipped to the phase
-    assert covered([], 0.0, 1.0) == 0.0
+def test_auto_phases_are_timed_over_the_calls_that_had_them(benchmark_module):
+    """A repeated call can decide elsewhere: a stop counts where it decided alike at the same
+    step, a segment where it ran the same steps on the same choices."""
+    def call(*phases):
+        return [dict(p, compile_seconds=0.0) for p in phases]
+
+    pw = {"z": "pathwise"}
+    first = call({"phase": "measure", "step": 0, "decided": True, "wall_seconds": 0.05},
+                 {"phase": "segment", "step": 0, "steps": 100, "choices": pw, "wall_seconds": 1.0})
+    split = call({"phase": "measure", "step": 0, "decided": True, "wall_seconds": 0.01},
+                 {"phase": "segment", "step": 0, "steps": 50, "choices": pw, "wall_seconds": 0.3},
+                 {"phase": "measure", "step": 50, "decided": True, "wall_seconds": 0.01},
+                 {"phase": "segment", "step": 50, "steps": 50, "choices": pw, "wall_seconds": 0.3})
+    alike = call({"phase": "measure", "step": 0, "decided": True, "wall_seconds": 0.02},
+                 {"phase": "segment", "step": 0, "steps": 100, "choices": pw, "wall_seconds": 0.8})
+    summary = benchmark_module.summarize_auto([first, split, alike], 100)
+    assert [m["run_seconds"] for m in summary["decisions"]] == [0.01]
+    assert summary["segments"][0]["run_seconds"] == 0.8 and summary["segments"][0]["calls_timed"] == 2
+    # The same choices throughout, however the calls were cut: they chose alike.
+    assert summary["choices_per_call"] == [[{"step": 0, "choices": pw}]] * 3
+    assert summary["decided_per_call"] == [[0], [0, 50], [0]]

@@ -1,8 +1,13 @@
 """``mcgrad.programs``: what a fingerprint tells apart, and what it names instead of walking."""
 
+import time
+
+import jax
+import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 import optax
+import pytest
 
 import mcgrad as mg
 from mcgrad import programs
@@ -30,3 +35,26 @@ def test_a_library_function_is_named_and_a_users_function_is_walked():
     assert programs.fingerprint(model_with(1.0)) != programs.fingerprint(model_with(2.0))
     assert programs.fingerprint(model_with(1.0))[0] == "function"
 
+
+def test_compile_time_is_the_union_of_nested_spans():
+    covered = programs.covered
+    assert covered([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.2, 5.7)], 0.0, 10.0) == pytest.approx(4.0)
+    assert covered([(0.0, 2.0)], 1.0, 10.0) == pytest.approx(1.0)  # clipped to the phase
+    assert covered([], 0.0, 1.0) == 0.0
+
+
+def test_the_compile_clock_counts_new_programs_and_cache_builds_not_runs():
+    square = jax.jit(lambda x: jnp.tanh(x) ** 2 + 1.0)
+    with programs.compile_clock() as seconds:
+        square(jnp.ones(7)).block_until_ready()
+        first = seconds()
+        square(jnp.ones(7)).block_until_ready()  # compiled: nothing more
+        assert first > 0.0 and seconds() == first
+        cache = programs.ProgramCache()
+        cache.get("slow", lambda: time.sleep(0.05))  # a build the cache did not hold
+        assert seconds() >= first + 0.05
+        built = seconds()
+        cache.get("slow", lambda: time.sleep(0.05))  # held: no build
+        assert seconds() == built
+    square(jnp.ones(8)).block_until_ready()  # after the block: not counted
+    assert seconds() == built

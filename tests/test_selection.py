@@ -80,8 +80,23 @@ def fit(model, guide, estimators, num_steps=40, objective=None, **options):
                   objective=objective or mg.elbo(2), estimators=estimators, progress_bar=False, **options)
 
 
+def assert_the_ledger_afforded(choices, budget=0.05):
+    """Each recorded decision after the first was :func:`affordable` by the ledger on its rows:
+    the decisions before it took at most ``budget`` of the seconds the run had taken."""
+    ledger = choices.groupby("step")[["decision_seconds", "run_seconds"]].agg(["min", "max"])
+    for column in ("decision_seconds", "run_seconds"):  # one value per decision, on all its rows
+        assert (ledger[(column, "min")] == ledger[(column, "max")]).all()
+    decisions = ledger.xs("min", axis=1, level=1)
+    assert decisions["run_seconds"].iloc[0] == 0.0 and decisions["run_seconds"].is_monotonic_increasing
+    spent_before = decisions["decision_seconds"].cumsum().shift(fill_value=0.0)
+    assert (spent_before <= budget * decisions["run_seconds"]).all(), decisions
+
+
 def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
-    result = fit(mixed_model, mixed_guide, "auto", num_steps=40, diagnostics_every=10)
+    # An unlimited budget: every decision of the default schedule is made.
+    everywhere = functools.partial(mg.auto, budget=math.inf)
+    result = fit(mixed_model, mixed_guide, {"shift": everywhere(), "label": everywhere()}, num_steps=40,
+                 diagnostics_every=10)
     choices = result.diagnostics.choices
     assert set(choices["site"]) == {"shift", "label"}
     assert sorted(choices["step"].unique()) == [0, 2, 10, 20, 30]  # a quarter of the run, and a sixteenth
@@ -103,6 +118,23 @@ def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
     assert {site: names[site][index] for site, index in stored.items()} == dict(last)
     assert np.all(np.isfinite(result.losses)) and result.losses[-5:].mean() < result.losses[:5].mean()
     assert result.diagnostics.steps.tolist() == [0, 10, 20, 30]  # the gradient diagnostics still run
+
+
+def test_the_default_schedule_decides_where_the_run_has_paid_for_its_measurements():
+    # The same 40 steps with the default budget (5%): a decision takes milliseconds, the
+    # whole run about as long, so later decisions are made only where the ledger affords them.
+    result = fit(mixed_model, mixed_guide, "auto", num_steps=40)
+    choices = result.diagnostics.choices
+    assert set(choices["step"]) <= {0, 2, 10, 20, 30} and choices["step"].min() == 0
+    assert (choices["decision_seconds"] > 0).all()
+    assert_the_ledger_afforded(choices)
+    assert_the_rule_chose(choices)
+    # A budget no run can pay: the first decision only, and the run continues on its choice.
+    frugal = fit(mixed_model, mixed_guide, {"label": mg.auto(budget=1e-9)}, num_steps=40)
+    assert set(frugal.diagnostics.choices["step"]) == {0} and len(frugal.losses) == 40
+    # A user's `every` is kept as given, whatever the budget.
+    scheduled = fit(mixed_model, mixed_guide, {"label": mg.auto(budget=1e-9, every=10)}, num_steps=40)
+    assert sorted(scheduled.diagnostics.choices["step"].unique()) == [0, 10, 20, 30]
 
 
 def test_a_discrete_site_chooses_a_lower_variance_estimator_than_the_score_function():
@@ -211,6 +243,9 @@ def test_inference_data_and_figure_carry_the_choices():
     choice = idata.auto["label_choice"].values
     assert choice.shape == (2,) and set(choice) <= set(result.diagnostics.choices["candidate"])
     assert idata.auto["label_efficiency"].shape == (2, result.diagnostics.choices["candidate"].nunique())
+    ledger = result.diagnostics.choices.groupby("step")["run_seconds"].first()
+    np.testing.assert_array_equal(idata.auto["run_seconds"].values, ledger.to_numpy())
+    assert idata.auto["decision_seconds"].shape == (2,) and (idata.auto["decision_seconds"].values > 0).all()
     figure = mg.plotting.choices_figure(result.diagnostics.choices)
     assert len(figure.axes) == 1
 

@@ -169,7 +169,11 @@ def auto(
         candidates: ``{name: estimator}``; default every estimator of the registry
             (:data:`CANDIDATES`: pathwise, score function with leave-one-out, measure-valued,
             DisARM, double control variate, REBAR, enumeration) that applies to the site.
-        every: steps between decisions in ``mg.fit`` (default a quarter of the run).
+        every: steps between decisions in ``mg.fit``, each made. Default: a quarter of the
+            run and once at a sixteenth, each made only where the decisions so far took at
+            most ``budget`` of the run's seconds so far
+            (:func:`mcgrad.selection.affordable`): a decision's fixed cost (milliseconds)
+            does not shrink with the run.
         num_estimates: gradient estimates per decision for the fastest candidate (``≥ 2``);
             the others get as many as the same seconds buy, at least 2.
         margin: switch away from the current choice only for a candidate more than this
@@ -180,10 +184,12 @@ def auto(
         prune: after the first decision, candidates less efficient than the best by more
             than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
-        budget: the most a decision spends on estimates, as a fraction of the run's steps
-            per decision (at the current choice's seconds a step), shared by the auto
-            sites: fewer estimates per candidate where the time would exceed it, never
-            fewer than 2 (a variance). Timing a candidate not timed before is outside it.
+        budget: the share of the run measuring may take. A decision spends at most this
+            fraction of the run's steps per decision on estimates (at the current choice's
+            seconds a step), shared by the auto sites: fewer estimates per candidate where
+            the time would exceed it, never fewer than 2 (a variance); and on the default
+            schedule a decision is made only where all decisions so far, timing and calls
+            included, took at most this fraction of the run so far.
         confidence: switch only where the gain beyond ``margin`` exceeds this many standard
             errors of the difference (each efficiency's error from its own variance
             estimate: about its whole size with 2 estimates, a third with 10 on one
