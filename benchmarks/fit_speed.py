@@ -50,6 +50,7 @@ from numpyro.optim import optax_to_numpyro
 
 import mcgrad as mg
 from mcgrad.experiments.blr import load_breast_cancer
+from mcgrad.programs import COMPILE_EVENTS, covered
 
 RESULTS = Path(__file__).parent / "results"
 DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
@@ -134,25 +135,13 @@ def numpyro_fit(features, labels, key, num_steps, num_particles, learning_rate, 
     return np.asarray(jax.block_until_ready(result.losses))
 
 
-_COMPILE_EVENTS = ("jaxpr_trace_duration", "jaxpr_to_mlir_module_duration", "backend_compile_duration")
 _compile_intervals: list[tuple[float, float]] = []
 
 
 def _record_compile(event: str, duration: float, **_) -> None:
-    if event.rsplit("/", 1)[-1] in _COMPILE_EVENTS:
+    if event in COMPILE_EVENTS:
         end = time.perf_counter()
         _compile_intervals.append((end - duration, end))
-
-
-def _covered_seconds(intervals: list[tuple[float, float]]) -> float:
-    """The length of the union of the intervals: a jit traced inside another's trace reports
-    its own duration too, and summing them would count that time twice."""
-    total, reach = 0.0, -float("inf")
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
 
 
 jax.monitoring.register_event_duration_secs_listener(_record_compile)
@@ -165,7 +154,7 @@ def time_call(fn, *args) -> tuple[float, float, object]:
     start = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):  # the progress bars
         result = fn(*args)
-    return time.perf_counter() - start, _covered_seconds(_compile_intervals), result
+    return time.perf_counter() - start, covered(_compile_intervals), result
 
 
 def blr_speed(
