@@ -456,3 +456,17 @@ def test_a_candidate_that_refuses_the_site_is_not_traced_again():
     refused[0]["measure"] = NotAgain()
     second = fit(model, guide, estimators, num_steps=4).diagnostics.choices
     assert not second.loc[second["candidate"] == "enumerate", "measured"].any()
+
+
+def test_a_decision_spends_what_the_run_leaves_unspent():
+    """A short run's first decision may spend the whole run's budget (the next waits until
+    the run has paid for it); a later one at least a segment's share."""
+    from mcgrad.selection import estimates_budget
+
+    first = estimates_budget(0.05, 400, 1e-4, (0.0, 0.0, 2000), calls=0.0, num_sites=2)
+    assert first == pytest.approx(0.05 * 2000 * 1e-4 / 2)  # 5 ms a site, not a fifth of it
+    # the calls' fixed seconds come out of it, for every site
+    assert estimates_budget(0.05, 400, 1e-4, (0.0, 0.0, 2000), calls=1e-3, num_sites=2) == pytest.approx(first - 1e-3)
+    # what earlier decisions took comes out of it too, down to a segment's share
+    spent = estimates_budget(0.05, 400, 1e-4, (0.1, 0.01, 1000), calls=0.0, num_sites=1)
+    assert spent == pytest.approx(0.05 * 400 * 1e-4)

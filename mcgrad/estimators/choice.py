@@ -184,12 +184,13 @@ def auto(
         prune: after the first decision, candidates less efficient than the best by more
             than this factor are not measured again (their last numbers are kept).
         criterion: ``"progress"`` (default) or ``"variance"``, as above.
-        budget: the share of the run measuring may take. A decision spends at most this
-            fraction of the run's steps per decision on estimates (at the current choice's
-            seconds a step), shared by the auto sites: fewer estimates per candidate where
-            the time would exceed it, never fewer than 2 (a variance); and on the default
-            schedule a decision is made only where all decisions so far, timing and calls
-            included, took at most this fraction of the run so far.
+        budget: the share of the run measuring may take. A decision's estimates spend at
+            most what the run leaves unspent (this fraction of the run so far and of its
+            remaining steps at the current pace, less what decisions took;
+            :func:`mcgrad.selection.estimates_budget`), shared by the auto sites: fewer
+            estimates per candidate where the time would exceed it, never fewer than 2 (a
+            variance). On the default schedule a decision is made only where all decisions
+            so far took at most this fraction of the run so far.
         confidence: switch only where the gain beyond ``margin`` exceeds this many standard
             errors of the difference (each efficiency's error from its own variance
             estimate: about its whole size with 2 estimates, a third with 10 on one
