@@ -470,3 +470,30 @@ def test_a_decision_spends_what_the_run_leaves_unspent():
     # what earlier decisions took comes out of it too, down to a segment's share
     spent = estimates_budget(0.05, 400, 1e-4, (0.1, 0.01, 1000), calls=0.0, num_sites=1)
     assert spent == pytest.approx(0.05 * 400 * 1e-4)
+
+
+def test_candidates_are_timed_in_turn(monkeypatch):
+    """Fresh candidates' timing calls alternate, so a passing slowdown falls on all alike;
+    each gets what it would alone."""
+    import mcgrad.selection as selection
+
+    costs = {"cheap": (1.5e-4, 4e-5), "long": (1.5e-4, 2e-3)}  # (a call's fixed cost, an estimate)
+    calls = []
+
+    def fake_call(entry, state, keys, first, count, array_inputs):
+        calls.append((entry["name"], count))
+        fixed, per_estimate = costs[entry["name"]]
+        return np.zeros(2), np.ones(2), fixed + count * per_estimate
+
+    monkeypatch.setattr(selection, "_timed_call", fake_call)
+    monkeypatch.setattr(selection, "time_dispatch", lambda *args: 3e-5)
+    keys = np.zeros((10, 2))
+    alone = {name: selection._time_estimates({"name": name}, None, keys, 1, None) for name in costs}
+    calls.clear()
+    entries = {name: {"name": name} for name in costs}
+    together, seconds = selection._interleaved(
+        {name: selection._timing(entry, None, keys, 1, None) for name, entry in entries.items()})
+    assert [name for name, _ in calls[:4]] == ["cheap", "long", "cheap", "long"]
+    for name in costs:
+        assert [g.num_estimates for g in together[name]] == [g.num_estimates for g in alone[name]]
+        assert entries[name]["seconds"] == pytest.approx(alone[name][0].seconds) and seconds[name] > 0
