@@ -97,7 +97,6 @@ TIME_RATIO = 1.1  # auto's time to target / the reference's (pathwise on BLR, th
 OVERHEAD = 0.1  # auto's measurement run seconds / its segments' run seconds, at most
 
 
-
 # --------------------------------------------------------------------------- models
 
 

@@ -116,8 +116,18 @@ ONE_TIME_EVENTS = COMPILE_EVENTS | {SETUP_EVENT}
 
 @contextlib.contextmanager
 def one_time(fn_name: str = "") -> Iterator[None]:
-    """Record the block as a program's one-time work (:data:`SETUP_EVENT`), for
-    :func:`one_time_clock`."""
+    """Record the block as a program's one-time work (:data:`SETUP_EVENT`, a
+    ``jax.monitoring`` time span), which :func:`one_time_clock` leaves out of a run's time:
+    what is paid once a process, as compiling is (a first run, a timing).
+
+    Example:
+        >>> import time
+        >>> with one_time_clock() as seconds:
+        ...     with one_time("warm-up"):
+        ...         time.sleep(0.01)
+        >>> seconds() >= 0.01
+        True
+    """
     start = time.time()  # the clock of JAX's own event spans
     try:
         yield

@@ -55,7 +55,7 @@ from mcgrad.diagnostics import efficiency, running_moments
 from mcgrad.estimators.base import split_parameters
 from mcgrad.estimators.choice import AutoSite, AutoState, pinned
 from mcgrad.inference import handlers
-from mcgrad.programs import SETUP_EVENT, ProgramCache, compiler_options, one_time, one_time_clock
+from mcgrad.programs import ProgramCache, compiler_options, one_time, one_time_clock
 from mcgrad.programs import fingerprint as _fingerprint
 
 Array = jax.Array
@@ -218,7 +218,7 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     Its seconds per estimate leave out the call's fixed cost: a training step pays none of
     it (the steps run in one compiled loop), and left in it charges a candidate given 2
     estimates half of it an estimate and one given 10 a tenth. The fixed cost is the
-    entry's ``fixed`` where ``_time_estimates`` found it, else its ``dispatch``
+    entry's ``fixed`` where :func:`_timing` found it, else its ``dispatch``
     (:func:`time_dispatch`: a call asking for no estimate, which leaves out the loop's own
     set-up). A call the fixed cost alone explains (timing noise) counts a tenth of its time
     as the estimates'.
@@ -226,12 +226,6 @@ def run_measurement(entry: dict, state, keys, first: int, count: int, array_inpu
     mean, variance, elapsed = _timed_call(entry, state, keys, first, count, array_inputs)
     fixed = entry["fixed"] if "fixed" in entry else time_dispatch(entry, state, keys, array_inputs)
     return Measurement(mean, variance, max(elapsed - fixed, 0.1 * elapsed) / count, count)
-
-
-def _time_estimates(entry: dict, state, keys, first: int, array_inputs, short: float = 1e-3,
-                   repeats: int = 3) -> list[Measurement]:
-    """:func:`_timing` of one program, its calls one after another."""
-    return _interleaved({None: _timing(entry, state, keys, first, array_inputs, short, repeats)})[0][None]
 
 
 def _interleaved(jobs: dict[Any, Generator]) -> tuple[dict[Any, Any], dict[Any, float]]:
@@ -577,8 +571,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
-    is timed by ``_time_estimates`` (one estimate, and a call of several more where one
-    is short); a program's first run is not timed but taken as an extra estimate first: it
+    is timed by :func:`_timing` (one estimate, and a call of several more where one
+    is short; candidates in turn, :func:`_interleaved`); a program's first run is not timed but taken as an extra estimate first: it
     carries one-time work, which a call that skips the estimate does not absorb (on the
     BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2
     of the fastest's 10 estimates). All join its share (:func:`merged`). A candidate
@@ -615,22 +609,22 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             continue
         measured_choices = {**choices, name: index}
 
-        start, started_at = time.perf_counter(), time.time()
+        start = time.perf_counter()
         try:
-            entry = programs(measured_choices)
+            entry = programs(measured_choices)  # a build is one-time work the cache records
             if entry.get("refused"):
                 raise ValueError(entry["refused"])
             if entry["compiled"] is None:  # traced here, so a candidate that refuses the site fails here
-                try:  # building (a trainer), tracing and lowering: the program's one-time work
-                    entry["lowered"] = entry["measure"].lower(state, keys, np.int32(0), np.int32(1), array_inputs)
+                try:
+                    with one_time(candidate):
+                        entry["lowered"] = entry["measure"].lower(state, keys, np.int32(0), np.int32(1), array_inputs)
                 except ValueError as error:
                     # Kept with the program, so later fits do not trace it again to find out
                     # (enumeration on the discrete VAE's 2^16 configurations: 0.1 s a fit).
                     entry["refused"] = str(error)
                     raise
                 finally:
-                    lowering_seconds += time.perf_counter() - start
-                    jax.monitoring.record_event_time_span(SETUP_EVENT, started_at, time.time(), fn_name=candidate)
+                    lowering_seconds += time.perf_counter() - start  # its build included
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
             rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, progress=math.nan,

@@ -92,6 +92,13 @@ def assert_the_ledger_afforded(choices, budget=0.05):
     assert (spent_before <= budget * decisions["run_seconds"]).all(), decisions
 
 
+def time_alone(entry, state, keys, first, array_inputs):
+    """One program's timing, its calls one after another (no other candidate in turn)."""
+    from mcgrad import selection
+
+    return selection._interleaved({None: selection._timing(entry, state, keys, first, array_inputs)})[0][None]
+
+
 def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
     # An unlimited budget: every decision of the default schedule is made.
     everywhere = functools.partial(mg.auto, budget=math.inf)
@@ -321,7 +328,7 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     monkeypatch.setattr(selection, "_timed_call", fake_call)
     monkeypatch.setattr(selection, "time_dispatch", lambda *args: dispatch)
     entry = {}
-    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    groups = time_alone(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1, 6] * 3 and [g.num_estimates for g in groups] == [1, 6]  # ceil(1 ms / 0.19 ms) more, 3 times
     assert entry["seconds"] == pytest.approx(per_estimate) and entry["fixed"] == pytest.approx(fixed)
     assert all(g.seconds == pytest.approx(per_estimate) for g in groups)
@@ -331,7 +338,7 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     calls.clear()
     per_estimate, fixed = 1e-6, 4e-5
     entry = {}
-    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    groups = time_alone(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1, 8] * 3 and "fixed" not in entry  # ceil(1 ms / 41 us) more, within the 10 keys
     assert entry["seconds"] == pytest.approx((fixed + 8 * per_estimate - dispatch) / 8)
     # a long estimate keeps the one call, the fastest of 3 (a slow call can be noise) ...
@@ -339,12 +346,12 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     fixed = 1.5e-4
     per_estimate = 2e-3
     entry = {}
-    groups = selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    groups = time_alone(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1] * 3 and entry["seconds"] == pytest.approx(per_estimate + fixed - dispatch)
     # ... one call of it where it is long beyond doubt (10 ms and more)
     calls.clear()
     per_estimate = 2e-2
-    groups = selection._time_estimates({}, None, np.zeros((10, 2)), 1, None)
+    groups = time_alone({}, None, np.zeros((10, 2)), 1, None)
     assert calls == [1]
     # a short estimate slow once (a first fit's noise) is timed as a short one
     per_estimate, fixed = 4e-5, 1.5e-4
@@ -357,7 +364,7 @@ def test_timing_separates_the_seconds_an_estimate_from_the_call(monkeypatch):
     monkeypatch.setattr(selection, "_timed_call", noisy_call)
     calls.clear()
     entry = {}
-    selection._time_estimates(entry, None, np.zeros((10, 2)), 1, None)
+    time_alone(entry, None, np.zeros((10, 2)), 1, None)
     assert calls == [1, 1, 1, 6] + [1, 6] * 2 and entry["seconds"] == pytest.approx(per_estimate)
 
 
@@ -488,7 +495,7 @@ def test_candidates_are_timed_in_turn(monkeypatch):
     monkeypatch.setattr(selection, "_timed_call", fake_call)
     monkeypatch.setattr(selection, "time_dispatch", lambda *args: 3e-5)
     keys = np.zeros((10, 2))
-    alone = {name: selection._time_estimates({"name": name}, None, keys, 1, None) for name in costs}
+    alone = {name: time_alone({"name": name}, None, keys, 1, None) for name in costs}
     calls.clear()
     entries = {name: {"name": name} for name in costs}
     together, seconds = selection._interleaved(
