@@ -9,8 +9,8 @@ Three models, each fitted once per method from the same initial parameters and k
    pathwise's.
 2. **Discrete VAE**: the VAE of :mod:`mcgrad.experiments.discrete_vae` (16 Bernoulli
    latents, binarized digits, batch 32, Adam 1e-3, 8000 steps, its initial weights and
-   keys), ``mg.elbo(2)``. Fixed: DisARM, score function with leave-one-out (mg.fit's
-   default), measure-valued (with ``mg.elbo(2)``, and with ``mg.elbo(1)`` as
+   keys), ``mg.elbo(2)``. Fixed: DisARM (mg.fit's default for a Bernoulli with two
+   particles), score function with leave-one-out, measure-valued (with ``mg.elbo(2)``, and with ``mg.elbo(1)`` as
    ``benchmarks/discrete.py`` runs it), double control variate, REBAR. Auto:
    ``mg.auto()`` (its default schedule: decisions at 0, a sixteenth of the run and every
    quarter, those the run affords at its 5% budget). Target: within 1.1× of the best fixed estimator's
@@ -212,8 +212,9 @@ def vae_problem(*, num_steps: int, candidates: tuple[str, ...], restricted: bool
     key_init, key_train = jax.random.split(jax.random.key(seed), 5)[:2]  # as discrete_vae.run draws them
     vae = discrete_vae.make_discrete_vae(latent_dim, hidden, key_init)
     objective = mg.elbo(2)
-    methods = [Method(name, {"z": candidate(name, 2)} if name != "score_function_loo" else None, objective,
-                      is_default=name == "score_function_loo") for name in candidates]
+    default = mg.estimators.choice.preferred(dist.Bernoulli(logits=jnp.zeros(latent_dim)), 2)
+    methods = [Method(name, {"z": candidate(name, 2)} if name != default else None, objective,
+                      is_default=name == default) for name in candidates]
     if measure_valued_k1:
         methods.append(Method("measure_valued, elbo(1)", {"z": mg.measure_valued()}, mg.elbo(1)))
     methods.append(Method("auto", {"z": auto_estimator(candidates if restricted else None, 2)}, objective,
@@ -233,10 +234,12 @@ def mixture_problem(*, num_steps: int, loc_candidates: tuple[str, ...], z_candid
                     tolerance: float = 0.1, seed: int = 0) -> Problem:
     x = mixture_data(jax.random.key(2024 + seed), num_data)
     objective = mg.elbo(num_particles)
+    preferred = mg.estimators.choice.preferred
+    default_z = preferred(dist.Bernoulli(logits=jnp.zeros(num_data)), num_particles)
     methods = []
     for loc_name in loc_candidates:
         for z_name in z_candidates:
-            default = loc_name == "pathwise" and z_name == "score_function_loo"
+            default = loc_name == preferred(dist.Normal(), num_particles) and z_name == default_z
             estimators = None if default else {"loc": candidate(loc_name, num_particles),
                                                "z": candidate(z_name, num_particles)}
             methods.append(Method(f"loc={loc_name}, z={z_name}", estimators, objective, is_default=default))

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpyro.distributions as dist
 
 from mcgrad.estimators.base import GradientEstimator
-from mcgrad.estimators.choice import auto, resolve, score_function_loo
-from mcgrad.estimators.pathwise import pathwise
+from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolve
 from mcgrad.inference.costs import latent_sites
 
 
-def default_estimator(distribution: dist.Distribution, num_particles: int) -> GradientEstimator:
-    """Pathwise with rsample; else score function with leave-one-out (moving average for 1 particle)."""
-    return pathwise() if distribution.has_rsample else score_function_loo(num_particles)
+def default_estimator(distribution: dist.Distribution, num_particles: int,
+                      independent_rows: bool = False) -> GradientEstimator:
+    """Pathwise with rsample; DisARM for a Bernoulli with two particles of their own costs;
+    else the score function with leave-one-out (a moving average for one particle). The
+    rule, and why: :func:`mcgrad.estimators.choice.preferred`."""
+    return BUILTIN_CANDIDATES[preferred(distribution, num_particles, independent_rows)](num_particles)
 
 
 def resolve_estimators(
@@ -20,14 +22,16 @@ def resolve_estimators(
     annotated: dict[str, GradientEstimator],
     overrides: dict[str, GradientEstimator] | str | None,
     num_particles: int,
+    independent_rows: bool = False,
 ) -> dict[str, GradientEstimator]:
     """One estimator per latent site of ``program_trace``, checked against the site.
 
     Precedence: ``overrides`` (``estimators={...}`` of ``fit``), then the program site's own
     ``infer={"estimator": ...}``, then ``annotated`` (the model's annotations of the same
     site), then :func:`default_estimator`. ``overrides="auto"`` gives every latent site
-    ``mg.auto()``; an ``auto`` site resolves to its first applicable candidate
+    ``mg.auto()``; an ``auto`` site resolves to the default's candidate where it applies
     (:func:`mcgrad.estimators.choice.resolve`), which ``mg.fit`` then measures and switches.
+    ``independent_rows``: each particle has its own cost (the ELBO's particles).
     """
     latent = latent_sites(program_trace)
     if isinstance(overrides, str):
@@ -45,13 +49,13 @@ def resolve_estimators(
     for site in latent:
         name, fn = site["name"], site["fn"]
         estimator = overrides.get(name) or site["infer"].get("estimator") or annotated.get(name)
-        estimator = estimator or default_estimator(fn, num_particles)
+        estimator = estimator or default_estimator(fn, num_particles, independent_rows)
         if not isinstance(estimator, GradientEstimator):
             raise ValueError(
                 f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
                 f"got {type(estimator).__name__}."
             )
-        estimator = resolve(estimator, fn, num_particles, name)
+        estimator = resolve(estimator, fn, num_particles, name, independent_rows)
         estimator.check(fn, name)
         chosen[name] = estimator
     return chosen

@@ -125,8 +125,11 @@ class Variational(NamedTuple):
     guide_trace: dict
 
 
-def bind_variational(model, guide, args, kwargs, estimators, key, num_particles) -> Variational:
-    """Trace the guide and model once: their params, the guide's site estimators, checks."""
+def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
+                     independent_particles: bool = False) -> Variational:
+    """Trace the guide and model once: their params, the guide's site estimators, checks.
+    ``independent_particles``: each particle has its own cost (the ELBO's; a multi-sample
+    bound's are coupled), which the default estimators may use."""
     if guide is None:
         raise ValueError("an ELBO-type objective needs a guide; for a model without latents use mg.maximum_likelihood().")
     param_info = find_params([(guide, args, kwargs), (model, args, kwargs)], key)
@@ -144,7 +147,7 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
         for name, site in own_trace.items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
-    chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles)
+    chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles, independent_particles)
     program = Program(guide, model_terms(model), chosen, keys=key_table)
     partner_flags(program, num_particles)  # an odd count for antithetic pairs fails here, not at the first step
     return Variational(param_info, program, guide_trace)
@@ -154,7 +157,8 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     r"""The negative evidence lower bound, ``E_q[log q(z) − log p(x, z)]``, to minimise.
 
     Each latent site of the guide is estimated by its own estimator (pathwise where it
-    has ``rsample``, else score function with a leave-one-out baseline; override with
+    has ``rsample``, DisARM for a Bernoulli with two particles, else score function with
+    a leave-one-out baseline: :func:`mcgrad.estimators.choice.preferred`; override with
     ``estimators={...}`` or ``infer={"estimator": ...}``; any
     :class:`~mcgrad.GradientEstimator` works per site); learning signals are
     Rao-Blackwellized over the program order and plates (see
@@ -187,7 +191,7 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     check_num_particles("elbo", num_particles, 1)
 
     def setup(model, guide, args, kwargs, estimators, key):
-        bound = bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
+        bound = bind_variational(model, guide, args, kwargs, estimators, key, num_particles, independent_particles=True)
         program = bound.program
         if sticking_the_landing:
             program = program._replace(stop_log_density=lambda estimator: True)

@@ -320,12 +320,12 @@ def two_site_guide():
 
 
 def test_default_estimators():
-    many = make_trainer(two_site_model, two_site_guide, (), mg.elbo(4)).estimators
-    assert many["c"].name == "pathwise"
-    assert many["d"].name == "score_function"
-    one = make_trainer(two_site_model, two_site_guide, (), mg.elbo(1)).estimators
-    assert one["c"].name == "pathwise"
-    assert one["d"].name == "score_function"
+    """Pathwise with rsample; a Bernoulli: DisARM with two particles, else the score function."""
+    for num_particles, bernoulli in [(4, "score_function"), (2, "disarm"), (1, "score_function")]:
+        chosen = make_trainer(two_site_model, two_site_guide, (), mg.elbo(num_particles)).estimators
+        assert (chosen["c"].name, chosen["d"].name) == ("pathwise", bernoulli), num_particles
+    # A multi-sample bound couples its particles: the score function (VIMCO there) at any count.
+    assert make_trainer(two_site_model, two_site_guide, (), mg.iwae(2)).estimators["d"].name == "score_function"
 
 
 def two_estimates(num_particles, estimators):
