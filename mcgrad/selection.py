@@ -22,8 +22,10 @@ after another in one compiled loop (as steps run), and records
 Candidates share a time budget: ``num_estimates`` estimates of the fastest, and as many
 of the others as the same time buys (at least 2), so an expensive candidate costs little
 to rule out; fewer where that would pass ``budget`` of the run's steps per decision. The
-site runs the candidate with the most progress per second (or ``argmax_c 1/(V_{s,c} ·
-t_{s,c})``) among those measured for the segment, switching only for a gain above
+site runs the candidate with the most progress per second over the whole step's
+coordinates (the site's own, :func:`progress`, and the others', the same for every
+candidate, :func:`shared_progress`; or ``argmax_c 1/(V_{s,c} · t_{s,c})``) among those
+measured for the segment, switching only for a gain above
 ``margin`` by more than ``confidence`` standard errors (:func:`standard_errors`: a
 variance from few estimates is itself noisy, and a switch on noise costs steps and a
 compile); a pruned candidate's row keeps its last numbers but is not chosen on them.
@@ -431,7 +433,42 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     }
 
 
-def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, criterion: str) -> dict[str, float]:
+def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> float:
+    r"""The progress a step makes on the coordinates outside ``mask`` (the parameters that
+    do not feed the site), the same for every candidate of the site: :func:`progress` there
+    at the candidates' variances pooled (their draws have the same distribution, so these
+    coordinates' noise differs between them by chance alone).
+
+    A site's candidate sets the seconds of the whole step, and every coordinate waits for
+    it: ranked by the site's own progress per second, a costlier estimator that sharpens a
+    site of two coordinates beats a cheaper one and slows the 500 others (the benchmark
+    mixture's location: measure-valued at 1.78 of 2 against pathwise's 1.31, at 88 µs an
+    estimate against 66; in fixed runs the two reach the target in 1007 and 1015 steps,
+    and pathwise's steps cost 25% less). So :func:`run` ranks a site's candidates by
+    ``(P_c + P_shared) / t_c``.
+
+    Example:
+        >>> m = {"a": Measurement(np.ones(3), np.array([0.0, 3.0, 3.0]), 1e-3, 10),
+        ...      "b": Measurement(np.ones(3), np.array([3.0, 1.0, 1.0]), 1e-3, 10)}
+        >>> round(shared_progress(m, np.array([True, False, False])), 3)   # 2 · √0.9/√(0.9 + 2)
+        1.114
+    """
+    inside = np.zeros(np.size(next(iter(measurements.values())).mean), bool)
+    inside[mask] = True
+    counts = np.array([m.num_estimates for m in measurements.values()], float)
+    pooled = counts @ np.stack([m.variance for m in measurements.values()]) / counts.sum()
+    signal, tiny = _signal(measurements), np.finfo(np.float32).tiny
+    return float(np.sum((np.sqrt(signal) / np.sqrt(np.maximum(signal + pooled, tiny)))[~inside]))
+
+
+# A program's seconds an estimate, as timed on a shared machine, relative standard error:
+# the same programs timed at 139-164 µs (the discrete VAE's score function and DisARM,
+# fit after fit) and 83-143 µs (the mixture's location candidates).
+TIMING_ERROR = 0.1
+
+
+def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, criterion: str,
+                    shared: float = 0.0, timing_error: float = TIMING_ERROR) -> dict[str, float]:
     r"""Each candidate's efficiency's standard error relative to the efficiency, from the
     noise of its own variance estimate: ``n`` estimates give ``V̂_d`` with
     ``Var(V̂_d) ≈ 2 V_d² / (n − 1)`` (Gaussian estimates, coordinates independent). For
@@ -444,17 +481,26 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
                \frac{\sum_d \big(r_d (1 - r_d / C)\big)^2}{(V^{rel}_c)^2},
 
     ``r_d = V_d / S_d``, ``C`` the number of candidates (the scale averages their second
-    moments, so ``V_d`` is in it too).
+    moments, so ``V_d`` is in it too). Under ``"progress"`` the efficiency ranked is
+    ``(P_c + shared) / t_c`` (:func:`shared_progress`): the error is relative to that sum
+    (the shared part is common to every candidate, and its noise moves them alike).
 
-    Seconds are the fastest timing so far and carry no error here. With 2 estimates the
-    error is about the efficiency's own size: such a candidate wins only by far.
+    Seconds carry ``timing_error`` of themselves (:data:`TIMING_ERROR`), added in
+    quadrature: once the site's progress is a small part of the step's (or the candidates
+    make about the same), the seconds decide, and sub-millisecond timings of one program
+    move by 10–20% between fits; without it a 10% timing gap passed as sure and switched
+    the discrete VAE from DisARM to the score function at step 6000 (two estimators of
+    the same cost a step). With 2 estimates the variance's error is about the
+    efficiency's own size: such a candidate wins only by far.
 
     Example:
         >>> m = {"a": Measurement(np.ones(4), np.full(4, 1.0), 1e-3, 9),
         ...      "b": Measurement(np.ones(4), np.full(4, 1.0), 1e-3, 3)}
-        >>> errors = standard_errors(m, np.ones(4, bool), "variance")
-        >>> errors   # r = ½ on 4 coordinates, C = 2: √(2/(n−1)) · √4 · ½(1 − ¼) / (4 · ½)
+        >>> standard_errors(m, np.ones(4, bool), "variance", timing_error=0.0)
         {'a': 0.1875, 'b': 0.375}
+        >>> # r = ½ on 4 coordinates, C = 2: √(2/(n−1)) · √4 · ½(1 − ¼) / (4 · ½); with the timing's:
+        >>> {c: round(e, 4) for c, e in standard_errors(m, np.ones(4, bool), "variance").items()}
+        {'a': 0.2125, 'b': 0.3881}
     """
     errors = {}
     if criterion == "progress":
@@ -463,7 +509,7 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
         for c, m in measurements.items():
             slope = 0.5 * np.sqrt(signal) * m.variance / np.maximum(signal + m.variance, tiny) ** 1.5  # |∂P/∂V_d|·V_d
             spread = math.sqrt(float(np.sum((slope**2)[mask])) * 2.0 / max(m.num_estimates - 1, 1))
-            errors[c] = spread / moves[c] if moves[c] > 0 else math.inf
+            errors[c] = math.hypot(spread / (moves[c] + shared), timing_error) if moves[c] + shared > 0 else math.inf
     else:
         scale, relative = _second_moment(measurements), relative_variances(measurements, mask)
         for c, m in measurements.items():
@@ -471,25 +517,26 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
             # V_d also enters the scale (a 1/C share): ∂(V_d/S_d)/∂V_d · V_d = (V_d/S_d)(1 − V_d/(C S_d))
             slope = share * (1.0 - share / len(measurements))
             spread = math.sqrt(float(np.sum(slope**2)) * 2.0 / max(m.num_estimates - 1, 1))
-            errors[c] = spread / relative[c] if relative[c] > 0 else 0.0
+            errors[c] = math.hypot(spread / relative[c] if relative[c] > 0 else 0.0, timing_error)
     return errors
 
 
-def outpaced(seconds: dict[str, float], num_coordinates: int, best: float, prune: float) -> dict[str, float]:
+def outpaced(seconds: dict[str, float], most_progress: float, best: float, prune: float) -> dict[str, float]:
     r"""The candidates, timed once, that cannot come within ``prune`` of the ``best``
-    progress per second, with their ceilings: progress is at most 1 a coordinate
-    (:func:`progress`), so a candidate taking ``t`` seconds an estimate makes at most
+    progress per second, with their ceilings: progress is at most 1 a site coordinate
+    (:func:`progress`), so over ``n`` of them, and the others' :func:`shared_progress`
+    ``P_s``, a candidate taking ``t`` seconds an estimate makes at most
 
-    .. math::  E^{max}_c = n / t_c
+    .. math::  E^{max}_c = (n + P_s) / t_c
 
-    per second over ``n`` coordinates. Used only on a program that has run before (a fresh
+    per second (``most_progress = n + P_s``). Used only on a program that has run before (a fresh
     one's first estimate carries one-time work, which would make the ceiling too low).
 
     Example:
         >>> outpaced({"slow": 0.026, "close": 0.003}, 62, best=60_000.0, prune=10.0)
         {'slow': 2384.6153846153848}
     """
-    ceilings = {c: num_coordinates / t for c, t in seconds.items()}
+    ceilings = {c: most_progress / t for c, t in seconds.items()}
     return {c: ceiling for c, ceiling in ceilings.items() if ceiling * prune < best}
 
 
@@ -534,8 +581,11 @@ def decide(
 def decision_table(records: list[dict]) -> pd.DataFrame:
     """The decisions as one long table: a row per (step, site, candidate) with ``variance``
     (relative, :func:`relative_variances`; what is ranked), ``raw_variance`` (the plain sum
-    over coordinates), ``progress`` (:func:`progress`), ``seconds`` (per estimate, the
-    fastest timing so far), ``efficiency`` (what is ranked: progress per second, or
+    over coordinates), ``progress`` (:func:`progress`, the site's coordinates),
+    ``shared_progress`` (:func:`shared_progress`, the others', the same for every
+    candidate at a decision; 0 under ``criterion="variance"``), ``seconds`` (per estimate,
+    the fastest timing so far), ``efficiency`` (what is ranked: ``(progress +
+    shared_progress)`` per second, or
     ``1/(variance·seconds)`` under ``criterion="variance"``; for a candidate timed once and
     :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN),
     ``efficiency_error`` (its standard error relative to it, :func:`standard_errors`; 0 for
@@ -545,7 +595,8 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     first run and timing calls), and the run's ledger (the same on a decision's rows; a
     program's one-time work excluded): ``decision_seconds``, what the whole decision took,
     and ``run_seconds``, what the run's segments had taken before it (:func:`affordable`)."""
-    columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "seconds", "efficiency",
+    columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "shared_progress", "seconds",
+               "efficiency",
                "efficiency_error", "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds",
                "timing_seconds", "decision_seconds", "run_seconds"]
     return pd.DataFrame(records, columns=columns)
@@ -699,9 +750,9 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     ceilings = {}
     if waiting and measurements:
         num_coordinates = np.ones(np.size(next(iter(measurements.values())).mean))[mask].size
-        moves = progress(measurements, mask)
-        best = max(moves[c] / measurements[c].seconds for c in measurements)
-        ceilings = outpaced({c: seconds[c] for c in waiting}, num_coordinates, best, site.settings.prune)
+        moves, shared = progress(measurements, mask), shared_progress(measurements, mask)
+        best = max((moves[c] + shared) / measurements[c].seconds for c in measurements)
+        ceilings = outpaced({c: seconds[c] for c in waiting}, num_coordinates + shared, best, site.settings.prune)
         for candidate in waiting:
             if candidate not in ceilings:
                 complete(candidate)
@@ -713,7 +764,9 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                                timing_seconds=timing.get(candidate, 0.0))
     relative = relative_variances(measurements, mask) if measurements else {}
     moves = progress(measurements, mask) if measurements else {}
-    errors = standard_errors(measurements, mask, site.settings.criterion) if measurements else {}
+    # The candidate sets the whole step's seconds: ranked by all its coordinates' progress
+    shared = shared_progress(measurements, mask) if measurements and site.settings.criterion == "progress" else 0.0
+    errors = standard_errors(measurements, mask, site.settings.criterion, shared) if measurements else {}
     for candidate, measurement in measurements.items():
         # A program's cost does not change with the parameters, and other load only adds
         # time: the fastest timing so far is the best estimate of its seconds.
@@ -721,7 +774,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)),
             seconds=measurement.seconds,
             progress=moves[candidate],
-            efficiency=(moves[candidate] / measurement.seconds if site.settings.criterion == "progress"
+            shared_progress=shared,
+            efficiency=((moves[candidate] + shared) / measurement.seconds if site.settings.criterion == "progress"
                         else efficiency(relative[candidate], measurement.seconds)),
             efficiency_error=errors[candidate],
             measured=True,

@@ -60,12 +60,13 @@ def mixed_guide(x):
 DATA = jnp.array([-0.3, 0.2, 2.8, 3.4, 0.1, 3.1])
 
 
-def assert_the_rule_chose(choices, margin=0.1, confidence=2.0):
+def assert_the_rule_chose(choices, margin=0.1, confidence=2.0, first=("pathwise", "disarm")):
     """Each recorded choice is :func:`decide`'s on that decision's measured rows, from the
-    choice before it (the first candidate before step 0)."""
+    choice before it (before step 0 mg.fit's default: the first of ``first`` offered at the
+    site, else its first candidate; these tests fit with ``mg.elbo(2)``)."""
     for site, rows in choices.groupby("site", sort=False):
         names = tuple(dict.fromkeys(rows["candidate"]))
-        current = 0
+        current = next((names.index(name) for name in first if name in names), 0)
         for _, panel in rows.groupby("step"):
             measured = panel[panel["measured"]].set_index("candidate")
             expected = decide(current, names, measured["efficiency"].to_dict(), margin,
@@ -113,6 +114,13 @@ def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
     assert_the_rule_chose(choices)
     first = choices[(choices["step"] == 0)]
     assert (first.loc[first["num_estimates"] > 1, "efficiency_error"] > 0).all()
+    # ranked by the whole step's progress a second: the site's, and the other site's
+    # coordinates' (one number per decision and site, the same for every candidate)
+    measured = choices[choices["progress"].notna()]
+    shared = measured.groupby(["step", "site"])["shared_progress"]
+    assert shared.nunique().eq(1).all() and (measured["shared_progress"] > 0).all()
+    np.testing.assert_allclose(measured["efficiency"],
+                               (measured["progress"] + measured["shared_progress"]) / measured["seconds"], rtol=1e-6)
     # the continuous site offers pathwise, the discrete one the discrete estimators
     assert "pathwise" in set(first[first["site"] == "shift"]["candidate"])
     assert {"disarm", "score_function_loo"} <= set(first[first["site"] == "label"]["candidate"])
@@ -431,7 +439,7 @@ def test_the_efficiency_error_is_the_spread_of_the_efficiency_over_measurements(
             efficiencies.append(progress(both, mask)["measured"])
         else:
             efficiencies.append(1.0 / relative_variances(both, mask)["measured"])
-        predicted.append(standard_errors(both, mask, criterion)["measured"])
+        predicted.append(standard_errors(both, mask, criterion, timing_error=0.0)["measured"])
     efficiencies = np.array(efficiencies)
     spread = efficiencies.std() / efficiencies.mean()
     assert 0.75 * spread < np.median(predicted) < 1.25 * spread, (spread, np.median(predicted))

@@ -161,8 +161,10 @@ def auto(
     total variance ``V`` of the step's gradient (every parameter) and the seconds ``t``
     one estimate takes (compiled, run one after another as steps run). It then runs the
     candidate with the most progress per second (``criterion="progress"``: per parameter
-    coordinate the fraction of the update that is signal, ``|ḡ|/√(ḡ² + V)``, summed;
-    :func:`mcgrad.selection.progress`) or the highest ``1/(V·t)`` (``criterion="variance"``;
+    coordinate the fraction of the update that is signal, ``|ḡ|/√(ḡ² + V)``, summed over
+    the site's coordinates, :func:`mcgrad.selection.progress`, and over the others, the
+    same for every candidate of the site, :func:`mcgrad.selection.shared_progress`: the
+    estimator sets the whole step's seconds) or the highest ``1/(V·t)`` (``criterion="variance"``;
     ``V`` relative to each coordinate's second moment). Variance alone keeps rewarding an
     estimator after its noise has stopped limiting the steps: on the benchmarks it picked
     measure-valued where it costs 3–4× a step and saves no steps.
