@@ -28,7 +28,8 @@ Each method is one ``mg.fit`` call as a user makes it (default diagnostics, no p
 bar), then the same call again in ``--timing-calls − 1`` interleaved rounds over the
 methods (those whose first call ran over ``--repeat-limit`` seconds are timed once): the
 trajectory is the first call's; a component's run seconds are the smallest over the calls
-(other load on the shared machine only adds time). Compile seconds are the first call's
+(other load on the shared machine only adds time; an auto segment's, the lowest seconds a
+step of the calls' segments of the same choices: :func:`summarize_auto`). Compile seconds are the first call's
 one-time work (``jax.monitoring``: trace, lower, compile; and building each trainer, where
 NumPyro traces the model and guide eagerly; the union of the intervals); *end to
 end* is the first call's wall time.
@@ -403,10 +404,16 @@ def summarize_fixed(calls: list[list[dict]], num_steps: int) -> dict:
 
 
 def summarize_auto(calls: list[list[dict]], num_steps: int) -> dict:
-    """Auto's phases, the first call's: per stop between segments (``decided`` or not) and
-    per segment, the smallest run seconds over the calls that had the same phase (a stop
-    at the same step that decided alike; a segment of the same steps and choices). A
-    repeated call can decide elsewhere (the choices and the ledger rest on timings)."""
+    """Auto's phases, the first call's: per stop between segments (``decided`` or not), the
+    smallest run seconds over the calls that stopped at the same step and decided alike;
+    per segment, its steps at the lowest run seconds a step of the calls' segments that
+    ran the same choices (the same compiled program, wherever it starts) over no more
+    steps (a shorter segment carries more of a call's fixed cost a step, so its rate is
+    not below a longer one's). A repeated call can decide elsewhere (the choices and the
+    ledger rest on timings) and cut its segments elsewhere: matched by start and length,
+    a segment the first call alone ran kept that call's time, with the first runs of
+    programs just compiled in it (the BLR's first call ran 0-1000 at 0.285 ms a step where
+    its repeats, cut at 500, ran the same program at 0.21)."""
     first = calls[0]
 
     def of(rows, phase):
@@ -415,8 +422,8 @@ def summarize_auto(calls: list[list[dict]], num_steps: int) -> dict:
     def same_stop(a, b):
         return a["step"] == b["step"] and a.get("decided") == b.get("decided")
 
-    def same_segment(a, b):
-        return (a["step"], a["steps"], a["choices"]) == (b["step"], b["steps"], b["choices"])
+    def same_program(a, b):
+        return a["choices"] == b["choices"] and b["steps"] <= a["steps"]
 
     measures = [{"step": row["step"], "decided": row.get("decided"),
                  "run_seconds": min(run_seconds(r) for rows in calls for r in of(rows, "measure") if same_stop(r, row)),
@@ -424,9 +431,10 @@ def summarize_auto(calls: list[list[dict]], num_steps: int) -> dict:
                 for row in of(first, "measure")]
     segments = []
     for row in of(first, "segment"):
-        same = [r for rows in calls for r in of(rows, "segment") if same_segment(r, row)]
+        same = [r for rows in calls for r in of(rows, "segment") if same_program(row, r)]
+        rate = min(run_seconds(r) / r["steps"] for r in same)
         segments.append({"step": row["step"], "steps": row["steps"], "choices": row["choices"],
-                         "run_seconds": min(run_seconds(r) for r in same), "compile_seconds": row["compile_seconds"],
+                         "run_seconds": rate * row["steps"], "compile_seconds": row["compile_seconds"],
                          "wall_seconds": row["wall_seconds"], "calls_timed": len(same)})
     setup_run = min(sum(run_seconds(r) for r in of(rows, "setup")) for rows in calls)
     measurement_run = sum(m["run_seconds"] for m in measures)
@@ -751,7 +759,8 @@ def build_problems(args) -> list[Problem]:
                                    measure_valued_k1=not quick, seed=args.seed),
         "mixture": lambda: mixture_problem(num_steps=steps["mixture"], loc_candidates=candidates["loc"],
                                            z_candidates=candidates["z"], restricted=quick,
-                                           num_data=50 if quick else 500, seed=args.seed),
+                                           num_data=args.num_data_mixture or (50 if quick else 500),
+                                           seed=args.seed),
     }
     return [builders[name]() for name in args.problems]
 
@@ -783,6 +792,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-steps-blr", type=int, default=None, help="default 2000 (--quick 100)")
     parser.add_argument("--num-steps-vae", type=int, default=None, help="default 8000 (--quick 200)")
     parser.add_argument("--num-steps-mixture", type=int, default=None, help="default 2000 (--quick 100)")
+    parser.add_argument("--num-data-mixture", type=int, default=None,
+                        help="the mixture's data points (labels), default 500 (--quick 50)")
     parser.add_argument("--timing-calls", type=int, default=None,
                         help="mg.fit calls per method, interleaved; run times are the smallest (default 3, --quick 1)")
     parser.add_argument("--repeat-limit", type=float, default=15.0,

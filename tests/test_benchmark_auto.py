@@ -94,7 +94,8 @@ def test_time_to_target_of_fixed_and_auto(benchmark_module):
 
 def test_auto_phases_are_timed_over_the_calls_that_had_them(benchmark_module):
     """A repeated call can decide elsewhere: a stop counts where it decided alike at the same
-    step, a segment where it ran the same steps on the same choices."""
+    step; a segment runs at the lowest seconds a step of the calls' segments of the same
+    choices and no more steps."""
     def call(*phases):
         return [dict(p, compile_seconds=0.0) for p in phases]
 
@@ -109,7 +110,16 @@ def test_auto_phases_are_timed_over_the_calls_that_had_them(benchmark_module):
                  {"phase": "segment", "step": 0, "steps": 100, "choices": pw, "wall_seconds": 0.8})
     summary = benchmark_module.summarize_auto([first, split, alike], 100)
     assert [m["run_seconds"] for m in summary["decisions"]] == [0.01]
-    assert summary["segments"][0]["run_seconds"] == 0.8 and summary["segments"][0]["calls_timed"] == 2
+    # split's 50-step segments ran the program at 6 ms a step, below the others' 8 and 10
+    assert summary["segments"][0]["run_seconds"] == pytest.approx(0.6) and summary["segments"][0]["calls_timed"] == 4
+    # but a longer segment's rate (alike's 8 ms at 100 steps) never sets a shorter one's
+    faster = call({"phase": "measure", "step": 0, "decided": True, "wall_seconds": 0.02},
+                  {"phase": "segment", "step": 0, "steps": 100, "choices": pw, "wall_seconds": 0.5})
+    short = benchmark_module.summarize_auto([split, faster], 100)["segments"]
+    assert [s["run_seconds"] for s in short] == pytest.approx([0.3, 0.3])
+    other = call({"phase": "measure", "step": 0, "decided": True, "wall_seconds": 0.02},
+                 {"phase": "segment", "step": 0, "steps": 100, "choices": {"z": "sf"}, "wall_seconds": 0.1})
+    assert benchmark_module.summarize_auto([first, other], 100)["segments"][0]["run_seconds"] == pytest.approx(1.0)
     # The same choices throughout, however the calls were cut: they chose alike.
     assert summary["choices_per_call"] == [[{"step": 0, "choices": pw}]] * 3
     assert summary["decided_per_call"] == [[0], [0, 50], [0]]
