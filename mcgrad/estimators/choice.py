@@ -174,8 +174,8 @@ def auto(
             (:data:`CANDIDATES`: pathwise, score function with leave-one-out, measure-valued,
             DisARM, double control variate, REBAR, enumeration) that applies to the site.
         every: steps between decisions in ``mg.fit``, each made. Default: a quarter of the
-            run and once at a sixteenth, each made only where the decisions so far took at
-            most ``budget`` of the run's seconds so far
+            run and once at a sixteenth, each made only where the decisions so far and
+            this one (at the last one's cost) take at most ``budget`` of the run's seconds so far
             (:func:`mcgrad.selection.affordable`): a decision's fixed cost (milliseconds)
             does not shrink with the run.
         num_estimates: gradient estimates per decision for the fastest candidate (``≥ 2``);
