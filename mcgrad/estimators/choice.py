@@ -293,14 +293,17 @@ def pinned(site: AutoSite) -> GradientEstimator:
 def preferred(distribution: Distribution, num_rows: int, independent_rows: bool = True) -> str:
     """The candidate ``mg.fit`` runs at a site nobody chose an estimator for, by name.
 
-    Pathwise where the family has ``rsample``; for a Bernoulli with two rows (particles)
-    that each have their own cost (``independent_rows``: the ELBO's particles, not a
-    multi-sample bound's, where the leave-one-out score function is VIMCO), DisARM: the pair's coupled difference has less variance than the score function with
-    the other row as baseline (on the toy problem of the reference, 0 against 2.5e-7; on
-    the discrete VAE, hand-written, 1.2–1.8× less in the encoder's gradient over training,
-    and mcgrad's reaches the target in 12% fewer steps at the same cost a step); else the score function with a leave-one-out baseline
-    (its baseline improves with every row, DisARM only pairs them: at four particles the
-    benchmark mixture's labels reach the target in 1625 steps against DisARM's 1696).
+    * Pathwise where the family has ``rsample``.
+    * DisARM for a Bernoulli with two rows (particles) that each have their own cost
+      (``independent_rows``: the ELBO's particles, not a multi-sample bound's, where the
+      leave-one-out score function is VIMCO). The pair's coupled difference has less
+      variance than the score function with the other row as baseline: on the toy problem
+      of the reference 0 against 2.5e-7; on the discrete VAE (hand-written) 1.2–1.8× less
+      in the encoder's gradient over training, and mcgrad's reaches the target in 12%
+      fewer steps at the same cost a step.
+    * Else the score function with a leave-one-out baseline: its baseline improves with
+      every row, where DisARM only pairs them (at four particles the benchmark mixture's
+      labels reach the target in 1625 steps against DisARM's 1696).
 
     Example:
         >>> import numpyro.distributions as dist
