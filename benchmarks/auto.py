@@ -10,11 +10,11 @@ Three models, each fitted once per method from the same initial parameters and k
 2. **Discrete VAE**: the VAE of :mod:`mcgrad.experiments.discrete_vae` (16 Bernoulli
    latents, binarized digits, batch 32, Adam 1e-3, 8000 steps, its initial weights and
    keys), ``mg.elbo(2)``. Fixed: DisARM (mg.fit's default for a Bernoulli with two
-   particles), score function with leave-one-out, measure-valued (with ``mg.elbo(2)``, and with ``mg.elbo(1)`` as
-   ``benchmarks/discrete.py`` runs it), double control variate, REBAR. Auto:
-   ``mg.auto()`` (its default schedule: decisions at 0, a sixteenth of the run and every
-   quarter, those the run affords at its 5% budget). Target: within 1.1× of the best fixed estimator's
-   time to the −ELBO 21.09 nats per image.
+   particles), score function with leave-one-out, measure-valued (with ``mg.elbo(2)``,
+   and with ``mg.elbo(1)`` as ``benchmarks/discrete.py`` runs it), double control
+   variate, REBAR. Auto: ``mg.auto()`` (its default schedule: decisions at 0, a sixteenth
+   of the run and every quarter, those the run affords at its 5% budget). Target: within
+   1.1× of the best fixed estimator's time to the −ELBO 21.09 nats per image.
 3. **Mixture**: a two-component mixture with a continuous and a discrete latent, on
    data drawn from a fixed key: ``loc ~ N(0, 5²)``, per datum ``z_i ~ Bernoulli(½)``,
    ``x_i ~ N(loc + (2 z_i − 1)·shift, 1)`` (``shift`` a model parameter); guide
@@ -29,8 +29,8 @@ bar), then the same call again in ``--timing-calls − 1`` interleaved rounds ov
 methods (those whose first call ran over ``--repeat-limit`` seconds are timed once): the
 trajectory is the first call's; a component's run seconds are the smallest over the calls
 (other load on the shared machine only adds time; an auto segment's, the lowest seconds a
-step of the calls' segments of the same choices: :func:`summarize_auto`). Compile seconds are the first call's
-one-time work (``jax.monitoring``: trace, lower, compile; and building each trainer, where
+step of the calls' segments of the same choices: :func:`summarize_auto`). Compile seconds
+are the first call's one-time work (``jax.monitoring``: trace, lower, compile; and building each trainer, where
 NumPyro traces the model and guide eagerly; the union of the intervals); *end to
 end* is the first call's wall time.
 

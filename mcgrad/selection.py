@@ -426,11 +426,12 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     stopped limiting the steps.
     """
     signal = _signal(measurements)
-    tiny = np.finfo(np.float32).tiny
-    return {
-        c: float(np.sum((np.sqrt(signal) / np.sqrt(np.maximum(signal + m.variance, tiny)))[mask]))
-        for c, m in measurements.items()
-    }
+    return {c: float(np.sum(_signal_fraction(signal, m.variance)[mask])) for c, m in measurements.items()}
+
+
+def _signal_fraction(signal: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """Per coordinate ``|ḡ| / √(ḡ² + V)``: the fraction of an Adam update that is signal."""
+    return np.sqrt(signal) / np.sqrt(np.maximum(signal + variance, np.finfo(np.float32).tiny))
 
 
 def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> float:
@@ -457,8 +458,7 @@ def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> f
     inside[mask] = True
     counts = np.array([m.num_estimates for m in measurements.values()], float)
     pooled = counts @ np.stack([m.variance for m in measurements.values()]) / counts.sum()
-    signal, tiny = _signal(measurements), np.finfo(np.float32).tiny
-    return float(np.sum((np.sqrt(signal) / np.sqrt(np.maximum(signal + pooled, tiny)))[~inside]))
+    return float(np.sum(_signal_fraction(_signal(measurements), pooled)[~inside]))
 
 
 # A program's seconds an estimate (its fastest timing, interleaved with the other
@@ -621,13 +621,13 @@ class AutoRun(NamedTuple):
 
 
 def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs, programs, mask, last,
-                  segment_steps: float, step_seconds: float | None, ledger: tuple[float, float, int] = (0.0, 0.0, 0)):
+                  segment_steps: float, step_seconds: float | None, ledger: tuple[float, float, int]):
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
-    is timed by :func:`_timing` (one estimate, and a call of several more where one
-    is short; candidates in turn, :func:`_interleaved`); a program's first run is not timed but taken as an extra estimate first: it
-    carries one-time work, which a call that skips the estimate does not absorb (on the
+    is timed by :func:`_timing` (one estimate, and a call of several more where one is
+    short; candidates in turn, :func:`_interleaved`); a program's first run is not timed
+    but taken as an extra estimate first: it carries one-time work, which a call that skips the estimate does not absorb (on the
     BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2
     of the fastest's 10 estimates). All join its share (:func:`merged`). A candidate
     timed on one estimate (or by an earlier fit) at the floor of 2 estimates that cannot
@@ -833,8 +833,8 @@ def _fixed_overrides(estimators: Any) -> dict:
 def decision_steps(every: list[int | None], num_steps: int) -> list[int]:
     """The steps at which the auto sites may decide: 0 and every ``every`` steps (the
     smallest the sites set). Where none sets it, a quarter of the run, and one more at a
-    sixteenth, each made where the run affords it (:func:`affordable`): the first is made at the initial parameters, which the run leaves at once
-    and never sees again (on the discrete VAE the score function, DisARM and the double
+    sixteenth, each made where the run affords it (:func:`affordable`): the first is made
+    at the initial parameters, which the run leaves at once and never sees again (on the discrete VAE the score function, DisARM and the double
     control variate tie there within 4%; by step 250 of 8000 DisARM makes 18% more
     progress a step at the same seconds, which the decision at step 2000 was the first
     to see).
@@ -942,7 +942,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                         # relative variance and progress pool the candidates measured with them):
                         # recorded, never chosen on.
                         # The margin holds at the first decision too: the first candidate is
-                        # the registry's preference (mg.fit's default), and leaving it on noise
+                        # mg.fit's default (choice.preferred), and leaving it on noise
                         # costs: the BLR's score function, chosen at step 0 without it, left a
                         # run on pathwise from step 125 short of the target at step 2000
                         # (Adam's second moments remember its gradients ~1000 steps).

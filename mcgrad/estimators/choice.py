@@ -320,8 +320,8 @@ def preferred(distribution: Distribution, num_rows: int, independent_rows: bool 
     return "score_function_loo"
 
 
-def resolve(estimator: GradientEstimator, distribution: Distribution, num_rows: int, site: str,
-            independent_rows: bool = True) -> GradientEstimator:
+def resolve(estimator: GradientEstimator, distribution: Distribution, num_rows: int, site: str, *,
+            independent_rows: bool) -> GradientEstimator:
     """``auto`` at one site: :func:`pinned` to its :func:`preferred` candidate where that
     applies, else its first applicable one (an estimator already resolved, or any other
     estimator, is returned as it is).

@@ -9,8 +9,8 @@ from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolv
 from mcgrad.inference.costs import latent_sites
 
 
-def default_estimator(distribution: dist.Distribution, num_particles: int,
-                      independent_rows: bool = False) -> GradientEstimator:
+def default_estimator(distribution: dist.Distribution, num_particles: int, *,
+                      independent_rows: bool) -> GradientEstimator:
     """Pathwise with rsample; DisARM for a Bernoulli with two particles of their own costs;
     else the score function with leave-one-out (a moving average for one particle). The
     rule, and why: :func:`mcgrad.estimators.choice.preferred`."""
@@ -22,7 +22,8 @@ def resolve_estimators(
     annotated: dict[str, GradientEstimator],
     overrides: dict[str, GradientEstimator] | str | None,
     num_particles: int,
-    independent_rows: bool = False,
+    *,
+    independent_rows: bool,
 ) -> dict[str, GradientEstimator]:
     """One estimator per latent site of ``program_trace``, checked against the site.
 
@@ -31,7 +32,8 @@ def resolve_estimators(
     site), then :func:`default_estimator`. ``overrides="auto"`` gives every latent site
     ``mg.auto()``; an ``auto`` site resolves to the default's candidate where it applies
     (:func:`mcgrad.estimators.choice.resolve`), which ``mg.fit`` then measures and switches.
-    ``independent_rows``: each particle has its own cost (the ELBO's particles).
+    ``independent_rows``: each particle has its own cost (the ELBO's particles), as the
+    objective declares.
     """
     latent = latent_sites(program_trace)
     if isinstance(overrides, str):
@@ -49,13 +51,13 @@ def resolve_estimators(
     for site in latent:
         name, fn = site["name"], site["fn"]
         estimator = overrides.get(name) or site["infer"].get("estimator") or annotated.get(name)
-        estimator = estimator or default_estimator(fn, num_particles, independent_rows)
+        estimator = estimator or default_estimator(fn, num_particles, independent_rows=independent_rows)
         if not isinstance(estimator, GradientEstimator):
             raise ValueError(
                 f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
                 f"got {type(estimator).__name__}."
             )
-        estimator = resolve(estimator, fn, num_particles, name, independent_rows)
+        estimator = resolve(estimator, fn, num_particles, name, independent_rows=independent_rows)
         estimator.check(fn, name)
         chosen[name] = estimator
     return chosen

@@ -126,7 +126,9 @@ def adversarial(
         if site not in model_trace:
             raise ValueError(f"adversarial(site='{site}'): the generator has no site '{site}' "
                              f"(its sites: {list(model_trace)}).")
-        chosen = resolve_estimators(model_trace, {}, estimators, num_particles)
+        # The score function stays the default here: DisARM applies (the particles' losses are
+        # averaged), but has not been measured against it on an adversarial objective.
+        chosen = resolve_estimators(model_trace, {}, estimators, num_particles, independent_rows=False)
 
         def fake_batch(params, key, args, kwargs):
             return handlers.run(model, args, kwargs, key=key, params=params)[site]["value"]

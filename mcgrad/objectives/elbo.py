@@ -125,8 +125,8 @@ class Variational(NamedTuple):
     guide_trace: dict
 
 
-def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
-                     independent_particles: bool = False) -> Variational:
+def bind_variational(model, guide, args, kwargs, estimators, key, num_particles, *,
+                     independent_particles: bool) -> Variational:
     """Trace the guide and model once: their params, the guide's site estimators, checks.
     ``independent_particles``: each particle has its own cost (the ELBO's; a multi-sample
     bound's are coupled), which the default estimators may use."""
@@ -147,7 +147,8 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
         for name, site in own_trace.items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
-    chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles, independent_particles)
+    chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles,
+                                independent_rows=independent_particles)
     program = Program(guide, model_terms(model), chosen, keys=key_table)
     partner_flags(program, num_particles)  # an odd count for antithetic pairs fails here, not at the first step
     return Variational(param_info, program, guide_trace)

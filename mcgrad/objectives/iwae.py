@@ -54,7 +54,8 @@ def iwae(num_particles: int = 5, doubly_reparameterized: bool = False) -> Object
     check_num_particles("iwae", num_particles, 2)
 
     def setup(model, guide, args, kwargs, estimators, key):
-        bound = bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
+        bound = bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
+                                 independent_particles=False)
         program = bound.program._replace(stop_log_density=keep_log_density)
         guide_params = {name for name, site in bound.guide_trace.items() if site["type"] == "param"}
 

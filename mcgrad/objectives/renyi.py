@@ -50,7 +50,8 @@ def renyi(alpha: float = 0.0, num_particles: int = 2) -> Objective:
         return (jax.nn.logsumexp(scale * log_weights) - jnp.log(log_weights.shape[0])) / scale
 
     def setup(model, guide, args, kwargs, estimators, key):
-        variational = bind_variational(model, guide, args, kwargs, estimators, key, num_particles)
+        variational = bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
+                                       independent_particles=False)
         program = variational.program._replace(stop_log_density=keep_log_density)
 
         def surrogate(params, state, key, args, kwargs, shard=None):
