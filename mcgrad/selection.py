@@ -461,6 +461,62 @@ def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> f
     return float(np.sum(_signal_fraction(_signal(measurements), pooled)[~inside]))
 
 
+def program_cost(entry: dict) -> tuple[float, float, float] | None:
+    """XLA's static count for the entry's compiled measurement program: ``(flops,
+    transcendentals, bytes accessed)``, its loop's body (one estimate) counted once; kept in
+    the entry. ``None`` where the backend gives no count."""
+    if "cost" not in entry:
+        try:
+            analysis = entry["compiled"].cost_analysis()
+            analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+            entry["cost"] = tuple(float(analysis[k]) for k in ("flops", "transcendentals", "bytes accessed"))
+        except (AttributeError, KeyError, IndexError, TypeError, NotImplementedError):
+            entry["cost"] = None
+    return entry["cost"]
+
+
+# Two programs whose work and bytes (XLA's counts) are each within this fraction of the
+# other's cost the same; a transcendental counts as this many flops (tens on a CPU's
+# vector units: a polynomial and a range reduction).
+SAME_COST = 0.05
+TRANSCENDENTAL_FLOPS = 10.0
+
+
+def same_cost_seconds(seconds: dict[str, float], costs: dict[str, tuple | None],
+                      tolerance: float = SAME_COST) -> dict[str, float]:
+    r"""Each candidate's seconds an estimate as ranked: the mean timing of the candidates
+    whose programs XLA counts alike (:func:`program_cost`: work, ``flops +``
+    :data:`TRANSCENDENTAL_FLOPS` ``· transcendentals``, and bytes accessed each within
+    ``tolerance``), itself included; its own timing where its program has no count.
+
+    One compile of a sub-millisecond program times ±10–30% off another of the same cost,
+    and the offset stays for the process (its fastest timing keeps it): the discrete VAE's
+    score function and DisARM measurement programs, 3.11 and 3.13 Mflop (and 22.0 and 20.5
+    thousand transcendentals), 2.32 and 2.37 MB,
+    timed in four compiles at 137/132, 148/124, 164/132 and 140/180 µs an estimate (the
+    fastest of 100 calls in the last: 135/154), and one first fit switched to the score
+    function at step 0 on such a gap, where the two cost the same a step (0.101 and 0.103
+    ms). Between programs of one cost, the timing says nothing a count does not; the
+    decision rests on their progress. Programs of different costs keep their own timings
+    (measure-valued's 8.8× flops ran 6.6× the seconds: a count is no clock).
+
+    Example:
+        >>> priced = same_cost_seconds({"a": 100e-6, "b": 140e-6, "c": 300e-6},
+        ...     {"a": (3.11e6, 0.0, 2.32e6), "b": (3.13e6, 0.0, 2.37e6), "c": (1.0e7, 0.0, 5.1e6)})
+        >>> {c: round(t * 1e6) for c, t in priced.items()}   # µs: a and b cost the same
+        {'a': 120, 'b': 120, 'c': 300}
+    """
+
+    def alike(a, b):
+        if a is None or b is None:
+            return False
+        work = [flops + TRANSCENDENTAL_FLOPS * transcendentals for flops, transcendentals, _ in (a, b)]
+        return all(abs(x - y) <= tolerance * max(x, y) for x, y in (work, (a[2], b[2])))
+
+    return {c: float(np.mean([seconds[d] for d in seconds if d == c or alike(costs.get(c), costs.get(d))]))
+            for c in seconds}
+
+
 # A program's seconds an estimate (its fastest timing, interleaved with the other
 # candidates'), relative standard error on a shared machine: the discrete VAE's score
 # function and DisARM, one cost a step, timed at 139-164 µs fit after fit, about ±8% for
@@ -587,7 +643,9 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     over coordinates), ``progress`` (:func:`progress`, the site's coordinates),
     ``shared_progress`` (:func:`shared_progress`, the others', the same for every
     candidate at a decision; 0 under ``criterion="variance"``), ``seconds`` (per estimate,
-    the fastest timing so far), ``efficiency`` (what is ranked: ``(progress +
+    as ranked: :func:`same_cost_seconds`), ``timed_seconds`` (its program's own fastest
+    timing so far), ``flops``, ``transcendentals`` and ``bytes_accessed`` (XLA's counts for its program,
+    :func:`program_cost`; NaN where the backend gives none), ``efficiency`` (what is ranked: ``(progress +
     shared_progress)`` per second, or
     ``1/(variance·seconds)`` under ``criterion="variance"``; for a candidate timed once and
     :func:`outpaced`, its ceiling, with ``variance`` and ``progress`` NaN),
@@ -599,7 +657,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     program's one-time work excluded): ``decision_seconds``, what the whole decision took,
     and ``run_seconds``, what the run's segments had taken before it (:func:`affordable`)."""
     columns = ["step", "site", "candidate", "variance", "raw_variance", "progress", "shared_progress", "seconds",
-               "efficiency",
+               "timed_seconds", "flops", "transcendentals", "bytes_accessed", "efficiency",
                "efficiency_error", "measured", "chosen", "num_estimates", "compile_seconds", "measure_seconds",
                "timing_seconds", "decision_seconds", "run_seconds"]
     return pd.DataFrame(records, columns=columns)
@@ -681,8 +739,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
                     lowering_seconds += time.perf_counter() - start  # its build included
             entries[candidate] = entry
         except ValueError:  # the candidate refuses the site once traced (enumeration's configuration count)
-            rows[candidate] = dict(variance=math.nan, seconds=math.nan, efficiency=math.nan, progress=math.nan,
-                                   efficiency_error=math.nan, measured=False,
+            rows[candidate] = dict(variance=math.nan, seconds=math.nan, timed_seconds=math.nan, efficiency=math.nan,
+                                   progress=math.nan, efficiency_error=math.nan, measured=False,
                                    raw_variance=math.nan, num_estimates=0, compile_seconds=0.0, measure_seconds=0.0,
                                    timing_seconds=0.0)
     fresh = [c for c, entry in entries.items() if entry["compiled"] is None]
@@ -693,8 +751,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     untimed = []
     for candidate, entry in entries.items():
         previous = last.get(candidate)
-        if previous is not None and math.isfinite(previous["seconds"]):
-            seconds[candidate] = min(previous["seconds"], entry.get("seconds", math.inf))
+        if previous is not None and math.isfinite(previous["timed_seconds"]):
+            seconds[candidate] = min(previous["timed_seconds"], entry.get("seconds", math.inf))
         elif "seconds" in entry:
             seconds[candidate] = entry["seconds"]
             known_before.append(candidate)
@@ -750,17 +808,25 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         fastest = min(waiting, key=seconds.get)
         complete(fastest)
         waiting.remove(fastest)
+    costs = {candidate: program_cost(entry) for candidate, entry in entries.items()}
+
+    def priced():  # seconds as ranked: shared between programs of one cost (same_cost_seconds)
+        return same_cost_seconds({c: measurements[c].seconds if c in measurements else seconds[c] for c in entries},
+                                 costs)
+
     ceilings = {}
     if waiting and measurements:
         num_coordinates = np.ones(np.size(next(iter(measurements.values())).mean))[mask].size
-        moves, shared = progress(measurements, mask), shared_progress(measurements, mask)
-        best = max((moves[c] + shared) / measurements[c].seconds for c in measurements)
-        ceilings = outpaced({c: seconds[c] for c in waiting}, num_coordinates + shared, best, site.settings.prune)
+        moves, shared, charged = progress(measurements, mask), shared_progress(measurements, mask), priced()
+        best = max((moves[c] + shared) / charged[c] for c in measurements)
+        ceilings = outpaced({c: charged[c] for c in waiting}, num_coordinates + shared, best, site.settings.prune)
         for candidate in waiting:
             if candidate not in ceilings:
                 complete(candidate)
+    charged = priced()
     for candidate in ceilings:
-        rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=seconds[candidate], progress=math.nan,
+        rows[candidate] = dict(variance=math.nan, raw_variance=math.nan, seconds=charged[candidate],
+                               timed_seconds=seconds[candidate], progress=math.nan,
                                efficiency=ceilings[candidate], efficiency_error=0.0, measured=True,
                                num_estimates=_count(taken.get(candidate, [])),
                                compile_seconds=compile_share(candidate), measure_seconds=spent.get(candidate, 0.0),
@@ -775,11 +841,12 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         # time: the fastest timing so far is the best estimate of its seconds.
         rows[candidate] = dict(
             variance=relative[candidate], raw_variance=float(np.sum(measurement.variance)),
-            seconds=measurement.seconds,
+            seconds=charged[candidate],
+            timed_seconds=measurement.seconds,
             progress=moves[candidate],
             shared_progress=shared,
-            efficiency=((moves[candidate] + shared) / measurement.seconds if site.settings.criterion == "progress"
-                        else efficiency(relative[candidate], measurement.seconds)),
+            efficiency=((moves[candidate] + shared) / charged[candidate] if site.settings.criterion == "progress"
+                        else efficiency(relative[candidate], charged[candidate])),
             efficiency_error=errors[candidate],
             measured=True,
             num_estimates=measurement.num_estimates,
@@ -787,6 +854,10 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             measure_seconds=spent[candidate],  # every measured candidate ran at least one estimate here
             timing_seconds=timing.get(candidate, 0.0),
         )
+    for candidate, cost in costs.items():
+        if candidate in rows and rows[candidate]["measured"]:
+            counts = cost if cost else (math.nan,) * 3
+            rows[candidate].update(zip(("flops", "transcendentals", "bytes_accessed"), counts, strict=True))
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
 

@@ -21,7 +21,9 @@ from mcgrad.selection import (
     estimate_counts,
     outpaced,
     progress,
+    program_cost,
     relative_variances,
+    same_cost_seconds,
     standard_errors,
     merged,
     upstream_mask,
@@ -124,6 +126,15 @@ def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
     assert shared.nunique().eq(1).all() and (measured["shared_progress"] > 0).all()
     np.testing.assert_allclose(measured["efficiency"],
                                (measured["progress"] + measured["shared_progress"]) / measured["seconds"], rtol=1e-6)
+    # seconds as ranked: the mean timing of the site's candidates whose programs XLA counts
+    # alike, each row's own timing beside it
+    counts = ["flops", "transcendentals", "bytes_accessed"]
+    assert (choices.loc[choices["measured"], counts] > 0).all().all()
+    for _, panel in choices[choices["measured"]].groupby(["step", "site"]):
+        panel = panel.set_index("candidate")
+        priced = same_cost_seconds(panel["timed_seconds"].to_dict(),
+                                   {c: tuple(row) for c, row in panel[counts].iterrows()})
+        np.testing.assert_allclose(panel["seconds"], [priced[c] for c in panel.index], rtol=1e-9)
     # the continuous site offers pathwise, the discrete one the discrete estimators
     assert "pathwise" in set(first[first["site"] == "shift"]["candidate"])
     assert {"disarm", "score_function_loo"} <= set(first[first["site"] == "label"]["candidate"])
@@ -517,3 +528,13 @@ def test_candidates_are_timed_in_turn(monkeypatch):
     for name in costs:
         assert [g.num_estimates for g in together[name]] == [g.num_estimates for g in alone[name]]
         assert entries[name]["seconds"] == pytest.approx(alone[name][0].seconds) and seconds[name] > 0
+
+
+def test_programs_without_xla_counts_keep_their_own_timings():
+    # a backend without a cost analysis: no count, and no program shares its timing
+    assert program_cost({"compiled": object()}) is None
+    counted = (1e6, 0.0, 1e6)
+    priced = same_cost_seconds({"a": 1e-4, "b": 2e-4, "c": 3e-4}, {"a": None, "b": counted, "c": counted})
+    assert priced == pytest.approx({"a": 1e-4, "b": 2.5e-4, "c": 2.5e-4})
+    # counts apart by more than the tolerance in any one of them: apart
+    assert same_cost_seconds({"a": 1e-4, "b": 2e-4}, {"a": counted, "b": (1e6, 0.0, 1.06e6)}) == {"a": 1e-4, "b": 2e-4}
