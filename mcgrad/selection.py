@@ -423,15 +423,33 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     fraction of its update that is signal (Adam divides by the root mean square): near 1
     where the noise is small against the gradient, whatever the variance, and ``∝ 1/√V``
     where noise rules. Variance alone keeps rewarding an estimator after its noise has
-    stopped limiting the steps.
+    stopped limiting the steps. Each fraction is taken less its bias from ``V``'s own
+    noise (:func:`_signal_fraction`), so a candidate measured on few estimates is not
+    ranked up for it.
     """
     signal = _signal(measurements)
-    return {c: float(np.sum(_signal_fraction(signal, m.variance)[mask])) for c, m in measurements.items()}
+    return {c: float(np.sum(_signal_fraction(signal, m.variance, m.num_estimates - 1)[mask]))
+            for c, m in measurements.items()}
 
 
-def _signal_fraction(signal: np.ndarray, variance: np.ndarray) -> np.ndarray:
-    """Per coordinate ``|ḡ| / √(ḡ² + V)``: the fraction of an Adam update that is signal."""
-    return np.sqrt(signal) / np.sqrt(np.maximum(signal + variance, np.finfo(np.float32).tiny))
+def _signal_fraction(signal: np.ndarray, variance: np.ndarray, dof: float) -> np.ndarray:
+    r"""Per coordinate the fraction of an Adam update that is signal,
+    ``f(V) = √s / √(s + V)`` (``s = ḡ²``), from a variance ``V̂`` with ``dof`` degrees of
+    freedom, less the plug-in's bias:
+
+    .. math::  \hat f = f(\hat V) - \tfrac12 f''(\hat V)\, \widehat{Var}(\hat V)
+               = f(\hat V) - \frac{3}{4 k} \frac{\sqrt{s}\, \hat V^2}{(s + \hat V)^{5/2}}, \qquad k = dof,
+
+    ``Var(V̂) = 2V²/k`` for Gaussian estimates. ``f`` is convex in ``V``, so ``f(V̂)`` is high
+    where noise rules: from 2 estimates by 1.63× where ``V = 10 s`` and 2.46× where
+    ``V = 100 s``, from 10 by 1.07× and 1.09×. With the correction: 1.16× and 1.41× from 2,
+    within 10% from 3 and 1% from 10. Candidates get fewer estimates the dearer they are,
+    so uncorrected the bias ranked dear candidates up. The correction is at most
+    ``3/(4k)`` of ``f`` itself: never negative.
+    """
+    total = np.maximum(signal + variance, np.finfo(np.float32).tiny)
+    fraction = np.sqrt(signal) / np.sqrt(total)
+    return fraction * (1.0 - 0.75 * (variance / total) ** 2 / max(dof, 1.0))
 
 
 def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> float:
@@ -451,14 +469,16 @@ def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> f
     Example:
         >>> m = {"a": Measurement(np.ones(3), np.array([0.0, 3.0, 3.0]), 1e-3, 10),
         ...      "b": Measurement(np.ones(3), np.array([3.0, 1.0, 1.0]), 1e-3, 10)}
-        >>> round(shared_progress(m, np.array([True, False, False])), 3)   # 2 · √0.9/√(0.9 + 2)
-        1.114
+        >>> # 2 · √0.9/√(0.9 + 2), less the bias at 18 degrees of freedom: × (1 − ¾ (2/2.9)²/18)
+        >>> round(shared_progress(m, np.array([True, False, False])), 3)
+        1.092
     """
     inside = np.zeros(np.size(next(iter(measurements.values())).mean), bool)
     inside[mask] = True
     counts = np.array([m.num_estimates for m in measurements.values()], float)
     pooled = counts @ np.stack([m.variance for m in measurements.values()]) / counts.sum()
-    return float(np.sum(_signal_fraction(_signal(measurements), pooled)[~inside]))
+    dof = float(np.sum(np.maximum(counts - 1.0, 0.0)))
+    return float(np.sum(_signal_fraction(_signal(measurements), pooled, dof)[~inside]))
 
 
 def program_cost(entry: dict) -> tuple[float, float, float] | None:

@@ -123,7 +123,10 @@ def test_every_latent_site_is_chosen_and_the_choices_are_recorded():
     # (measured here: a pruned row keeps an earlier decision's numbers, a ceiling has none)
     measured = choices[choices["measured"] & choices["progress"].notna()]
     shared = measured.groupby(["step", "site"])["shared_progress"]
-    assert shared.nunique().eq(1).all() and (measured["shared_progress"] > 0).all()
+    assert shared.nunique().eq(1).all() and (measured["shared_progress"] >= 0).all()
+    # positive at the start; later a converged site's gradient can be within its own noise
+    # (no signal left to make progress on)
+    assert (measured.loc[measured["step"] == 0, "shared_progress"] > 0).all()
     np.testing.assert_allclose(measured["efficiency"],
                                (measured["progress"] + measured["shared_progress"]) / measured["seconds"], rtol=1e-6)
     # seconds as ranked: the mean timing of the site's candidates whose programs XLA counts
@@ -538,3 +541,27 @@ def test_programs_without_xla_counts_keep_their_own_timings():
     assert priced == pytest.approx({"a": 1e-4, "b": 2.5e-4, "c": 2.5e-4})
     # counts apart by more than the tolerance in any one of them: apart
     assert same_cost_seconds({"a": 1e-4, "b": 2e-4}, {"a": counted, "b": (1e6, 0.0, 1.06e6)}) == {"a": 1e-4, "b": 2e-4}
+
+
+@pytest.mark.parametrize("num_estimates", [3, 10])
+def test_progress_is_not_ranked_up_by_few_estimates(num_estimates):
+    """Gaussian estimates of coordinates where noise rules (variance 10-100× the squared
+    gradient): over 4000 measurements of ``num_estimates`` the mean progress is within 10%
+    (3 estimates: 8%) and 3% (10: 0.6%) of the progress at the true variance; the plug-in
+    alone is 47% high from 3 estimates and 9% from 10."""
+    rng = np.random.default_rng(1)
+    mean = np.array([0.3, -0.2, 0.1, 0.5, -0.3, 0.2])
+    sd = np.array([1.0, 2.0, 1.0, 2.0, 3.0, 2.0])
+    mask = np.ones(6, bool)
+    reference = Measurement(mean, sd**2, 1e-3, 1_000_000)  # pins the pooled signal
+    exact = float(np.sum(np.abs(mean) / np.sqrt(mean**2 + sd**2)))
+    corrected, plain = [], []
+    for _ in range(4000):
+        draws = mean + sd * rng.normal(size=(num_estimates, 6))
+        measured = Measurement(draws.mean(axis=0), draws.var(axis=0, ddof=1), 1e-3, num_estimates)
+        corrected.append(progress({"reference": reference, "measured": measured}, mask)["measured"])
+        plain.append(float(np.sum(np.abs(mean) / np.sqrt(mean**2 + measured.variance))))
+    tolerance = 0.10 if num_estimates == 3 else 0.03
+    assert abs(np.mean(corrected) / exact - 1.0) < tolerance, (np.mean(corrected), exact)
+    if num_estimates == 3:
+        assert np.mean(plain) / exact > 1.3   # what the correction removes
