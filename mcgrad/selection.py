@@ -41,6 +41,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import functools
+import itertools
 import math
 import os
 import time
@@ -145,7 +146,8 @@ class Measurement(NamedTuple):
 def measurer(training, static_inputs: Any) -> Callable:
     """A jitted ``(state, keys, first, count, array_inputs) -> [2, P]``: per parameter
     coordinate the mean and variance (``ddof=1``; Welford's running mean and sum of
-    squares) of the gradient estimates at ``state`` under ``keys[first:first + count]``,
+    squares) of the gradient estimates at ``state`` under ``keys[first:first + count]``
+    (past the last key, the keys again from the first: for timing, :func:`_timing`),
     one after another in a loop (as steps run). ``first`` and ``count`` are arguments, so
     every share of the keys runs one program, and the loop runs only the estimates asked
     for; the two rows come back as one array (one transfer)."""
@@ -177,7 +179,9 @@ def measurer(training, static_inputs: Any) -> Callable:
 
         def add(index, carry):
             n, mean, squares = carry
-            loss, grads, new_state = training.estimate(varying(state, index), keys[index], *args, **kwargs)
+            # the keys in turn, over and over: a timing call (_timing) runs more estimates than keys
+            key = keys[index % keys.shape[0]]
+            loss, grads, new_state = training.estimate(varying(state, index), key, *args, **kwargs)
             flat = jnp.concatenate([jnp.ravel(leaf) for leaf in jax.tree.leaves(grads)]).astype(zeros.dtype)
             return (n + 1, *running_moments(n + 1, mean, squares, flat + unused(loss, new_state)))
 
@@ -250,59 +254,73 @@ def _interleaved(jobs: dict[Any, Generator]) -> tuple[dict[Any, Any], dict[Any, 
     return results, seconds
 
 
-def _timing(entry: dict, state, keys, first: int, array_inputs, short: float = 1e-3,
+# The most estimates one timing call runs (its keys taken in turn, over and over).
+MAX_TIMED_ESTIMATES = 1000
+
+
+def _timing(entry: dict, state, keys, first: int, array_inputs, long: float = 3e-3,
             repeats: int = 3) -> Generator[None, None, list[Measurement]]:
     r"""Time a program not timed before (a generator: it yields after each timed call, for
-    :func:`_interleaved`), on estimates that join its measurement: one, and,
-    where that call took less than ``short`` seconds, ``k`` more in one call (enough to
-    take about ``short``, within the keys). Two calls of ``1`` and ``k`` estimates give the
-    seconds an estimate and the call's fixed cost apart:
+    :func:`_interleaved`): calls of one estimate and of ``k``, enough for about ``long``
+    seconds, the fastest of ``repeats`` of each. Their difference gives the seconds an
+    estimate and the call's fixed cost apart,
 
     .. math::  t = \frac{T_k - T_1}{k - 1}, \qquad F = T_1 - t,
 
     kept in the entry (``seconds``, ``fixed``). A call's fixed cost is more than its
-    dispatch: the loop's set-up and the moments' wrap-up run once a call whatever the
-    count (on the benchmark mixture a call of one estimate took 155 µs past its dispatch
-    and each of ten 42 µs, and timed on one estimate measure-valued looked 2.5–4× dearer
-    than its training step). A longer estimate keeps the one call: its fixed cost is a
-    small part of it (the fastest of ``repeats`` under ``10·short``: the first fit of the BLR
-    once timed pathwise's estimate at 1.1 ms against 0.24 ms a step, chose the score
-    function on it, and kept it for the run), and so does one whose ``k − 1`` estimates
-    take less than a call (their slope is then within the calls' noise: microsecond
-    estimates came out 100× apart); they are charged their share of the call past its
-    dispatch. The two calls are timed
-    ``repeats`` times, the fastest of each kept
-    (the same keys give the same estimates, so the repeats only time): one pair of
-    sub-millisecond timings moved by ±40% (the discrete VAE's DisARM 63 µs an estimate
-    in one, 98 µs as the fastest of 40). Returns the calls' measurements, each at the
-    seconds found.
+    dispatch: the loop's set-up and the moments' wrap-up run once a call whatever the count
+    (on the benchmark mixture a call of one estimate took 155 µs past its dispatch, and
+    each further estimate 42–66 µs). The ``k`` estimates take the keys in turn, over and
+    over (:func:`measurer`), so ``k`` is not bounded by the decision's keys; they only time,
+    and only the one estimate under ``keys[first]`` joins the measurement.
+
+    Long, because the difference of short calls is mostly their jitter: on the mixture,
+    calls of 1 and 4 estimates (about 0.25 and 0.4 ms) gave slopes that moved by ±15%
+    between three timings and ran 15% high on average, the first fit's decision ranking on
+    them (the location's pathwise at 151 µs an estimate and measure-valued at 80, where
+    each runs 51 and 66); calls of 1 and 60 gave the same slopes within ±3%. ``k`` is sized
+    in two steps (from the one estimate's call, which the fixed cost fills, then from the
+    first slope), at most :data:`MAX_TIMED_ESTIMATES`.
+
+    An estimate that takes ``long`` or more keeps its one call, the fastest of ``repeats``
+    under ``10·long`` (one slow call can be noise), less the dispatch. So does one whose
+    ``k − 1`` estimates take less than a call (their slope within the calls' noise): it is
+    charged its share of the ``k``-call past the dispatch. Returns the one estimate's
+    measurement, at the seconds found.
     """
-    mean, variance, single = _timed_call(entry, state, keys, first, 1, array_inputs)
+
+    def call(count):
+        return _timed_call(entry, state, keys, first, count, array_inputs)
+
+    mean, variance, single = call(1)
     yield
-    if short <= single < 10 * short:  # slow once can be noise: the fastest of `repeats`
+    if long <= single < 10 * long:  # slow once can be noise: the fastest of `repeats`
         for _ in range(repeats - 1):
-            single = min(single, _timed_call(entry, state, keys, first, 1, array_inputs)[2])
+            single = min(single, call(1)[2])
             yield
     fixed = time_dispatch(entry, state, keys, array_inputs)
     seconds = max(single - fixed, 0.1 * single)
-    groups = [Measurement(mean, variance, seconds, 1)]
-    more = min(keys.shape[0] - first - 1, math.ceil(short / max(single, 1e-6)))
-    if single < short and more >= 2:
-        mean, variance, bulk = _timed_call(entry, state, keys, first + 1, more, array_inputs)
+    if single < long:
+        count = math.ceil(long / max(single, 1e-6)) + 1
+        bulk = call(count)[2]
         yield
+        slope = (bulk - single) / (count - 1)
+        if 0 < bulk - single < long / 2:  # the first k was sized by a call the fixed cost fills
+            count = min(MAX_TIMED_ESTIMATES, max(count, math.ceil(long / slope) + 1))
+            bulk = call(count)[2]
+            yield
         for _ in range(repeats - 1):
-            single = min(single, _timed_call(entry, state, keys, first, 1, array_inputs)[2])
-            bulk = min(bulk, _timed_call(entry, state, keys, first + 1, more, array_inputs)[2])
+            single = min(single, call(1)[2])
+            bulk = min(bulk, call(count)[2])
             yield
         if bulk - single > single:  # the k − 1 more estimates outlast a call: their cost is resolved
-            seconds = (bulk - single) / (more - 1)
+            seconds = (bulk - single) / (count - 1)
             entry["fixed"] = max(single - seconds, 0.0)
-        else:  # estimates too cheap to tell from a call's fixed cost and its noise (the slope can
-            # come out near 0): each takes its share of the call past the dispatch, alike for all
-            seconds = max(bulk - fixed, 0.1 * bulk) / more
-        groups = [groups[0]._replace(seconds=seconds), Measurement(mean, variance, seconds, more)]
+        else:  # estimates too cheap to tell from a call's fixed cost and its noise: a share of the
+            # call past the dispatch each, alike for all
+            seconds = max(bulk - fixed, 0.1 * bulk) / count
     entry["seconds"] = min(entry.get("seconds", math.inf), seconds)
-    return groups
+    return [Measurement(mean, variance, seconds, 1)]
 
 
 def time_dispatch(entry: dict, state, keys, array_inputs, repeats: int = 3) -> float:
@@ -413,21 +431,43 @@ def _signal(measurements: dict[str, Measurement]) -> np.ndarray:
     return np.maximum(pooled**2 - noise_of_pooled, 0.0)
 
 
-def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
-    r"""Each candidate's expected progress per step, as an adaptive optimizer makes it:
+# The gradient progress is ranked at, as a fraction of the one measured (ρ): a run spends
+# most of its steps to a target after its gradients have shrunk, where noise limits them.
+LATE_GRADIENT = 0.1
 
-    .. math::  P_c = \sum_{d \in mask} \frac{|\bar g_d|}{\sqrt{\bar g_d^2 + V_{c,d}}},
+
+def _late_signal(measurements: dict[str, Measurement]) -> np.ndarray:
+    """Per coordinate ``(ρ ḡ)²``: :func:`_signal` at :data:`LATE_GRADIENT`."""
+    return LATE_GRADIENT**2 * _signal(measurements)
+
+
+def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
+    r"""Each candidate's expected progress per step, as an adaptive optimizer makes it, late
+    in the run:
+
+    .. math::  P_c = \sum_{d \in mask} \frac{ρ |\bar g_d|}{\sqrt{ρ^2 \bar g_d^2 + V_{c,d}}},
 
     ``\bar g`` the gradient every unbiased candidate estimates (their estimates pooled; its
     square corrected for the pooled mean's own noise). Each coordinate moves by about the
     fraction of its update that is signal (Adam divides by the root mean square): near 1
     where the noise is small against the gradient, whatever the variance, and ``∝ 1/√V``
     where noise rules. Variance alone keeps rewarding an estimator after its noise has
-    stopped limiting the steps. Each fraction is taken less its bias from ``V``'s own
-    noise (:func:`_signal_fraction`), so a candidate measured on few estimates is not
-    ranked up for it.
+    stopped limiting the steps.
+
+    At ``ρ = 1`` (:data:`LATE_GRADIENT`: 0.1) this is a step's progress now, and a decision
+    at step 0, where gradients are large against their noise, sees every candidate move
+    about alike: on the benchmark mixture the labels' measure-valued made 1.2× the
+    score function's progress there, for 1.6× fewer steps to the target and 1.8× less time
+    (0.8 ms against 0.9 at that decision's timings: it kept the score function). Most steps
+    to a target are taken after the gradients have shrunk toward their noise; at a tenth of
+    the measured gradient its progress a second was 1.8× the score function's. The
+    ranking there is the noise limit's, ``Σ |ḡ|/√V`` a second (0.1 and 0.03 rank the
+    same), bounded by 1 a coordinate where a candidate's noise is near nothing.
+
+    Each fraction is taken less its bias from ``V``'s own noise (:func:`_signal_fraction`),
+    so a candidate measured on few estimates is not ranked up for it.
     """
-    signal = _signal(measurements)
+    signal = _late_signal(measurements)
     return {c: float(np.sum(_signal_fraction(signal, m.variance, m.num_estimates - 1)[mask]))
             for c, m in measurements.items()}
 
@@ -469,16 +509,16 @@ def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> f
     Example:
         >>> m = {"a": Measurement(np.ones(3), np.array([0.0, 3.0, 3.0]), 1e-3, 10),
         ...      "b": Measurement(np.ones(3), np.array([3.0, 1.0, 1.0]), 1e-3, 10)}
-        >>> # 2 · √0.9/√(0.9 + 2), less the bias at 18 degrees of freedom: × (1 − ¾ (2/2.9)²/18)
+        >>> # ḡ² = 0.9, at ρ = 0.1: 2 · √0.009/√(0.009 + 2), less the bias at 18 degrees of freedom
         >>> round(shared_progress(m, np.array([True, False, False])), 3)
-        1.092
+        0.128
     """
     inside = np.zeros(np.size(next(iter(measurements.values())).mean), bool)
     inside[mask] = True
     counts = np.array([m.num_estimates for m in measurements.values()], float)
     pooled = counts @ np.stack([m.variance for m in measurements.values()]) / counts.sum()
     dof = float(np.sum(np.maximum(counts - 1.0, 0.0)))
-    return float(np.sum(_signal_fraction(_signal(measurements), pooled, dof)[~inside]))
+    return float(np.sum(_signal_fraction(_late_signal(measurements), pooled, dof)[~inside]))
 
 
 def program_cost(entry: dict) -> tuple[float, float, float] | None:
@@ -495,46 +535,57 @@ def program_cost(entry: dict) -> tuple[float, float, float] | None:
     return entry["cost"]
 
 
-# Two programs whose work and bytes (XLA's counts) are each within this fraction of the
-# other's cost the same; a transcendental counts as this many flops (tens on a CPU's
-# vector units: a polynomial and a range reduction).
-SAME_COST = 0.05
+# A transcendental counts as this many flops in a program's work (tens on a CPU's vector
+# units: a polynomial and a range reduction).
 TRANSCENDENTAL_FLOPS = 10.0
+# Seconds grow as work^b across one decision's programs: b fitted on the pairs whose work
+# differs by at least MIN_WORK_RATIO, within WORK_EXPONENT; DEFAULT_WORK_EXPONENT without such
+# a pair. Measured: 0.63 (the benchmark mixture's labels), 0.86 (the discrete VAE), 0.93 (the BLR).
+MIN_WORK_RATIO = 1.2
+WORK_EXPONENT = (0.5, 1.0)
+DEFAULT_WORK_EXPONENT = 0.8
 
 
-def same_cost_seconds(seconds: dict[str, float], costs: dict[str, tuple | None],
-                      tolerance: float = SAME_COST) -> dict[str, float]:
-    r"""Each candidate's seconds an estimate as ranked: the mean timing of the candidates
-    whose programs XLA counts alike (:func:`program_cost`: work, ``flops +``
-    :data:`TRANSCENDENTAL_FLOPS` ``· transcendentals``, and bytes accessed each within
-    ``tolerance``), itself included; its own timing where its program has no count.
+def counted_seconds(seconds: dict[str, float], costs: dict[str, tuple | None]) -> dict[str, float]:
+    r"""Each candidate's seconds an estimate as ranked: a power of its program's work
+    (:func:`program_cost`: ``w = flops +`` :data:`TRANSCENDENTAL_FLOPS` ``· transcendentals``),
+    its level and exponent taken from all the candidates' timings,
 
-    One compile of a sub-millisecond program times ±10–30% off another of the same cost,
-    and the offset stays for the process (its fastest timing keeps it): the discrete VAE's
-    score function and DisARM measurement programs, 3.11 and 3.13 Mflop (and 22.0 and 20.5
-    thousand transcendentals), 2.32 and 2.37 MB,
-    timed in four compiles at 137/132, 148/124, 164/132 and 140/180 µs an estimate (the
-    fastest of 100 calls in the last: 135/154), and one first fit switched to the score
-    function at step 0 on such a gap, where the two cost the same a step (0.101 and 0.103
-    ms). Between programs of one cost, the timing says nothing a count does not; the
-    decision rests on their progress. Programs of different costs keep their own timings
-    (measure-valued's 8.8× flops ran 6.6× the seconds: a count is no clock).
+    .. math::  \hat t_c = e^{a}\, w_c^{\,b}, \qquad b = \operatorname{median}_{i,j}
+               \frac{\log t_i - \log t_j}{\log w_i - \log w_j}, \qquad
+               a = \operatorname{median}_c (\log t_c - b \log w_c)
+
+    (Theil–Sen: medians, so one wild timing moves neither), the slopes over the pairs whose
+    work differs by :data:`MIN_WORK_RATIO` or more, ``b`` within :data:`WORK_EXPONENT`. A
+    candidate without a count, or alone with one, keeps its own timing.
+
+    Timings of a fresh program right after a decision's compiles are off by up to 3×: the
+    benchmark mixture's first fit timed enumeration at 20 µs an estimate and DisARM at 27
+    (each runs 62 and 68, timed later on calls of sixty estimates, ±3% between timings) and
+    chose enumeration on it; one timed the discrete VAE's score function and DisARM at
+    140 and 180 µs (3.33 and 3.34 million of work, equal costs a step) and left DisARM on
+    it. The counts are exact and the same every run; across one decision's programs
+    seconds followed ``w^b`` within ±15% (mixture labels: b = 0.63, VAE 0.86, BLR 0.93).
+    So the counts set the ratios, and the clock the level.
 
     Example:
-        >>> priced = same_cost_seconds({"a": 100e-6, "b": 140e-6, "c": 300e-6},
-        ...     {"a": (3.11e6, 0.0, 2.32e6), "b": (3.13e6, 0.0, 2.37e6), "c": (1.0e7, 0.0, 5.1e6)})
-        >>> {c: round(t * 1e6) for c, t in priced.items()}   # µs: a and b cost the same
-        {'a': 120, 'b': 120, 'c': 300}
+        >>> seconds = {"score": 140e-6, "disarm": 180e-6, "measure_valued": 830e-6, "rebar": 335e-6}
+        >>> costs = {"score": (3.11e6, 2.20e4, 0.0), "disarm": (3.13e6, 2.05e4, 0.0),
+        ...          "measure_valued": (2.74e7, 4.13e5, 0.0), "rebar": (1.01e7, 6.1e4, 0.0)}
+        >>> {c: round(t * 1e6) for c, t in counted_seconds(seconds, costs).items()}   # µs
+        {'score': 147, 'disarm': 147, 'measure_valued': 789, 'rebar': 352}
     """
-
-    def alike(a, b):
-        if a is None or b is None:
-            return False
-        work = [flops + TRANSCENDENTAL_FLOPS * transcendentals for flops, transcendentals, _ in (a, b)]
-        return all(abs(x - y) <= tolerance * max(x, y) for x, y in (work, (a[2], b[2])))
-
-    return {c: float(np.mean([seconds[d] for d in seconds if d == c or alike(costs.get(c), costs.get(d))]))
-            for c in seconds}
+    works = {c: cost[0] + TRANSCENDENTAL_FLOPS * cost[1] for c, cost in costs.items()
+             if cost is not None and c in seconds and 0 < seconds[c] < math.inf and cost[0] + cost[1] > 0}
+    if len(works) < 2:
+        return dict(seconds)
+    x = {c: math.log(w) for c, w in works.items()}
+    y = {c: math.log(seconds[c]) for c in works}
+    slopes = [(y[a] - y[b]) / (x[a] - x[b]) for a, b in itertools.combinations(works, 2)
+              if abs(x[a] - x[b]) >= math.log(MIN_WORK_RATIO)]
+    exponent = float(np.clip(np.median(slopes), *WORK_EXPONENT)) if slopes else DEFAULT_WORK_EXPONENT
+    level = float(np.median([y[c] - exponent * x[c] for c in works]))
+    return {c: math.exp(level + exponent * x[c]) if c in works else t for c, t in seconds.items()}
 
 
 # A program's seconds an estimate (its fastest timing, interleaved with the other
@@ -583,7 +634,7 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
     """
     errors = {}
     if criterion == "progress":
-        signal, moves = _signal(measurements), progress(measurements, mask)
+        signal, moves = _late_signal(measurements), progress(measurements, mask)
         tiny = np.finfo(np.float32).tiny
         for c, m in measurements.items():
             slope = 0.5 * np.sqrt(signal) * m.variance / np.maximum(signal + m.variance, tiny) ** 1.5  # |∂P/∂V_d|·V_d
@@ -663,7 +714,7 @@ def decision_table(records: list[dict]) -> pd.DataFrame:
     over coordinates), ``progress`` (:func:`progress`, the site's coordinates),
     ``shared_progress`` (:func:`shared_progress`, the others', the same for every
     candidate at a decision; 0 under ``criterion="variance"``), ``seconds`` (per estimate,
-    as ranked: :func:`same_cost_seconds`), ``timed_seconds`` (its program's own fastest
+    as ranked: :func:`counted_seconds`), ``timed_seconds`` (its program's own fastest
     timing so far), ``flops``, ``transcendentals`` and ``bytes_accessed`` (XLA's counts for its program,
     :func:`program_cost`; NaN where the backend gives none), ``efficiency`` (what is ranked: ``(progress +
     shared_progress)`` per second, or
@@ -703,8 +754,8 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     """Measure every candidate of auto site ``name`` (pruned ones keep ``last``'s numbers).
 
     Candidates share one time budget (:func:`estimate_counts`). A candidate not timed before
-    is timed by :func:`_timing` (one estimate, and a call of several more where one is
-    short; candidates in turn, :func:`_interleaved`); a program's first run is not timed
+    is timed by :func:`_timing` (calls of one estimate and of enough for a few
+    milliseconds; candidates in turn, :func:`_interleaved`); a program's first run is not timed
     but taken as an extra estimate first: it carries one-time work, which a call that skips the estimate does not absorb (on the
     BLR pathwise's first estimate took 27 ms against 0.6 ms, and timing it gave pathwise 2
     of the fastest's 10 estimates). All join its share (:func:`merged`). A candidate
@@ -830,9 +881,9 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         waiting.remove(fastest)
     costs = {candidate: program_cost(entry) for candidate, entry in entries.items()}
 
-    def priced():  # seconds as ranked: shared between programs of one cost (same_cost_seconds)
-        return same_cost_seconds({c: measurements[c].seconds if c in measurements else seconds[c] for c in entries},
-                                 costs)
+    def priced():  # seconds as ranked: the programs' work, at the timings' level (counted_seconds)
+        return counted_seconds({c: measurements[c].seconds if c in measurements else seconds[c] for c in entries},
+                               costs)
 
     ceilings = {}
     if waiting and measurements:
