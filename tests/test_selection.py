@@ -599,3 +599,35 @@ def test_progress_is_not_ranked_up_by_few_estimates(num_estimates):
     assert abs(np.mean(corrected) / exact - 1.0) < tolerance, (np.mean(corrected), exact)
     if num_estimates == 3:
         assert np.mean(plain) / exact > 1.3   # what the correction removes
+
+
+def test_waiting_candidates_are_ruled_out_by_the_best_so_far(monkeypatch):
+    """Three candidates timed by an earlier fit, all at the 2-estimate floor (a tight
+    budget). The cheapest is measured first (poor progress), then the next cheapest (nearly
+    full progress); its efficiency rules the dearest out on its ceiling, with no estimate.
+    Measured on the fastest alone, the dearest's ceiling had stood (a 21-ms measurement of
+    measure-valued in the BLR's repeated fits)."""
+    import mcgrad.selection as selection
+    from mcgrad.estimators.choice import AutoSettings, AutoSite
+
+    seconds = {"fast": 1e-4, "good": 2e-4, "dear": 1e-2}
+    noise = {"fast": 1.0, "good": 1e-6, "dear": 1e-6}  # per coordinate, against a gradient of 1
+    entries = {name: {"name": name, "compiled": object(), "seconds": t, "fixed": 0.0, "ran": True}
+               for name, t in seconds.items()}
+    names = tuple(seconds)
+    calls = []
+
+    def fake_call(entry, state, keys, first, count, array_inputs):
+        calls.append((entry["name"], count))
+        return np.ones(10), np.full(10, noise[entry["name"]]), count * entry["seconds"]
+
+    monkeypatch.setattr(selection, "_timed_call", fake_call)
+    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1e-9)
+    sites = {"z": AutoSite(settings, names, (None,) * 3, 0)}
+    rows = selection._measure_site(None, sites, {"z": 0}, "z", None, np.zeros((10, 2)), None,
+                                   lambda choices: entries[names[choices["z"]]], np.ones(10, bool), {},
+                                   100.0, None, (0.0, 0.0, 1000))
+    assert calls == [("fast", 2), ("good", 2)]
+    assert rows["dear"]["num_estimates"] == 0 and math.isnan(rows["dear"]["progress"])
+    assert rows["dear"]["efficiency"] * settings.prune < rows["good"]["efficiency"]
+    assert rows["fast"]["efficiency"] < rows["dear"]["efficiency"] * settings.prune  # the fastest alone: not out
