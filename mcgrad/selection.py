@@ -454,15 +454,15 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     where noise rules. Variance alone keeps rewarding an estimator after its noise has
     stopped limiting the steps.
 
-    At ``ρ = 1`` (:data:`LATE_GRADIENT`: 0.1) this is a step's progress now, and a decision
-    at step 0, where gradients are large against their noise, sees every candidate move
-    about alike: on the benchmark mixture the labels' measure-valued made 1.2× the
-    score function's progress there, for 1.6× fewer steps to the target and 1.8× less time
-    (0.8 ms against 0.9 at that decision's timings: it kept the score function). Most steps
-    to a target are taken after the gradients have shrunk toward their noise; at a tenth of
-    the measured gradient its progress a second was 1.8× the score function's. The
-    ranking there is the noise limit's, ``Σ |ḡ|/√V`` a second (0.1 and 0.03 rank the
-    same), bounded by 1 a coordinate where a candidate's noise is near nothing.
+    At ``ρ = 1`` this is a step's progress now. At step 0 gradients are large against their
+    noise, so every candidate moves about alike: on the benchmark mixture the labels'
+    measure-valued made 1.2× the score function's progress there, though it takes 1.6×
+    fewer steps to the target at about the same cost a step, and a decision on it kept the
+    score function. Most steps to a target are taken after the gradients have shrunk toward
+    their noise: at a tenth of the measured gradient (:data:`LATE_GRADIENT`) measure-valued
+    makes 2.8× the score function's progress. There the ranking is the noise limit's,
+    ``Σ |ḡ|/√V`` a second (0.1 and 0.03 rank alike), bounded by 1 a coordinate where a
+    candidate's noise is near nothing.
 
     Each fraction is taken less its bias from ``V``'s own noise (:func:`_signal_fraction`),
     so a candidate measured on few estimates is not ranked up for it.
