@@ -889,15 +889,15 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     # 21 ms on its two estimates, where pathwise (110 000) rules it out.
     ceilings = {}
     while waiting:
+        charged = priced()
         if measurements:
             num_coordinates = np.ones(np.size(next(iter(measurements.values())).mean))[mask].size
-            moves, shared, charged = progress(measurements, mask), shared_progress(measurements, mask), priced()
+            moves, shared = progress(measurements, mask), shared_progress(measurements, mask)
             best = max((moves[c] + shared) / charged[c] for c in measurements)
             ceilings.update(outpaced({c: charged[c] for c in waiting}, num_coordinates + shared, best,
                                      site.settings.prune))
             waiting = [c for c in waiting if c not in ceilings]
         if waiting:
-            charged = priced()
             cheapest = min(waiting, key=charged.get)
             complete(cheapest)
             waiting.remove(cheapest)
@@ -932,10 +932,10 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
             measure_seconds=spent[candidate],  # every measured candidate ran at least one estimate here
             timing_seconds=timing.get(candidate, 0.0),
         )
-    for candidate, cost in costs.items():
+    for candidate, cost in costs.items():  # XLA's counts beside the rows they priced
         if candidate in rows and rows[candidate]["measured"]:
-            counts = cost if cost else (math.nan,) * 3
-            rows[candidate].update(zip(("flops", "transcendentals", "bytes_accessed"), counts, strict=True))
+            rows[candidate].update(zip(("flops", "transcendentals", "bytes_accessed"), cost or (math.nan,) * 3,
+                                       strict=True))
     return {candidate: rows[candidate] for candidate in site.names if candidate in rows}
 
 
