@@ -95,7 +95,7 @@ def with_choices(objective_state: Any, choices: dict[str, int]) -> Any:
 
     def set_choice(path, leaf):
         if isinstance(leaf, AutoState) and _site_of(path) in choices:
-            return leaf._replace(choice=jnp.asarray(choices[_site_of(path)], jnp.int32))
+            return leaf._replace(choice=np.asarray(choices[_site_of(path)], np.int32))  # a host value: no dispatch
         return leaf
 
     return jax.tree_util.tree_map_with_path(set_choice, objective_state, is_leaf=lambda x: isinstance(x, AutoState))
@@ -951,9 +951,9 @@ def measurement_programs(run: AutoRun, sites: dict[str, AutoSite], static_inputs
     model and the sites are fingerprinted once per fit, so a candidate's program costs a
     lookup (a full fingerprint per candidate was milliseconds)."""
     fixed = _fixed_overrides(run.estimators)
-    base = _fingerprint((run.model, run.guide, dict(run.settings, estimators=fixed, diagnostics_every=0),
-                         static_inputs, shapes))
-    site_prints = {name: _fingerprint(site) for name, site in sites.items()}
+    base = _interned(_fingerprint((run.model, run.guide, dict(run.settings, estimators=fixed, diagnostics_every=0),
+                                   static_inputs, shapes)))
+    site_prints = {name: _interned(_fingerprint(site)) for name, site in sites.items()}
     found: dict = {}
 
     def programs(choices: dict) -> dict:
@@ -970,6 +970,27 @@ def measurement_programs(run: AutoRun, sites: dict[str, AutoSite], static_inputs
         return found[key]
 
     return programs
+
+
+_INTERNED: dict = {}
+_TOKENS = itertools.count()
+
+
+def _interned(fingerprint: Any) -> int:
+    """A small token for a fingerprint, the same for equal ones (compared once, here): a
+    deep fingerprint as part of a cache key is hashed and compared at every lookup (a
+    decision's nine program lookups on the benchmark mixture took 0.8 ms). Tokens are never
+    reused, so forgetting old ones (past :data:`MEASURERS`' reach) can only cost a rebuild;
+    an unhashable fingerprint gets a token of its own."""
+    try:
+        token = _INTERNED.get(fingerprint)
+    except TypeError:
+        return next(_TOKENS)
+    if token is None:
+        if len(_INTERNED) >= 4 * MEASURERS.max_entries:
+            _INTERNED.clear()
+        token = _INTERNED[fingerprint] = next(_TOKENS)
+    return token
 
 
 def _fixed_overrides(estimators: Any) -> dict:
@@ -1066,8 +1087,12 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     loss_chunks, parts = [losses], []
     done = int(np.asarray(state.step))
     # One chunk length for every segment, so each choice compiles one program however long
-    # its segments (a fit's explicit chunk_size is its compiled length).
-    longest = max(b - a for a, b in zip(decisions, [*decisions[1:], num_steps], strict=True))
+    # its segments (a fit's explicit chunk_size is its compiled length): the longest segment
+    # there can be, so one runs as one call. On the default schedule a decision the run
+    # cannot afford is skipped and its segments join, up to the rest of the run (the
+    # benchmark mixture's one segment of 2000 steps ran as four calls of 500, ~2 ms more).
+    gaps = zip(decisions, [*decisions[1:], num_steps], strict=True)
+    longest = max(1, max(b - max(a, done) for a, b in gaps) if scheduled_by_user else num_steps - done)
     periodic = progress_bar or checkpoint_path is not None
     chunk = chunk_size or (default_chunk_size(longest) if periodic else longest)
     bar = None
@@ -1081,7 +1106,7 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
                                                                         last_decision)):
                 with one_time_clock() as setting_up:
                     started, first_record = time.perf_counter(), len(records)
-                    keys = jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.key), 0x5E1EC7), num_estimates)
+                    keys = _decision_keys(state.key, num_estimates)
                     for name, site in sites.items():
                         rows = _measure_site(run, sites, choices, name, state, keys, array_inputs, programs, masks[name],
                                              last[name], num_steps / len(decisions),
@@ -1142,10 +1167,10 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
             loss_chunks.append(result.losses)
             parts.append(result.diagnostics)
             done += length
-            diagnostics = _joined(history, parts, records, int(np.asarray(state.num_nonfinite)))
-            if checkpoint_path is not None:
+            if checkpoint_path is not None:  # the table is built only where it is written (~1 ms)
+                diagnostics = _joined(history, parts, records, int(np.asarray(state.num_nonfinite)))
                 save_checkpoint(checkpoint_path, state, np.concatenate(loss_chunks), diagnostics,
-                                           run.settings["objective"], run.key)
+                                run.settings["objective"], run.key)
             if bar is not None:
                 last_loss = result.losses[-1]
                 postfix = {"loss": f"{last_loss:.4g}"}
@@ -1159,6 +1184,13 @@ def run(run: AutoRun, training, state, losses: np.ndarray, history, *, num_steps
     return FitResult(
         training.params(state), np.concatenate(loss_chunks), state, diagnostics, run.model, run.guide, run.args, run.kwargs
     )
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _decision_keys(key_data: Array, num: int) -> Array:
+    """A decision's ``num`` keys, from the state's key (one call: three eager ops each dispatched
+    cost a decision ~0.2 ms)."""
+    return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(key_data), 0x5E1EC7), num)
 
 
 def _chosen_seconds(sites: dict[str, AutoSite], choices: dict[str, int], last: dict[str, dict]) -> float | None:

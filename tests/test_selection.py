@@ -631,3 +631,17 @@ def test_waiting_candidates_are_ruled_out_by_the_best_so_far(monkeypatch):
     assert rows["dear"]["num_estimates"] == 0 and math.isnan(rows["dear"]["progress"])
     assert rows["dear"]["efficiency"] * settings.prune < rows["good"]["efficiency"]
     assert rows["fast"]["efficiency"] < rows["dear"]["efficiency"] * settings.prune  # the fastest alone: not out
+
+
+def test_a_segment_runs_as_one_call(monkeypatch):
+    # On the default schedule a decision the run cannot afford is skipped and the segments
+    # around it join: the chunk is compiled for the rest of the run, so a joined segment is
+    # one call (it was cut at the schedule's longest gap: four calls for these 40 steps).
+    import sys
+
+    fit_module = sys.modules["mcgrad.fit"]
+    calls = []
+    replayed = fit_module._replayed
+    monkeypatch.setattr(fit_module, "_replayed", lambda run, state, n, limit: calls.append(n) or replayed(run, state, n, limit))
+    result = fit(mixed_model, mixed_guide, {"label": mg.auto(budget=1e-9)}, num_steps=40)
+    assert set(result.diagnostics.choices["step"]) == {0} and calls == [40]
