@@ -518,6 +518,9 @@ def test_a_decision_spends_what_the_run_leaves_unspent():
     # what earlier decisions took comes out of it too, down to a segment's share
     spent = estimates_budget(0.05, 400, 1e-4, (0.1, 0.01, 1000), calls=0.0, num_sites=1)
     assert spent == pytest.approx(0.05 * 400 * 1e-4)
+    # the sites in turn: what the first site's estimates left is the second's
+    assert estimates_budget(0.05, 400, 1e-4, (0.0, 0.0, 2000), calls=0.0, num_sites=1,
+                            spent=1e-3) == pytest.approx(2 * first - 1e-3)
 
 
 def test_candidates_are_timed_in_turn(monkeypatch):
@@ -645,3 +648,36 @@ def test_a_segment_runs_as_one_call(monkeypatch):
     monkeypatch.setattr(fit_module, "_replayed", lambda run, state, n, limit: calls.append(n) or replayed(run, state, n, limit))
     result = fit(mixed_model, mixed_guide, {"label": mg.auto(budget=1e-9)}, num_steps=40)
     assert set(result.diagnostics.choices["step"]) == {0} and calls == [40]
+
+
+@pytest.mark.parametrize("site_coordinates", [2, 30])
+def test_a_site_whose_progress_is_within_the_timing_error_takes_the_floor(monkeypatch, site_coordinates):
+    """A site of 2 coordinates among 60, the others' progress about 58 a step: its own
+    progress moves an efficiency by under 5% (the seconds' error), so after the current
+    choice's two estimates every candidate takes 2. A site of 30 is not probed and takes
+    what the budget buys (10 of the fastest)."""
+    import mcgrad.selection as selection
+    from mcgrad.estimators.choice import AutoSettings, AutoSite
+
+    seconds = {"a": 1e-4, "b": 1.25e-4, "c": 1.5e-4}
+    entries = {name: {"name": name, "compiled": object(), "seconds": t, "fixed": 0.0, "ran": True}
+               for name, t in seconds.items()}
+    names = tuple(seconds)
+    calls = []
+
+    def fake_call(entry, state, keys, first, count, array_inputs):
+        calls.append((entry["name"], count))
+        return np.ones(60), np.full(60, 1e-4), count * entry["seconds"]
+
+    monkeypatch.setattr(selection, "_timed_call", fake_call)
+    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1.0)
+    sites = {"loc": AutoSite(settings, names, (None,) * 3, 0)}
+    rows = selection._measure_site(None, sites, {"loc": 0}, "loc", None, np.zeros((10, 2)), None,
+                                   lambda choices: entries[names[choices["loc"]]], np.arange(60) < site_coordinates,
+                                   {}, 100.0, None, (0.0, 0.0, 1000))
+    if site_coordinates == 2:
+        assert calls == [("a", 2), ("b", 2), ("c", 2)]
+        assert rows["a"]["shared_progress"] * selection.TIMING_ERROR >= 2
+    else:
+        assert calls == [("a", 10), ("b", 8), ("c", 7)]
+    assert all(rows[c]["num_estimates"] == n for c, n in calls)
