@@ -67,6 +67,9 @@ def test_quick_benchmark(benchmark_module, tmp_path):
 
     checks = problem["targets"]
     assert checks["auto_time_ratio"]["reference"] in combinations
+    paired = checks["auto_time_ratio"]["head_to_head"]  # auto and the reference, called again in turn
+    assert paired["reference"] == checks["auto_time_ratio"]["reference"] and paired["calls"] == 1
+    assert checks["auto_time_ratio"]["value"] == pytest.approx(paired["auto_seconds"] / paired["reference_seconds"])
     assert {"value", "met", "measurement_compile_seconds"} <= set(checks["overhead"])
     assert checks["default_vs_auto"]["default"] == "loc=pathwise, z=score_function_loo"
     text = (tmp_path / "auto.md").read_text(encoding="utf-8")
