@@ -681,3 +681,30 @@ def test_a_site_whose_progress_is_within_the_timing_error_takes_the_floor(monkey
     else:
         assert calls == [("a", 10), ("b", 8), ("c", 7)]
     assert all(rows[c]["num_estimates"] == n for c, n in calls)
+
+
+def test_a_pruned_candidate_stays_pruned_as_efficiencies_fall(monkeypatch):
+    """Pruned on its standing when last measured: "slow" made a 40th of the best's progress
+    a second then. Efficiencies fall as a run's gradients shrink, so its old number is
+    within `prune` of the current best's (5 × 10 > 30); it is still not measured."""
+    import mcgrad.selection as selection
+    from mcgrad.estimators.choice import AutoSettings, AutoSite
+
+    entries = {name: {"name": name, "compiled": object(), "seconds": 1e-4, "fixed": 0.0, "ran": True}
+               for name in ("fast", "slow")}
+    calls = []
+
+    def fake_call(entry, state, keys, first, count, array_inputs):
+        calls.append(entry["name"])
+        return np.ones(10), np.full(10, 1.0), count * entry["seconds"]
+
+    monkeypatch.setattr(selection, "_timed_call", fake_call)
+    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1.0)
+    sites = {"z": AutoSite(settings, ("fast", "slow"), (None,) * 2, 0)}
+    last = {"fast": {"efficiency": 30.0, "best_then": 30.0, "timed_seconds": 1e-4, "measured": True},
+            "slow": {"efficiency": 5.0, "best_then": 200.0, "timed_seconds": 1e-2, "measured": False}}
+    rows = selection._measure_site(None, sites, {"z": 0}, "z", None, np.zeros((10, 2)), None,
+                                   lambda choices: entries[("fast", "slow")[choices["z"]]], np.ones(10, bool), last,
+                                   100.0, None, (0.0, 0.0, 1000))
+    assert set(calls) == {"fast"} and not rows["slow"]["measured"] and rows["slow"]["efficiency"] == 5.0
+    assert rows["fast"]["best_then"] == rows["fast"]["efficiency"] and rows["slow"]["best_then"] == 200.0
