@@ -604,17 +604,14 @@ def test_progress_is_not_ranked_up_by_few_estimates(num_estimates):
         assert np.mean(plain) / exact > 1.3   # what the correction removes
 
 
-def test_waiting_candidates_are_ruled_out_by_the_best_so_far(monkeypatch):
-    """Three candidates timed by an earlier fit, all at the 2-estimate floor (a tight
-    budget). The cheapest is measured first (poor progress), then the next cheapest (nearly
-    full progress); its efficiency rules the dearest out on its ceiling, with no estimate.
-    Measured on the fastest alone, the dearest's ceiling had stood (a 21-ms measurement of
-    measure-valued in the BLR's repeated fits)."""
+def measured_with_faked_calls(monkeypatch, seconds, noise, mask, last=None, **settings):
+    """:func:`mcgrad.selection._measure_site` on one site whose candidates' programs were
+    timed by an earlier fit at ``seconds`` an estimate, their calls faked: every estimate a
+    gradient of 1 a coordinate, with variance ``noise[name]``. Returns the rows and the
+    calls, ``(name, estimates)`` each."""
     import mcgrad.selection as selection
     from mcgrad.estimators.choice import AutoSettings, AutoSite
 
-    seconds = {"fast": 1e-4, "good": 2e-4, "dear": 1e-2}
-    noise = {"fast": 1.0, "good": 1e-6, "dear": 1e-6}  # per coordinate, against a gradient of 1
     entries = {name: {"name": name, "compiled": object(), "seconds": t, "fixed": 0.0, "ran": True}
                for name, t in seconds.items()}
     names = tuple(seconds)
@@ -622,18 +619,30 @@ def test_waiting_candidates_are_ruled_out_by_the_best_so_far(monkeypatch):
 
     def fake_call(entry, state, keys, first, count, array_inputs):
         calls.append((entry["name"], count))
-        return np.ones(10), np.full(10, noise[entry["name"]]), count * entry["seconds"]
+        return np.ones(mask.size), np.full(mask.size, noise[entry["name"]]), count * entry["seconds"]
 
     monkeypatch.setattr(selection, "_timed_call", fake_call)
-    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1e-9)
-    sites = {"z": AutoSite(settings, names, (None,) * 3, 0)}
+    settings = AutoSettings(None, None, **dict(dict(num_estimates=10, margin=0.1, prune=10.0, budget=1.0), **settings))
+    sites = {"z": AutoSite(settings, names, (None,) * len(names), 0)}
     rows = selection._measure_site(None, sites, {"z": 0}, "z", None, np.zeros((10, 2)), None,
-                                   lambda choices: entries[names[choices["z"]]], np.ones(10, bool), {},
+                                   lambda choices: entries[names[choices["z"]]], mask, last or {},
                                    100.0, None, (0.0, 0.0, 1000))
+    return rows, calls
+
+
+def test_waiting_candidates_are_ruled_out_by_the_best_so_far(monkeypatch):
+    """Three candidates timed by an earlier fit, all at the 2-estimate floor (a tight
+    budget). The cheapest is measured first (poor progress), then the next cheapest (nearly
+    full progress); its efficiency rules the dearest out on its ceiling, with no estimate.
+    Measured on the fastest alone, the dearest's ceiling had stood (a 21-ms measurement of
+    measure-valued in the BLR's repeated fits)."""
+    seconds = {"fast": 1e-4, "good": 2e-4, "dear": 1e-2}
+    noise = {"fast": 1.0, "good": 1e-6, "dear": 1e-6}  # per coordinate, against a gradient of 1
+    rows, calls = measured_with_faked_calls(monkeypatch, seconds, noise, np.ones(10, bool), budget=1e-9)
     assert calls == [("fast", 2), ("good", 2)]
     assert rows["dear"]["num_estimates"] == 0 and math.isnan(rows["dear"]["progress"])
-    assert rows["dear"]["efficiency"] * settings.prune < rows["good"]["efficiency"]
-    assert rows["fast"]["efficiency"] < rows["dear"]["efficiency"] * settings.prune  # the fastest alone: not out
+    assert rows["dear"]["efficiency"] * 10.0 < rows["good"]["efficiency"]
+    assert rows["fast"]["efficiency"] < rows["dear"]["efficiency"] * 10.0  # the fastest alone: not out
 
 
 def test_a_segment_runs_as_one_call(monkeypatch):
@@ -657,24 +666,10 @@ def test_a_site_whose_progress_is_within_the_timing_error_takes_the_floor(monkey
     choice's two estimates every candidate takes 2. A site of 30 is not probed and takes
     what the budget buys (10 of the fastest)."""
     import mcgrad.selection as selection
-    from mcgrad.estimators.choice import AutoSettings, AutoSite
 
     seconds = {"a": 1e-4, "b": 1.25e-4, "c": 1.5e-4}
-    entries = {name: {"name": name, "compiled": object(), "seconds": t, "fixed": 0.0, "ran": True}
-               for name, t in seconds.items()}
-    names = tuple(seconds)
-    calls = []
-
-    def fake_call(entry, state, keys, first, count, array_inputs):
-        calls.append((entry["name"], count))
-        return np.ones(60), np.full(60, 1e-4), count * entry["seconds"]
-
-    monkeypatch.setattr(selection, "_timed_call", fake_call)
-    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1.0)
-    sites = {"loc": AutoSite(settings, names, (None,) * 3, 0)}
-    rows = selection._measure_site(None, sites, {"loc": 0}, "loc", None, np.zeros((10, 2)), None,
-                                   lambda choices: entries[names[choices["loc"]]], np.arange(60) < site_coordinates,
-                                   {}, 100.0, None, (0.0, 0.0, 1000))
+    rows, calls = measured_with_faked_calls(monkeypatch, seconds, dict.fromkeys(seconds, 1e-4),
+                                            np.arange(60) < site_coordinates)
     if site_coordinates == 2:
         assert calls == [("a", 2), ("b", 2), ("c", 2)]
         assert rows["a"]["shared_progress"] * selection.TIMING_ERROR >= 2
@@ -687,24 +682,10 @@ def test_a_pruned_candidate_stays_pruned_as_efficiencies_fall(monkeypatch):
     """Pruned on its standing when last measured: "slow" made a 40th of the best's progress
     a second then. Efficiencies fall as a run's gradients shrink, so its old number is
     within `prune` of the current best's (5 × 10 > 30); it is still not measured."""
-    import mcgrad.selection as selection
-    from mcgrad.estimators.choice import AutoSettings, AutoSite
-
-    entries = {name: {"name": name, "compiled": object(), "seconds": 1e-4, "fixed": 0.0, "ran": True}
-               for name in ("fast", "slow")}
-    calls = []
-
-    def fake_call(entry, state, keys, first, count, array_inputs):
-        calls.append(entry["name"])
-        return np.ones(10), np.full(10, 1.0), count * entry["seconds"]
-
-    monkeypatch.setattr(selection, "_timed_call", fake_call)
-    settings = AutoSettings(None, None, num_estimates=10, margin=0.1, prune=10.0, budget=1.0)
-    sites = {"z": AutoSite(settings, ("fast", "slow"), (None,) * 2, 0)}
     last = {"fast": {"efficiency": 30.0, "best_then": 30.0, "timed_seconds": 1e-4, "measured": True},
             "slow": {"efficiency": 5.0, "best_then": 200.0, "timed_seconds": 1e-2, "measured": False}}
-    rows = selection._measure_site(None, sites, {"z": 0}, "z", None, np.zeros((10, 2)), None,
-                                   lambda choices: entries[("fast", "slow")[choices["z"]]], np.ones(10, bool), last,
-                                   100.0, None, (0.0, 0.0, 1000))
-    assert set(calls) == {"fast"} and not rows["slow"]["measured"] and rows["slow"]["efficiency"] == 5.0
+    rows, calls = measured_with_faked_calls(monkeypatch, {"fast": 1e-4, "slow": 1e-4}, {"fast": 1.0, "slow": 1.0},
+                                            np.ones(10, bool), last)
+    assert {name for name, _ in calls} == {"fast"} and not rows["slow"]["measured"]
+    assert rows["slow"]["efficiency"] == 5.0
     assert rows["fast"]["best_then"] == rows["fast"]["efficiency"] and rows["slow"]["best_then"] == 200.0
