@@ -436,10 +436,16 @@ def _stacked(measurements: dict[str, Measurement]) -> tuple[np.ndarray, np.ndarr
     return counts, np.stack([m.mean for m in measurements.values()]), np.stack([m.variance for m in measurements.values()])
 
 
-def _signal(measurements: dict[str, Measurement]) -> np.ndarray:
+def _inside(mask, size: int) -> np.ndarray:
+    """``[size]`` booleans: the coordinates ``mask`` selects (a boolean mask or a slice)."""
+    inside = np.zeros(size, bool)
+    inside[mask] = True
+    return inside
+
+
+def _signal(counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
     """Per coordinate ``ḡ²``, the squared gradient every unbiased candidate estimates: their
-    estimates pooled, the square corrected for the pooled mean's own noise."""
-    counts, means, variances = _stacked(measurements)
+    estimates (:func:`_stacked`) pooled, the square corrected for the pooled mean's own noise."""
     pooled = counts @ means / counts.sum()
     noise_of_pooled = counts @ variances / counts.sum() ** 2
     return np.maximum(pooled**2 - noise_of_pooled, 0.0)
@@ -450,9 +456,9 @@ def _signal(measurements: dict[str, Measurement]) -> np.ndarray:
 LATE_GRADIENT = 0.1
 
 
-def _late_signal(measurements: dict[str, Measurement]) -> np.ndarray:
+def _late_signal(counts: np.ndarray, means: np.ndarray, variances: np.ndarray) -> np.ndarray:
     """Per coordinate ``(ρ ḡ)²``: :func:`_signal` at :data:`LATE_GRADIENT`."""
-    return LATE_GRADIENT**2 * _signal(measurements)
+    return LATE_GRADIENT**2 * _signal(counts, means, variances)
 
 
 def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str, float]:
@@ -481,8 +487,8 @@ def progress(measurements: dict[str, Measurement], mask: np.ndarray) -> dict[str
     Each fraction is taken less its bias from ``V``'s own noise (:func:`_signal_fraction`),
     so a candidate measured on few estimates is not ranked up for it.
     """
-    counts, _, variances = _stacked(measurements)
-    fractions = _signal_fraction(_late_signal(measurements)[mask], variances[:, mask], counts[:, None] - 1)
+    counts, means, variances = _stacked(measurements)
+    fractions = _signal_fraction(_late_signal(counts, means, variances)[mask], variances[:, mask], counts[:, None] - 1)
     return dict(zip(measurements, fractions.sum(axis=1).tolist(), strict=True))
 
 
@@ -527,12 +533,11 @@ def shared_progress(measurements: dict[str, Measurement], mask: np.ndarray) -> f
         >>> round(shared_progress(m, np.array([True, False, False])), 3)
         0.128
     """
-    inside = np.zeros(np.size(next(iter(measurements.values())).mean), bool)
-    inside[mask] = True
-    counts, _, variances = _stacked(measurements)
+    counts, means, variances = _stacked(measurements)
     pooled = counts @ variances / counts.sum()
     dof = float(np.sum(np.maximum(counts - 1.0, 0.0)))
-    return float(np.sum(_signal_fraction(_late_signal(measurements), pooled, dof)[~inside]))
+    outside = ~_inside(mask, means.shape[1])
+    return float(np.sum(_signal_fraction(_late_signal(counts, means, variances), pooled, dof)[outside]))
 
 
 def program_cost(entry: dict) -> tuple[float, float, float] | None:
@@ -651,8 +656,8 @@ def standard_errors(measurements: dict[str, Measurement], mask: np.ndarray, crit
     errors = {}
     if criterion == "progress":
         moves = progress(measurements, mask) if moves is None else moves
-        counts, _, variances = _stacked(measurements)
-        signal, variances = _late_signal(measurements)[mask], variances[:, mask]
+        counts, means, variances = _stacked(measurements)
+        signal, variances = _late_signal(counts, means, variances)[mask], variances[:, mask]
         # |∂P/∂V_d|·V_d per candidate and coordinate
         slopes = 0.5 * np.sqrt(signal) * variances / np.maximum(signal + variances, np.finfo(np.float32).tiny) ** 1.5
         spreads = np.sqrt(np.sum(slopes**2, axis=1) * 2.0 / np.maximum(counts - 1, 1)).tolist()
@@ -702,9 +707,8 @@ def seconds_decide(measurements: dict[str, Measurement], mask, timing_error: flo
         >>> seconds_decide(one, np.arange(50) < 2), seconds_decide(one, np.arange(50) < 20)
         (True, False)
     """
-    inside = np.zeros(np.size(next(iter(measurements.values())).mean), bool)
-    inside[mask] = True
-    return int(inside.sum()) <= timing_error * shared_progress(measurements, mask)
+    num_coordinates = int(_inside(mask, np.size(next(iter(measurements.values())).mean)).sum())
+    return num_coordinates <= timing_error * shared_progress(measurements, mask)
 
 
 def outpaced(seconds: dict[str, float], most_progress: float, best: float, prune: float) -> dict[str, float]:
@@ -922,7 +926,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
         floor_only = seconds_decide({probe: functools.reduce(merged, first)}, mask)
     counts = {}
     if seconds:
-        per_step = step_seconds or seconds.get(site.names[choices[name]], min(seconds.values()))
+        per_step = step_seconds or seconds.get(current, min(seconds.values()))
         calls = sum(entry.get("fixed", entry.get("dispatch", 0.0)) for entry in entries.values())  # a call each
         limit = estimates_budget(site.settings.budget, segment_steps, per_step, ledger, calls,
                                  len(sites) - list(sites).index(name), spent_before)
@@ -969,7 +973,7 @@ def _measure_site(run: AutoRun, sites, choices, name, state, keys, array_inputs,
     while waiting:
         charged = priced()
         if measurements:
-            num_coordinates = np.ones(np.size(next(iter(measurements.values())).mean))[mask].size
+            num_coordinates = int(_inside(mask, np.size(next(iter(measurements.values())).mean)).sum())
             moves, shared = progress(measurements, mask), shared_progress(measurements, mask)
             best = max((moves[c] + shared) / charged[c] for c in measurements)
             ceilings.update(outpaced({c: charged[c] for c in waiting}, num_coordinates + shared, best,
