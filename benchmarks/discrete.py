@@ -203,7 +203,7 @@ def markdown(results: dict) -> str:
         )
     lines += [
         "",
-        "K: decoder evaluations per datum and step (measure-valued: 1 + 2·L). `mcgrad_disarm_no_diagnostics` is "
+        "K: decoder evaluations per datum and step (measure-valued: 1 + L). `mcgrad_disarm_no_diagnostics` is "
         "`mcgrad_disarm`'s trajectory (the diagnostics draw keys of their own) timed with `diagnostics_every=0`.",
         "",
         f"Encoder gradient, total variance over its coordinates (gradient of the per-image −ELBO, "

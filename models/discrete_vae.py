@@ -20,8 +20,9 @@ gradient is exact given the samples; the encoder's is where the estimators diffe
 * ``score_function_none``: the same without a baseline;
 * ``moving_average``: the baseline is a running mean of past signals;
 * ``measure_valued``: for each latent coordinate, ``L(z with z_l = 1) − L(z with z_l = 0)``
-  (the Bernoulli weak derivative, common random numbers for everything else) — ``2·L``
-  batched re-evaluations of the model per particle, so keep ``L`` small;
+  (the Bernoulli weak derivative, common random numbers for everything else; one of the
+  two is the particle itself) — ``L`` batched re-evaluations of the model per particle,
+  so keep ``L`` small;
 * ``straight_through_gumbel``: the straight-through Gumbel-softmax at temperature ½ —
   **biased** (the cost's gradient at the discrete value stands in for the relaxation's).
 

@@ -41,6 +41,23 @@ def own_log_prob(distribution: dist.Distribution, value: jax.Array) -> jax.Array
         return log_prob(distribution, value)
 
 
+def elementwise(distribution: dist.Distribution) -> dist.Distribution:
+    """The distribution inside ``to_event`` wrappers, so that ``log_prob`` is per coordinate."""
+    while isinstance(distribution, dist.Independent):
+        distribution = distribution.base_dist
+    return distribution
+
+
+def support_size(family: dist.Distribution) -> int | None:
+    """How many values one coordinate of a Bernoulli (2) or Categorical (``K``) family takes,
+    ``0 … K − 1`` (static); ``None`` for other families."""
+    if isinstance(family, (dist.BernoulliLogits, dist.BernoulliProbs)):
+        return 2
+    if isinstance(family, (dist.CategoricalLogits, dist.CategoricalProbs)):
+        return int(jnp.shape(family.logits if isinstance(family, dist.CategoricalLogits) else family.probs)[-1])
+    return None
+
+
 def sum_to_shape(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Sum the trailing axes of ``x`` (``[N, *batch]``) down to ``shape`` (``[N, *s]``, a
     prefix of it after broadcasting ones)."""

@@ -7,7 +7,6 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro.distributions as dist
 
 from mcgrad.estimators.base import (
     GradientEstimator,
@@ -20,18 +19,9 @@ from mcgrad.estimators.base import (
     init_empty_state,
     per_coordinate,
 )
-from mcgrad.estimators.distributions import describe, own_log_prob, unwrap
+from mcgrad.estimators.distributions import describe, elementwise, own_log_prob, support_size, unwrap
 
 Array = jax.Array
-
-
-def _support_size(base: dist.Distribution) -> int | None:
-    """How many values one coordinate of ``base`` takes (static), or ``None``."""
-    if isinstance(base, (dist.BernoulliLogits, dist.BernoulliProbs)):
-        return 2
-    if isinstance(base, (dist.CategoricalLogits, dist.CategoricalProbs)):
-        return int(jnp.shape(base.logits if isinstance(base, dist.CategoricalLogits) else base.probs)[-1])
-    return None
 
 
 def enumerate(max_configurations: int = 256) -> GradientEstimator:
@@ -63,7 +53,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
 
     def check(distribution, site):
         base = unwrap(distribution)
-        if _support_size(base) is None or base.event_shape != ():
+        if support_size(base) is None or base.event_shape != ():
             raise ValueError(
                 f"enumerate() sums over the values of Bernoulli and Categorical sites, but site '{site}' "
                 f"is {describe(distribution)}. Use mg.score_function(baseline=mg.baselines.leave_one_out()) "
@@ -73,7 +63,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
     def terms(key: Array, state, site: Site):
         del key
         num_rows, value_shape = site.num_rows, site.value.shape[1:]
-        num_values = _support_size(site.family())  # per coordinate
+        num_values = support_size(site.family())  # per coordinate
         axes = site.slice_axes()
         group_of, num_groups = coordinate_groups(value_shape, axes)
         num_configurations = num_values ** num_groups
@@ -92,7 +82,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
         def one(configuration):
             values = jnp.broadcast_to(configuration, site.value.shape).astype(site.value.dtype)
             cost = per_coordinate(jax.lax.stop_gradient(site.recost_like_cost(values)), value_shape)
-            log_probs = site.map(lambda d, v: own_log_prob(_elementwise(d), v), site.parameters, values)
+            log_probs = site.map(lambda d, v: own_log_prob(elementwise(d), v), site.parameters, values)
             log_probs = jnp.broadcast_to(log_probs, site.value.shape)
             # per slice: probability of the configuration, and its cost (equal across the slice)
             probability = jnp.exp(jnp.sum(log_probs, axis=other_axes))
@@ -103,11 +93,4 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
         return terms, state, SiteInfo(num_evaluations=num_configurations * num_rows)
 
     return GradientEstimator(init_empty_state, draw_without_gradient, terms, check, "enumerate")
-
-
-def _elementwise(distribution: dist.Distribution) -> dist.Distribution:
-    """The family inside ``to_event`` wrappers, so ``log_prob`` is per coordinate."""
-    while isinstance(distribution, dist.Independent):
-        distribution = distribution.base_dist
-    return distribution
 

@@ -16,6 +16,11 @@ sampler ``(key, parameters, num_samples, coupling) -> (c, positive, negative)``:
   hold, for every parameter element, a value of the sample coordinate that element
   governs.
 
+A family with finitely many values per coordinate (Bernoulli, Categorical) needs no
+samplers: its entry (:func:`finite_support`) gives the number of values ``K``, and the
+weak derivative is the exact sum over them, ``∂_θ E_{p_θ}[f] = Σ_k ∂_θ p_θ(k) f(k)``
+(``p⁺`` and ``p⁻`` point masses on the support).
+
 Register your own with :func:`register_weak_derivative`.
 """
 
@@ -29,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions import Distribution
+
+from mcgrad.estimators.distributions import support_size
 
 Array = jax.Array
 DerivativeSampler = Callable[[Array, dict[str, Array], int, bool], tuple[Array, Array, Array]]
@@ -44,11 +51,28 @@ class WeakDerivative(NamedTuple):
         stop_covered: ``distribution -> distribution`` with the covered parameters under
             ``stop_gradient``, for families with parameters not covered (their gradient
             falls back to the score function); ``None`` when all are covered.
+        support_size: ``distribution -> K`` (static) for a family whose coordinates take
+            the values ``0 … K − 1``: every parameter is covered by the exact sum over
+            them, and ``parameters`` and ``samplers`` are unused; ``None`` otherwise.
     """
 
     parameters: Callable[[Distribution], dict[str, Array]]
     samplers: dict[str, DerivativeSampler]
     stop_covered: Callable[[Distribution], Distribution] | None = None
+    support_size: Callable[[Distribution], int] | None = None
+
+
+def finite_support(support_size: Callable[[Distribution], int]) -> WeakDerivative:
+    """The entry of a family whose coordinates take the values ``0 … K − 1``,
+    ``K = support_size(distribution)``: the measure-valued estimator re-runs each
+    coordinate at its other ``K − 1`` values (the draw's own is the row's cost).
+
+    Example:
+        >>> import mcgrad as mg, numpyro.distributions as dist
+        >>> mg.weak_derivative_for(dist.Bernoulli(logits=0.0)).support_size(dist.Bernoulli(logits=0.0))
+        2
+    """
+    return WeakDerivative(lambda distribution: {}, {}, support_size=support_size)
 
 
 _REGISTRY: dict[type, WeakDerivative] = {}
@@ -121,28 +145,6 @@ def _normal_scale(key, parameters, num_samples, coupling):
     return 1.0 / scale, _lead(loc) + _lead(scale) * maxwell, _lead(loc) + _lead(scale) * gaussian
 
 
-def _bernoulli_probs(key, parameters, num_samples, coupling):
-    shape = _shape(parameters, "probs", num_samples)
-    probs = parameters["probs"]
-    return jnp.ones_like(probs), jnp.ones(shape), jnp.zeros(shape)
-
-
-def _categorical_probs(key, parameters, num_samples, coupling):
-    probs = parameters["probs"]  # [*batch, K]
-    num_categories = probs.shape[-1]
-    shape = (num_samples,) + probs.shape
-    positive = jnp.broadcast_to(jnp.arange(num_categories), shape)
-    # Any p⁻ with a constant learning signal works on the simplex; the distribution itself
-    # keeps the difference centred. Coupled: one draw shared by all K categories.
-    logits = jnp.log(probs)
-    if coupling:
-        draw = jax.random.categorical(key, logits, shape=(num_samples,) + probs.shape[:-1])
-        negative = jnp.broadcast_to(draw[..., None], shape)
-    else:
-        negative = jax.random.categorical(key, jnp.broadcast_to(logits[..., None, :], probs.shape + (num_categories,)), shape=shape)
-    return jnp.ones_like(probs), positive, negative
-
-
 def _poisson_rate(key, parameters, num_samples, coupling):
     rate = parameters["rate"]
     shape = _shape(parameters, "rate", num_samples)
@@ -207,10 +209,8 @@ def _attributes(*names: str) -> Callable[[Distribution], dict[str, Array]]:
 register_weak_derivative(
     dist.Normal, WeakDerivative(_attributes("loc", "scale"), {"loc": _normal_loc, "scale": _normal_scale})
 )
-for _cls in (dist.BernoulliProbs, dist.BernoulliLogits):
-    register_weak_derivative(_cls, WeakDerivative(_attributes("probs"), {"probs": _bernoulli_probs}))
-for _cls in (dist.CategoricalProbs, dist.CategoricalLogits):
-    register_weak_derivative(_cls, WeakDerivative(_attributes("probs"), {"probs": _categorical_probs}))
+for _cls in (dist.BernoulliProbs, dist.BernoulliLogits, dist.CategoricalProbs, dist.CategoricalLogits):
+    register_weak_derivative(_cls, finite_support(support_size))
 register_weak_derivative(dist.Poisson, WeakDerivative(_attributes("rate"), {"rate": _poisson_rate}))
 register_weak_derivative(dist.Exponential, WeakDerivative(_attributes("rate"), {"rate": _exponential_rate}))
 register_weak_derivative(

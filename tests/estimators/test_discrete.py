@@ -243,6 +243,22 @@ def test_evaluation_counts():
         assert mg.count_evaluations(cost, normal, mg.disarm(), params, num_samples=4) == 4  # 2 pairs
         assert mg.count_evaluations(cost, normal, mg.arm(), params, num_samples=4) == 4
         assert mg.count_evaluations(cost, normal, mg.enumerate(), params, num_samples=4) == 4 + 8 * 4
+        # one re-run per coordinate (the other value; the draw's own is the row's cost)
+        assert mg.count_evaluations(cost, normal, mg.measure_valued(), params, num_samples=4) == 4 + 3 * 4
+        categorical = lambda p: dist.Categorical(logits=p).to_event(1)  # noqa: E731
+        logits = jnp.zeros((2, 3))
+        assert mg.count_evaluations(cost, categorical, mg.measure_valued(), logits, num_samples=4) == 4 + 2 * 2 * 4
+
+
+@pytest.mark.parametrize("coupling", [True, False])
+def test_measure_valued_sums_a_categorical_coordinate_exactly(coupling):
+    # Every value of the coordinate is summed over, so each single draw gives the exact gradient.
+    dist_fn, params, shape = CATEGORICAL["categorical_logits"]
+    exact = exact_gradient(dist_fn, params, range(3), shape)
+    g = mg.per_sample_grads(cost, dist_fn, estimator=mg.measure_valued(coupling), num_samples=200)(
+        params, jax.random.key(0)
+    )
+    np.testing.assert_allclose(g, np.broadcast_to(exact, g.shape), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- errors and marks
