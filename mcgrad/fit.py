@@ -812,20 +812,23 @@ def fit(
     def build():
         first_key = key_setup[0] if batched else key_setup
         training = trainer(model, guide, *args, key=first_key, **settings, **kwargs)
-        # infos [restarts, length] when batched
-        return training, _chunk_runner(training.advance, static_inputs, batched)
+        # infos [restarts, length] when batched; the initial state's shapes per key shape, when asked
+        return training, _chunk_runner(training.advance, static_inputs, batched), {}
 
     program_key = (fingerprint((model, guide, settings, static_inputs, batched)), fingerprint(shapes))
-    training, run_chunk = _PROGRAMS.get(program_key, build)
+    training, run_chunk, initial_shapes = _PROGRAMS.get(program_key, build)
     def initial():
         return jax.vmap(training.init)(key_run, key_setup) if batched else training.init(key_run, params_key=key_setup)
 
     # A run resumed from a state does not build the initial one (a seeded trace of the
-    # guide and model); a user's state is checked against its shapes (an abstract trace),
-    # auto's segments, which resume its own states, not at all: they cost no tracing.
+    # guide and model); a user's state is checked against its shapes (an abstract trace,
+    # ~10 ms for a small VAE: once per program and number of restarts), auto's segments,
+    # which resume its own states, not at all: they cost no tracing.
     state = resume_from if isinstance(resume_from, FitState) else initial()
     if isinstance(resume_from, FitState) and not selection.SEGMENT.get():
-        check_resumable(resume_from, jax.eval_shape(initial))
+        if jnp.shape(key_run) not in initial_shapes:
+            initial_shapes[jnp.shape(key_run)] = jax.eval_shape(initial)
+        check_resumable(resume_from, initial_shapes[jnp.shape(key_run)])
     names = list(state.params)
     empty = np.zeros((len(key_run), 0) if batched else (0,), np.float32)
     history = TrainingDiagnostics(
