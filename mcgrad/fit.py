@@ -147,11 +147,12 @@ class Trainer(NamedTuple):
             studies and tests of an objective.
         estimators: the estimator chosen for each latent site.
         objective: the objective.
-        advance: ``(state, num_steps, length, args, kwargs) -> (state, StepInfo)``: what
-            ``step`` and ``run`` are: ``num_steps`` steps (may be traced, at most the
-            static ``length``) in one ``while_loop`` over gradient estimates, so a
-            recorded step's replicates run the same compiled gradient as every step.
-            Infos have a leading ``length`` (zeros after ``num_steps``).
+        advance: ``(state, num_steps, length, args, kwargs, *, guard, first_step) -> (state,
+            StepInfo)``: what ``step`` and ``run`` are: ``num_steps`` steps (may be traced,
+            at most the static ``length``) in one ``while_loop`` over gradient estimates,
+            a recorded step's replicates in a branch. ``first_step`` (default: the state's
+            step) schedules the records; pass it unbatched under ``vmap``. Infos have a
+            leading ``length`` (zeros after ``num_steps``).
     """
 
     init: Callable[[Array], FitState]
@@ -312,16 +313,19 @@ def trainer(
         return new_state, StepInfo(jnp.where(finite, loss, jnp.nan), finite, variance, snr)
 
     def advance(state: FitState, num_steps: Array | int, length: int, args: tuple, kwargs: dict, *,
-                guard: bool = True):
+                guard: bool = True, first_step: Array | int | None = None):
         """``num_steps`` (``≤ length``, may be traced) steps in one ``while_loop``: the
-        step's gradient estimate and the update. On a recorded step a branch adds
-        ``R = diagnostics_replicates`` estimates at the step's parameters and state, from
-        keys of their own, to the step's own by Welford's update. (The branch is a second
-        copy of the gradient in the program, and the cheapest form per step: kernel
-        launches on the discrete VAE, 300 without diagnostics, 311 with the branch, 326
-        with the estimates an inner loop of every step, about 340 as trips of this loop
-        that leave the state alone, whose selects copy the state. A loop of records around
-        the steps' loop costs nothing per step but compiled the BLR fit 17% slower.)
+        step's gradient estimate and the update. On a recorded step a branch takes ``R + 1``
+        estimates at the step's parameters and state (the step's own key first, so the first
+        is the step's own estimate ``ĝ_0``; then ``R = diagnostics_replicates`` keys of their
+        own) and their statistics by Welford's update. The branch recomputes ``ĝ_0`` (one
+        estimate per record) rather than take the step's gradient: as an operand of the
+        branch that gradient was materialised every step, not fused into the update (6% of
+        the discrete VAE's step; now 1-2%). Whether a step is recorded depends on
+        ``first_step`` (the step count at the start, unbatched: the restarts of a batched fit
+        step in lockstep; default ``state.step``) and the loop index: a predicate on the
+        batched ``state.step`` became, under ``vmap``, a select that ran the replicates at
+        every step (3.3x the step of four batched restarts).
 
         ``guard=False`` takes every step without the check (``info.finite`` is then the
         loss's), and the update overwrites the state with no select: the check and the
@@ -337,14 +341,20 @@ def trainer(
         info = StepInfo(jnp.zeros((), loss_dtype), jnp.array(False), variance, snr)
         infos = jax.tree.map(lambda leaf: jnp.zeros((length, *leaf.shape), leaf.dtype), info)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
+        first_step = state.step if first_step is None else first_step
 
-        def recorded_statistics(state: FitState, step_key: Array, grads: dict):
-            def add(replicate, moments):
-                replicate_key = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate)
-                _, more, _ = gradient(state.params, state.objective_state, replicate_key, args, kwargs)
-                return running_moments(replicate + 2, *moments, more)
+        def recorded_statistics(state: FitState):
+            _, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
 
-            moments = jax.lax.fori_loop(0, diagnostics_replicates, add, (grads, zeros))
+            def add(replicate, moments):  # replicate 0: the step's own estimate; then keys of their own
+                other = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate - 1)
+                key = jax.random.wrap_key_data(
+                    jnp.where(replicate == 0, jax.random.key_data(step_key), jax.random.key_data(other))
+                )
+                _, more, _ = gradient(state.params, state.objective_state, key, args, kwargs)
+                return running_moments(replicate + 1, *moments, more)
+
+            moments = jax.lax.fori_loop(0, diagnostics_replicates + 1, add, (zeros, zeros))
             return _replicate_statistics(*moments, diagnostics_replicates + 1)
 
         def one_step(carry):
@@ -352,18 +362,16 @@ def trainer(
             key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
             loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
             if diagnostics_every:
-                variance, snr = jax.lax.cond(
-                    state.step % diagnostics_every == 0,
-                    lambda: recorded_statistics(state, step_key, grads),
-                    lambda: nan_statistics(state.params),
-                )
+                recorded = (first_step + index) % diagnostics_every == 0
+                statistics = jax.lax.cond(recorded, lambda: recorded_statistics(state), lambda: (variance, snr))
             else:
-                variance, snr = nan_statistics(state.params)
-            state, info = take_step(state, key, loss.astype(loss_dtype), grads, objective_state, variance, snr, guard)
+                statistics = (variance, snr)
+            state, info = take_step(state, key, loss.astype(loss_dtype), grads, objective_state, *statistics, guard)
             infos = jax.tree.map(lambda buffer, value: buffer.at[index].set(value), infos, info)
             return index + 1, state, infos
 
-        _, state, infos = jax.lax.while_loop(lambda c: c[0] < num_steps, one_step, (jnp.zeros((), jnp.int32), state, infos))
+        carry = (jnp.zeros((), jnp.int32), state, infos)
+        _, state, infos = jax.lax.while_loop(lambda c: c[0] < num_steps, one_step, carry)
         return state, infos
 
     def step(state: FitState, *args, **kwargs) -> tuple[FitState, StepInfo]:
@@ -403,17 +411,17 @@ def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, di
 
 
 def _chunk_runner(advance: Callable, static_inputs: Any, batched: bool) -> Callable:
-    """A jitted ``(state, array_inputs, num_steps, length) -> (state, infos, clean)``:
-    ``num_steps`` (traced) unguarded steps of at most ``length``, so a run's shorter last
-    chunk reuses the program. ``clean`` (per restart when ``batched``) says the guard would
+    """A jitted ``(state, array_inputs, num_steps, first_step, length) -> (state, infos, clean)``:
+    ``num_steps`` (traced) unguarded steps of at most ``length`` from step ``first_step``
+    (traced, unbatched), so a run's shorter last chunk reuses the program. ``clean`` (per restart when ``batched``) says the guard would
     have skipped none of them: every loss and the end state are finite."""
 
     @functools.partial(jax.jit, static_argnames=("length",), compiler_options=compiler_options())
-    def run_chunk(state, array_inputs, num_steps, *, length):
+    def run_chunk(state, array_inputs, num_steps, first_step, *, length):
         args, kwargs = eqx.combine(array_inputs, static_inputs)
 
         def chunk(state):
-            state, infos = advance(state, num_steps, length, args, kwargs, guard=False)
+            state, infos = advance(state, num_steps, length, args, kwargs, guard=False, first_step=first_step)
             ran = jnp.arange(length) < num_steps
             return state, infos, jnp.all(infos.finite | ~ran) & _all_finite(state.params, state.optimizer_state)
 
@@ -866,7 +874,9 @@ def fit(
     loss_chunks, infos, starts = [losses], [], []
 
     def run_steps(state, num_steps):
-        state, infos, clean = run_chunk(state, array_inputs, jnp.int32(num_steps), length=chunk_size)
+        # Restarts step in lockstep; one halted stays behind, and its later records are moot.
+        first_step = jnp.int32(np.max(np.asarray(state.step)))
+        state, infos, clean = run_chunk(state, array_inputs, jnp.int32(num_steps), first_step, length=chunk_size)
         return state, jax.tree.map(lambda leaf: np.asarray(leaf)[..., :num_steps], infos), np.asarray(clean)
     try:
         while remaining > 0:

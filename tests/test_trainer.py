@@ -164,6 +164,38 @@ def test_run_is_the_same_as_jitted_steps():
     assert np.all(np.isnan(infos.gradient_variance["loc"][1::3]))
 
 
+def primitive_names(jaxpr) -> set[str]:
+    """Every primitive of a jaxpr, inside loops and branches too."""
+    names = set()
+    for equation in jaxpr.eqns:
+        names.add(equation.primitive.name)
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    names |= primitive_names(inner.jaxpr)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    names |= primitive_names(inner)
+    return names
+
+
+def test_batched_restarts_take_the_replicates_in_a_branch_not_at_every_step():
+    # Under vmap, a branch on a batched predicate becomes a select that computes both sides:
+    # with the records scheduled from the batched state.step, four batched restarts of the
+    # discrete VAE ran the replicates at every step (3.3x the step). fit schedules them from
+    # an unbatched step count, so the branch stays one.
+    training = normal_trainer(X)
+    states = jax.vmap(training.init)(jax.random.split(jax.random.key(1), 3))
+
+    def primitives(first_step):
+        def advance(state):
+            return training.advance(state, 6, 6, (X,), {}, guard=False, first_step=first_step)
+
+        return primitive_names(jax.make_jaxpr(jax.vmap(advance))(states).jaxpr)
+
+    assert "cond" in primitives(jnp.int32(0))
+    assert "cond" not in primitives(None)  # the state's own (batched) step: the select
+
+
 def test_fit_is_trainer_run_from_the_run_key():
     key = jax.random.key(5)
     settings = {"objective": mg.elbo(4), "optimizer": optax.adam(0.05), "diagnostics_every": 3, "max_nonfinite": 10}
