@@ -613,20 +613,24 @@ def plot(comparison: Comparison, path) -> None:
     """Smoothed training −ELBO against compiled run time (left) and against steps (middle),
     one line per method, the target dashed; the encoder's gradient variance at the
     checkpoints (right)."""
+    import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no global backend to set
 
     figure = Figure(figsize=(16, 4.8))
     left, middle, right = figure.subplots(1, 3)
     target = comparison.settings["target"]
     biased = dict(zip(comparison.table["method"], comparison.table["biased"], strict=True))
+    palette = matplotlib.colormaps["tab20"]  # a colour per method: the default cycle repeats after ten
+    colors = {name: palette(index % palette.N) for index, name in enumerate(comparison.curves)}
     for name, curve in comparison.curves.items():
         if name.endswith("_no_diagnostics"):
             continue
         steps = np.arange(1, len(curve["smoothed"]) + 1)
         label = name + (" (biased)" if biased[name] else "")
         style = "--" if biased[name] else "-"
-        left.plot(steps * curve["seconds_per_step"], curve["smoothed"], style, label=label, linewidth=1.2)
-        middle.plot(steps, curve["smoothed"], style, label=label, linewidth=1.2)
+        left.plot(steps * curve["seconds_per_step"], curve["smoothed"], style, label=label, linewidth=1.2,
+                  color=colors[name])
+        middle.plot(steps, curve["smoothed"], style, label=label, linewidth=1.2, color=colors[name])
     for ax in (left, middle):
         ax.axhline(target, color="black", linestyle=":", linewidth=1)
         low = min(np.nanmin(c["smoothed"]) for c in comparison.curves.values())
@@ -637,7 +641,7 @@ def plot(comparison: Comparison, path) -> None:
                f"{comparison.settings['learning_rate']:g}, L = {comparison.settings['latent_dim']}")
     variance = comparison.variances
     for name in variance.columns:
-        right.plot(variance.index, variance[name], "o-", label=name, markersize=3)
+        right.plot(variance.index, variance[name], "o-", label=name, markersize=3, color=colors[name])
     right.set(xlabel="step", ylabel="encoder gradient total variance (per-image −ELBO)", yscale="log",
               title=f"{comparison.settings['num_variance_repeats']} estimates, fixed minibatch")
     middle.legend(fontsize=7)
