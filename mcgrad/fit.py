@@ -411,10 +411,11 @@ def _replicate_statistics(mean: dict, squares: dict, num: int) -> tuple[dict, di
 
 
 def _chunk_runner(advance: Callable, static_inputs: Any, batched: bool) -> Callable:
-    """A jitted ``(state, array_inputs, num_steps, first_step, length) -> (state, infos, clean)``:
-    ``num_steps`` (traced) unguarded steps of at most ``length`` from step ``first_step``
-    (traced, unbatched), so a run's shorter last chunk reuses the program. ``clean`` (per restart when ``batched``) says the guard would
-    have skipped none of them: every loss and the end state are finite."""
+    """A jitted ``(state, array_inputs, num_steps, first_step, length) -> (state, infos,
+    clean)``: ``num_steps`` (traced) unguarded steps of at most ``length`` from step
+    ``first_step`` (traced, unbatched), so a run's shorter last chunk reuses the program.
+    ``clean`` (per restart when ``batched``) says the guard would have skipped none of
+    them: every loss and the end state are finite."""
 
     @functools.partial(jax.jit, static_argnames=("length",), compiler_options=compiler_options())
     def run_chunk(state, array_inputs, num_steps, first_step, *, length):

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import Distribution
 
-from mcgrad.estimators.distributions import describe, unwrap
+from mcgrad.estimators.distributions import describe, elementwise, own_log_prob, unwrap
 
 Params = Any  # a pytree of arrays
 EstimatorState = Any  # a pytree of arrays
@@ -171,6 +171,15 @@ def per_coordinate(cost: Array, value_shape: tuple[int, ...]) -> Array:
     ``[N, *value_shape]``: every coordinate of a slice sees its slice's signal."""
     cost = jnp.reshape(cost, cost.shape + (1,) * (1 + len(value_shape) - cost.ndim))
     return jnp.broadcast_to(cost, cost.shape[:1] + tuple(value_shape))
+
+
+def coordinate_log_probs(site: Site, values: Array) -> Array:
+    """``log p_θ(values)`` of each coordinate of the rows' draws, ``[N, *value_shape]``
+    (``to_event`` wrappers looked through), differentiable in the site's parameters: for
+    estimators that weigh a replaced value by its probability (enumeration, the
+    measure-valued sum over a finite family's values)."""
+    log_probs = site.map(lambda d, v: own_log_prob(elementwise(d), v), site.parameters, values)
+    return jnp.broadcast_to(log_probs, site.value.shape)
 
 
 def coordinate_groups(value_shape: tuple[int, ...], plate_axes: tuple[int, ...]) -> tuple[np.ndarray, int]:

@@ -14,12 +14,13 @@ from mcgrad.estimators.base import (
     SiteInfo,
     check_whole_number,
     coordinate_groups,
+    coordinate_log_probs,
     draw_without_gradient,
     gradient_only,
     init_empty_state,
     per_coordinate,
 )
-from mcgrad.estimators.distributions import describe, elementwise, own_log_prob, support_size, unwrap
+from mcgrad.estimators.distributions import describe, support_size, unwrap
 
 Array = jax.Array
 
@@ -82,8 +83,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
         def one(configuration):
             values = jnp.broadcast_to(configuration, site.value.shape).astype(site.value.dtype)
             cost = per_coordinate(jax.lax.stop_gradient(site.recost_like_cost(values)), value_shape)
-            log_probs = site.map(lambda d, v: own_log_prob(elementwise(d), v), site.parameters, values)
-            log_probs = jnp.broadcast_to(log_probs, site.value.shape)
+            log_probs = coordinate_log_probs(site, values)
             # per slice: probability of the configuration, and its cost (equal across the slice)
             probability = jnp.exp(jnp.sum(log_probs, axis=other_axes))
             slice_cost = jnp.mean(cost, axis=other_axes)

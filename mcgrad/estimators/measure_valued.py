@@ -17,12 +17,13 @@ from mcgrad.estimators.base import (
     Site,
     SiteInfo,
     coordinate_groups,
+    coordinate_log_probs,
     draw_without_gradient,
     gradient_only,
     init_empty_state,
     per_coordinate,
 )
-from mcgrad.estimators.distributions import describe, elementwise, own_log_prob, unwrap
+from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.estimators.score_function import score_function
 from mcgrad.estimators.weak_derivatives import registered_families, weak_derivative_for
 
@@ -53,7 +54,7 @@ _MAX_ROWS_ELEMENTS = 1 << 22
 
 def _base_parameters(distribution: dist.Distribution, value_shape: tuple[int, ...]) -> dict[str, Array]:
     """The covered parameters of the family inside ``distribution``, broadcast to the shape
-    of one draw (plus trailing parameter axes, the ``K`` of Categorical probs)."""
+    of one draw (plus any trailing parameter axes of a registered family)."""
     base = unwrap(distribution)
     parameters = {}
     for name, value in weak_derivative_for(base).parameters(base).items():
@@ -123,9 +124,8 @@ def _summed_over_support(site: Site, num_values: int, batch_size: int | None) ->
     own_cost = jnp.reshape(per_coordinate(site.cost, value_shape), flat_values.shape)
 
     def probability(shift):  # p_θ(x_d + shift mod K) per coordinate, differentiable in θ
-        values = jnp.reshape(shifted(shift), site.value.shape)
-        log_probs = site.map(lambda d, v: own_log_prob(elementwise(d), v), site.parameters, values)
-        return jnp.reshape(jnp.broadcast_to(jnp.exp(log_probs), site.value.shape), flat_values.shape)
+        log_probs = coordinate_log_probs(site, jnp.reshape(shifted(shift), site.value.shape))
+        return jnp.reshape(jnp.exp(log_probs), flat_values.shape)
 
     probabilities = jax.vmap(probability)(shifts)
     terms = jnp.sum(jax.lax.stop_gradient(costs - own_cost[None]) * gradient_only(probabilities), axis=(0, 2))
@@ -143,9 +143,9 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     where ``x_i^{(d±)}`` is sample ``x_i`` with the coordinate governed by ``θ_d`` redrawn
     from ``p_d^±`` (the other coordinates shared: common random numbers). For a family
     with finitely many values ``K`` (Bernoulli, Categorical) the sum over them is exact
-    per coordinate, ``Σ_{k ≠ x_d} ∂p_θ(k) (f(x_{d←k}) − f(x))``: the draw's own value is
-    the row's cost, so ``K − 1`` re-runs per coordinate (a local expectation gradient). The gradient
-    with respect to the distribution's parameters is pulled back to ``params`` by
+    per coordinate, ``Σ_{k ≠ x_d} ∂p_θ(k) (f(x_{d←k}) − f(x))``: the draw's own value
+    is the row's cost, so ``K − 1`` re-runs per coordinate (a local expectation
+    gradient). The gradient with respect to the distribution's parameters is pulled back to ``params`` by
     autodiff. At a sample site of a model, ``f`` is the whole particle re-run with the
     site's value replaced (every other draw shared). Parameters a family's entry does not
     cover (Gamma's concentration, say) fall back to the score function with a
@@ -158,7 +158,8 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     coordinates of all slices are replaced at once: ``D`` counts the parameter elements
     of one slice (a VAE's latent dimension, not batch × latent dimension).
     Cost: ``N + 2·D·N`` evaluations of ``f`` for ``D`` parameter elements (finite
-    families: ``N + (K − 1)·D·N`` for ``D`` coordinates), batched with ``vmap``; ``batch_size`` evaluates ``batch_size`` perturbed coordinates (each for all
+    families: ``N + (K − 1)·D·N`` for ``D`` coordinates), batched with ``vmap``;
+    ``batch_size`` evaluates ``batch_size`` perturbed coordinates (each for all
     ``N`` samples) at a time (``lax.map``) when all ``2·D·N`` at once would not fit in
     memory. By default that chunking starts when the perturbed rows would exceed ``2²²``
     elements.

@@ -10,8 +10,7 @@ subclasses inherit). Each entry names the parameters it covers and, per paramete
 sampler ``(key, parameters, num_samples, coupling) -> (c, positive, negative)``:
 
 * ``parameters`` maps each covered name to its array, broadcast to the distribution's
-  full batch shape (plus any trailing parameter axes, e.g. the ``K`` of Categorical
-  probs);
+  full batch shape (plus any trailing parameter axes: a vector parameter per coordinate);
 * ``c`` has the parameter's shape; ``positive`` and ``negative`` have ``[N, *shape]`` and
   hold, for every parameter element, a value of the sample coordinate that element
   governs.

@@ -120,13 +120,8 @@ N = 5
 
 
 _ONES = np.ones(BATCH, np.float32)
-_SIMPLEX = np.full(BATCH + (4,), 0.25, np.float32)
-PARAMETERS = {  # as the estimator passes them: broadcast to the batch (+ K for Categorical)
+PARAMETERS = {  # as the estimator passes them: broadcast to the batch
     "Normal": {"loc": 0.5 * _ONES, "scale": 2.0 * _ONES},
-    "BernoulliProbs": {"probs": 0.3 * _ONES},
-    "BernoulliLogits": {"probs": 0.3 * _ONES},
-    "CategoricalProbs": {"probs": _SIMPLEX},
-    "CategoricalLogits": {"probs": _SIMPLEX},
     "Poisson": {"rate": 2.0 * _ONES},
     "Exponential": {"rate": 2.0 * _ONES},
     "Gamma": {"concentration": 2.0 * _ONES, "rate": 3.0 * _ONES},
@@ -135,7 +130,20 @@ PARAMETERS = {  # as the estimator passes them: broadcast to the batch (+ K for 
 }
 
 
-@pytest.mark.parametrize("family", REGISTERED)
+FINITE = {"BernoulliLogits": (dist.Bernoulli(logits=np.zeros(3)), 2), "BernoulliProbs": (dist.Bernoulli(probs=0.3), 2),
+          "CategoricalLogits": (dist.Categorical(logits=np.zeros(5)), 5),
+          "CategoricalProbs": (dist.Categorical(probs=np.full((2, 4), 0.25)), 4)}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FINITE))
+def test_finite_families_are_summed_over_their_values_not_sampled(family):
+    distribution, num_values = FINITE[family]
+    entry = mg.weak_derivative_for(distribution)
+    assert type(distribution).__name__ == family
+    assert entry.support_size(distribution) == num_values and entry.samplers == {}
+
+
+@pytest.mark.parametrize("family", [family for family in REGISTERED if family not in FINITE])
 def test_sampler_shapes(family):
     cls = next(c for c in weak_derivatives._REGISTRY if c.__name__ == family)
     entry = weak_derivatives._REGISTRY[cls]
