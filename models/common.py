@@ -36,8 +36,8 @@ ESTIMATOR_NAMES = ("default", "pathwise", "score_function", "measure_valued", "d
 
 def estimator_from_name(name: str | None):
     """``"pathwise"`` / ``"score_function"`` / ``"measure_valued"`` → an mcgrad estimator;
-    ``None`` or ``"default"`` → ``None`` (mcgrad's per-site default: pathwise where the site
-    has ``rsample``, else score function with a leave-one-out baseline)."""
+    ``None`` or ``"default"`` → ``None`` (mcgrad's per-site default,
+    :func:`mcgrad.estimators.choice.preferred`)."""
     import mcgrad as mg
 
     if name in (None, "default"):

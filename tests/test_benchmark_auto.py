@@ -31,7 +31,8 @@ def test_quick_benchmark(benchmark_module, tmp_path):
     combinations = {f"loc={a}, z={b}" for a in candidates["loc"] for b in candidates["z"]}
     assert set(problem["methods"]) == combinations | {"auto"}
     rows = problem["methods"]
-    assert [name for name, row in rows.items() if row["is_default"]] == ["loc=pathwise, z=score_function_loo"]
+    default = "loc=pathwise, z=measure_valued"  # the labels, one per plate slice, summed over exactly
+    assert [name for name, row in rows.items() if row["is_default"]] == [default]
     num_steps = problem["settings"]["num_steps"]
     for name, row in rows.items():
         assert 0 < row["compile_seconds"] and row["compile_seconds"] <= row["end_to_end_seconds"] + 1e-6, name
@@ -45,7 +46,7 @@ def test_quick_benchmark(benchmark_module, tmp_path):
             assert [p["phase"] for p in phases] == ["setup", "steps", "wrapup"], name
             assert row["setup_run_seconds"] + row["seconds_per_step"] * num_steps <= row["run_seconds"] * 1.0001 + 1e-9
     # The reference reaches its own final smoothed loss + tolerance.
-    assert rows["loc=pathwise, z=score_function_loo"]["steps_to_target"] is not None
+    assert rows[default]["steps_to_target"] is not None
 
     auto = rows["auto"]
     segments, decisions = auto["segments"], auto["decisions"]
@@ -69,9 +70,12 @@ def test_quick_benchmark(benchmark_module, tmp_path):
     assert checks["auto_time_ratio"]["reference"] in combinations
     paired = checks["auto_time_ratio"]["head_to_head"]  # auto and the reference, called again in turn
     assert paired["reference"] == checks["auto_time_ratio"]["reference"] and paired["calls"] == 1
-    assert checks["auto_time_ratio"]["value"] == pytest.approx(paired["auto_seconds"] / paired["reference_seconds"])
+    # (a time never reached counts as infinite, written as null: a 100-step run may leave
+    # auto short of the target)
+    ratio = benchmark_module.time_ratio(paired["auto_seconds"], paired["reference_seconds"])
+    assert checks["auto_time_ratio"]["value"] == (pytest.approx(ratio) if math.isfinite(ratio) else None)
     assert {"value", "met", "measurement_compile_seconds"} <= set(checks["overhead"])
-    assert checks["default_vs_auto"]["default"] == "loc=pathwise, z=score_function_loo"
+    assert checks["default_vs_auto"]["default"] == default
     text = (tmp_path / "auto.md").read_text(encoding="utf-8")
     assert "| **auto** |" in text and "### Targets" in text and "### The default estimators against auto" in text
     png = Path(results["figure"])

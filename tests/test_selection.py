@@ -63,10 +63,11 @@ def mixed_guide(x):
 DATA = jnp.array([-0.3, 0.2, 2.8, 3.4, 0.1, 3.1])
 
 
-def assert_the_rule_chose(choices, margin=0.1, confidence=2.0, first=("pathwise", "disarm")):
+def assert_the_rule_chose(choices, margin=0.1, confidence=2.0, first=("pathwise", "measure_valued")):
     """Each recorded choice is :func:`decide`'s on that decision's measured rows, from the
     choice before it (before step 0 mg.fit's default: the first of ``first`` offered at the
-    site, else its first candidate; these tests fit with ``mg.elbo(2)``)."""
+    site, else its first candidate; these tests fit a Normal site, or labels drawn once per
+    plate slice, which the default sums over)."""
     for site, rows in choices.groupby("site", sort=False):
         names = tuple(dict.fromkeys(rows["candidate"]))
         current = next((names.index(name) for name in first if name in names), 0)
@@ -261,9 +262,10 @@ def test_a_repeated_short_fit_decides_at_step_0_on_every_candidate():
 def test_auto_in_a_trainer_runs_the_default_candidate_with_every_candidates_state():
     training = mg.trainer(mixed_model, mixed_guide, DATA, key=jax.random.key(0), objective=mg.elbo(2),
                           optimizer=optax.adam(0.05), estimators="auto")
-    # What mg.fit runs without auto (a Bernoulli under elbo(2): DisARM), not the registry's first.
+    # What mg.fit runs without auto (labels drawn once per plate slice: the exact sum,
+    # measure-valued), not the registry's first.
     assert training.estimators["shift"].name == "pathwise"
-    assert training.estimators["label"].name == "disarm"
+    assert training.estimators["label"].name == "measure_valued"
     assert training.estimators["label"].auto.names[0] == "score_function_loo"
     state = training.init(jax.random.key(1))
     site_state = state.objective_state["label"]

@@ -113,8 +113,10 @@ def test_default_diagnostics_fit_in_memory_with_many_particles():
     """40 000 particles of a 5-point Bernoulli model: the records are 3 gradient estimates,
     not a per-particle Jacobian (which tried to allocate 64 GB)."""
     data = X[:5]
+    # the score function: the default's exact sum over each label would leave no variance to record
     result = mg.fit(bernoulli_model, bernoulli_guide, data, key=jax.random.key(0), num_steps=20,
-                    optimizer=optax.adam(0.05), objective=mg.elbo(num_particles=40_000), progress_bar=False)
+                    optimizer=optax.adam(0.05), objective=mg.elbo(num_particles=40_000), progress_bar=False,
+                    estimators={"b": mg.score_function(baseline=mg.baselines.leave_one_out())})
     diagnostics = result.diagnostics
     assert diagnostics.steps.size == 20  # the default: every max(1, 20 // 50) steps
     assert np.all(np.isfinite(diagnostics.variance["logits"])) and np.all(diagnostics.variance["logits"] > 0)

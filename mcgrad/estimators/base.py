@@ -127,9 +127,15 @@ class Site(NamedTuple):
             Rao-Blackwellized as ``cost`` is; ``None`` where ``cost`` has one entry per row
             (then it is ``recost``). Use :meth:`recost_like_cost`.
         plate_axes: axes of one row's draw (``value.shape[1:]``) that are plates of
-            conditionally independent slices: replacing the draw in slice ``j`` changes only
-            slice ``j``'s entry of ``recost_slices``. Estimators that replace coordinates
-            (measure-valued, enumeration) replace every slice at once along them.
+            conditionally independent slices: replacing the draw in slice ``j`` changes
+            slice ``j``'s entry of ``recost_slices`` and the cost terms outside the plate.
+        coupled: ``() -> bool``: whether some cost term outside one of the plates reads
+            the draw (an observed sum over the slices, say), so that replacing several
+            slices at once would change that term by all the replacements together
+            (computed on demand: it traces the program once). Estimators that replace
+            coordinates (measure-valued, enumeration) replace every slice at once along
+            :meth:`slice_axes` only; those that replace several slices' coordinates
+            together take costs from :meth:`coupled_as_rows`.
     """
 
     name: str
@@ -144,6 +150,7 @@ class Site(NamedTuple):
     free_parameters: bool = False
     recost_slices: Callable[[Array], Array] | None = None
     plate_axes: tuple[int, ...] = ()
+    coupled: Callable[[], bool] = bool
 
     @property
     def num_rows(self) -> int:
@@ -162,8 +169,21 @@ class Site(NamedTuple):
 
     def slice_axes(self) -> tuple[int, ...]:
         """The plate axes an estimator may replace all at once: :attr:`plate_axes` where
-        costs come per slice, none otherwise."""
-        return self.plate_axes if self.recost_slices is not None else ()
+        costs come per slice and no term outside the plates couples the slices
+        (:attr:`coupled`); none otherwise."""
+        if self.recost_slices is None or not self.plate_axes or self.coupled():
+            return ()
+        return self.plate_axes
+
+    def coupled_as_rows(self) -> Site:
+        """This site with one cost per row (the particle's total: one more evaluation of
+        each row) where a term couples its slices, else the site itself. Per-slice costs
+        stay right for one coordinate replaced at a time (the slices it does not touch
+        keep their costs) but not for several slices' coordinates replaced together,
+        each of whose costs would miss the others' share."""
+        if self.recost_slices is None or not self.plate_axes or not self.coupled():
+            return self
+        return self._replace(cost=jax.lax.stop_gradient(self.recost(self.value)), recost_slices=None, plate_axes=())
 
 
 def per_coordinate(cost: Array, value_shape: tuple[int, ...]) -> Array:

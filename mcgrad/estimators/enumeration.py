@@ -63,6 +63,7 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
 
     def terms(key: Array, state, site: Site):
         del key
+        site = site.coupled_as_rows()  # a configuration spans the slices: their costs together
         num_rows, value_shape = site.num_rows, site.value.shape[1:]
         num_values = support_size(site.family())  # per coordinate
         axes = site.slice_axes()

@@ -105,6 +105,7 @@ def _relax(
         return ControlState(parameters, optimizer.init(parameters))
 
     def terms(key: Array, state: ControlState, site: Site):
+        site = site.coupled_as_rows()  # the relaxation replaces every slice at once
         value_shape = site.value.shape[1:]
         axes = site.slice_axes()
         logits = site.map(lambda d: bernoulli_logits(d, value_shape), site.parameters)

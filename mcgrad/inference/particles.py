@@ -30,6 +30,8 @@ learning signals compare like with like.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,7 +42,7 @@ from jax.extend import core as jax_core
 
 from mcgrad.estimators.base import GradientEstimator, Site, split_parameters
 from mcgrad.inference import handlers
-from mcgrad.inference.costs import Term, latent_sites, reduce_to_plates, site_log_prob, site_plates, total
+from mcgrad.inference.costs import Plates, Term, latent_sites, reduce_to_plates, site_log_prob, site_plates, total
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -232,8 +234,7 @@ class Particles(NamedTuple):
 
 def independent_sites(program: Program, params: Params, particles: Particles, args, kwargs, replaced: tuple) -> set:
     """The latent sites whose distribution does not depend on the values of the ``replaced``
-    sites, in the program as traced for the first particle (the data flow of its jaxpr,
-    conservative: a primitive with any dependent input has only dependent outputs).
+    sites, in the program as traced for the first particle (:func:`dependent_outputs`).
 
     Such a site draws the same value from its key whatever the replaced values are, so a
     re-run may substitute its stored draw.
@@ -252,27 +253,93 @@ def independent_sites(program: Program, params: Params, particles: Particles, ar
         counts.extend(len(site_leaves) for site_leaves in leaves)
         return leaves
 
-    jaxpr = jax.make_jaxpr(distributions)(first).jaxpr
+    dependent = iter(dependent_outputs(distributions, first))
+    return {name for name, count in zip(others, counts, strict=True) if not any(next(dependent) for _ in range(count))}
+
+
+def dependent_outputs(fn: Callable, *inputs) -> list[bool]:
+    """Which leaves of ``fn(*inputs)`` depend on ``inputs``: the data flow of its jaxpr,
+    conservative (a primitive with any dependent input has only dependent outputs)."""
+    jaxpr = jax.make_jaxpr(fn)(*inputs).jaxpr
     dependent = set(jaxpr.invars)
     for equation in jaxpr.eqns:
         if any(isinstance(var, jax_core.Var) and var in dependent for var in equation.invars):
             dependent.update(equation.outvars)
-    outputs = iter(jaxpr.outvars)
-    independent = set()
-    for name, count in zip(others, counts, strict=True):
-        site_outputs = [next(outputs) for _ in range(count)]
-        if not any(isinstance(var, jax_core.Var) and var in dependent for var in site_outputs):
-            independent.add(name)
-    return independent
+    return [isinstance(var, jax_core.Var) and var in dependent for var in jaxpr.outvars]
+
+
+def crossed_plates(terms_of: Callable[[Array], list[Term]], value: Array, plates: Plates) -> frozenset[str]:
+    """The plates among a site's ``plates`` whose slices its cost couples: some cost term
+    reads the site's draw ``value`` (:func:`dependent_outputs`) but is not split along
+    the plate (it lies outside it, or has one entry along its dim), so replacing the draw
+    in every slice at once would change that term by all the replacements together.
+
+    ``terms_of(value)``: the cost terms of a particle whose site draw is ``value``. Along
+    the other plates each slice's cost sees only its own draw, which lets an estimator
+    replace every slice at once (:meth:`~mcgrad.Site.slice_axes`).
+    """
+    if not plates:
+        return frozenset()
+    seen = []  # each term's plates and shape, seen while tracing
+
+    def values(draw):
+        terms = terms_of(draw)
+        seen.extend((term.plates, jnp.shape(term.value)) for term in terms)
+        return [term.value for term in terms]
+
+    reads = dependent_outputs(values, value)
+    reading = [term for term, read in zip(seen, reads, strict=True) if read]
+
+    def split(term_plates, shape, plate):
+        return plate in term_plates and -plate[1] <= len(shape) and shape[plate[1]] > 1
+
+    return frozenset(plate[0] for plate in plates if not all(split(*term, plate) for term in reading))
+
+
+def _coupled(program: Program, params: Params, keys: Array, partner, minibatches: dict, args, kwargs, name: str,
+             value: Array, plates: Plates) -> bool:
+    """Whether a cost term couples the slices of site ``name`` along any of ``plates``
+    (:func:`crossed_plates`), for the particle of ``keys`` whose draw there is ``value``."""
+    def terms_of(draw):
+        return run_particle(program, params, keys, args, kwargs, {**minibatches, name: draw}, partner)[1]
+
+    return bool(crossed_plates(terms_of, value, plates))
+
+
+def drawn_once_per_slice(site: dict) -> bool:
+    """Whether a trace's ``site`` draws one coordinate per slice of its plates (a scalar
+    counts: one slice): no event axis, and no batch axis outside the plates, of size > 1."""
+    shape = jnp.shape(site["value"])
+    plates = {axis for _, axis in plate_axes(site, len(shape) - len(site["fn"].event_shape))}
+    return math.prod(size for axis, size in enumerate(shape) if axis not in plates) == 1
+
+
+def coupled_sites(program: Program, params: Params, key: Array, args: tuple, kwargs: dict,
+                  names: tuple[str, ...]) -> set[str]:
+    """Of the latent sites ``names``, those whose slices a cost term outside one of their
+    plates couples (:func:`crossed_plates`), traced for one particle of ``program``."""
+    keys, term_keys, words = particle_keys(program, key, 1)
+    minibatches = draw_minibatches(program, keys[0], term_keys, words)
+    trace, _ = run_particle(program, params, keys[0], args, kwargs, minibatches)
+    found = set()
+    for name in names:
+        site = trace[name]
+        named = {plate for plate, _ in plate_axes(site, jnp.ndim(site["value"]) - len(site["fn"].event_shape))}
+        several = tuple(plate for plate in site_plates(site) if plate[0] in named)  # one slice couples nothing
+        if _coupled(program, params, keys[0], None, minibatches, args, kwargs, name, site["value"], several):
+            found.add(name)
+    return found
 
 
 class _Layout(NamedTuple):
     """What the vmapped particles cannot return as arrays: how to rebuild each site's
-    distribution from its leaves, its sample shape and its plate axes (seen while tracing)."""
+    distribution from its leaves, its sample shape, and its plates with the axis of its
+    draw each one runs along (seen while tracing)."""
 
     rebuild: Callable
     sample_shape: tuple[int, ...]
-    plate_axes: tuple[int, ...]
+    plates: Plates  # (plate name, axis of the draw)
+    site_plates: Plates  # (plate name, dim), as NumPyro declares them
 
 
 def site_signal(site: dict, order: int, terms: list[Term]) -> Array:
@@ -283,10 +350,11 @@ def site_signal(site: dict, order: int, terms: list[Term]) -> Array:
     return sum((reduce_to_plates(t, site_plates(site), shape) for t in downstream), jnp.zeros(shape))
 
 
-def plate_axes(site: dict, signal_ndim: int) -> tuple[int, ...]:
-    """Axes of the site's draw that are plates with more than one slice."""
-    axes = [signal_ndim + dim for _, dim in site_plates(site) if -dim <= signal_ndim]
-    return tuple(sorted(axis for axis in axes if jnp.shape(site["value"])[axis] > 1))
+def plate_axes(site: dict, signal_ndim: int) -> Plates:
+    """The site's plates with more than one slice, each as ``(name, axis of the draw)``."""
+    axes = [(name, signal_ndim + dim) for name, dim in site_plates(site) if -dim <= signal_ndim]
+    return tuple(sorted(((name, axis) for name, axis in axes if jnp.shape(site["value"])[axis] > 1),
+                        key=lambda plate: plate[1]))
 
 
 def draw_particles(
@@ -308,7 +376,7 @@ def draw_particles(
             parameters, others, rebuild = split_parameters(site["fn"])
             signal = site_signal(site, order, terms)
             sample_shape = tuple(site["kwargs"].get("sample_shape", ()))
-            layouts[name] = _Layout(rebuild, sample_shape, plate_axes(site, signal.ndim))
+            layouts[name] = _Layout(rebuild, sample_shape, plate_axes(site, signal.ndim), site_plates(site))
             sites[name] = SiteRows(
                 jax.lax.stop_gradient(site["value"]),
                 site["kwargs"]["rng_key"],
@@ -368,6 +436,13 @@ def site_terms(
                 rows.key, parameters, rows.others
             )
 
+        @functools.cache
+        def coupled(name=name, rows=rows, layout=layout):
+            several = {plate for plate, _ in layout.plates}  # plates of one slice couple nothing
+            plates = tuple(plate for plate in layout.site_plates if plate[0] in several)
+            return _coupled(program, frozen, particles.keys[0], particles.partner[0], particles.plates, args, kwargs,
+                            name, rows.value[0], plates)
+
         site = Site(
             name=name,
             value=rows.value,
@@ -379,7 +454,8 @@ def site_terms(
             resample=resample,
             leave_one_out=leave_one_out,
             recost_slices=recost_slices if cost is None else None,
-            plate_axes=layout.plate_axes,
+            plate_axes=tuple(axis for _, axis in layout.plates),
+            coupled=coupled,
         )
         terms, new_states[name], info = program.estimators[name].terms(particles.term_keys[index], states[name], site)
         total_terms = total_terms + terms

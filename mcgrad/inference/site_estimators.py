@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpyro.distributions as dist
 
 from mcgrad.estimators.base import GradientEstimator
-from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolve
+from mcgrad.estimators.choice import BUILTIN_CANDIDATES, MAX_SUMMED_VALUES, auto, preferred, resolve
+from mcgrad.estimators.distributions import support_size, unwrap
 from mcgrad.inference.costs import latent_sites
+from mcgrad.inference.particles import drawn_once_per_slice
 
 
-def default_estimator(distribution: dist.Distribution, num_particles: int, *,
-                      independent_rows: bool) -> GradientEstimator:
-    """Pathwise with rsample; DisARM for a Bernoulli with two particles of their own costs;
-    else the score function with leave-one-out (a moving average for one particle). The
-    rule, and why: :func:`mcgrad.estimators.choice.preferred`."""
-    return BUILTIN_CANDIDATES[preferred(distribution, num_particles, independent_rows)](num_particles)
+def default_estimator(distribution: dist.Distribution, num_particles: int, *, independent_rows: bool,
+                      one_per_slice: bool = False) -> GradientEstimator:
+    """Pathwise with rsample; the exact sum over a Bernoulli or Categorical drawn once per
+    independent slice; DisARM for a Bernoulli with two particles of their own costs; else
+    the score function with leave-one-out (a moving average for one particle). The rule,
+    and why: :func:`mcgrad.estimators.choice.preferred`."""
+    name = preferred(distribution, num_particles, independent_rows, one_per_slice)
+    return BUILTIN_CANDIDATES[name](num_particles)
 
 
 def resolve_estimators(
@@ -24,6 +30,7 @@ def resolve_estimators(
     num_particles: int,
     *,
     independent_rows: bool,
+    coupled_sites: Callable[[tuple[str, ...]], set[str]] | None = None,
 ) -> dict[str, GradientEstimator]:
     """One estimator per latent site of ``program_trace``, checked against the site.
 
@@ -33,7 +40,9 @@ def resolve_estimators(
     ``mg.auto()``; an ``auto`` site resolves to the default's candidate where it applies
     (:func:`mcgrad.estimators.choice.resolve`), which ``mg.fit`` then measures and switches.
     ``independent_rows``: each particle has its own cost (the ELBO's particles), as the
-    objective declares.
+    objective declares. ``coupled_sites(names)``: those of the sites ``names`` whose plate
+    slices a cost term couples (:func:`mcgrad.inference.particles.coupled_sites`), asked
+    only where the answer decides a default; a site left unanswered counts as coupled.
     """
     latent = latent_sites(program_trace)
     if isinstance(overrides, str):
@@ -47,17 +56,34 @@ def resolve_estimators(
             f"estimators names {sorted(unknown)}, which are not latent sample sites of the guide "
             f"(its latent sites: {[site['name'] for site in latent]})."
         )
+    given = {site["name"]: overrides.get(site["name"]) or site["infer"].get("estimator") or annotated.get(site["name"])
+             for site in latent}
+    # Sites the default would sum over exactly if no cost term couples their slices.
+    summable = tuple(
+        site["name"] for site in latent
+        if (given[site["name"]] is None or getattr(given[site["name"]], "auto", None) is not None)
+        and _summable(site["fn"]) and drawn_once_per_slice(site)
+    )
+    summed = set(summable) - coupled_sites(summable) if independent_rows and coupled_sites and summable else set()
     chosen = {}
     for site in latent:
         name, fn = site["name"], site["fn"]
-        estimator = overrides.get(name) or site["infer"].get("estimator") or annotated.get(name)
-        estimator = estimator or default_estimator(fn, num_particles, independent_rows=independent_rows)
+        one_per_slice = name in summed
+        estimator = given[name] or default_estimator(fn, num_particles, independent_rows=independent_rows,
+                                                     one_per_slice=one_per_slice)
         if not isinstance(estimator, GradientEstimator):
             raise ValueError(
                 f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
                 f"got {type(estimator).__name__}."
             )
-        estimator = resolve(estimator, fn, num_particles, name, independent_rows=independent_rows)
+        estimator = resolve(estimator, fn, num_particles, name, independent_rows=independent_rows,
+                            one_per_slice=one_per_slice)
         estimator.check(fn, name)
         chosen[name] = estimator
     return chosen
+
+
+def _summable(distribution: dist.Distribution) -> bool:
+    """A family the default would sum over, were it drawn once per slice."""
+    num_values = support_size(unwrap(distribution))
+    return num_values is not None and num_values <= MAX_SUMMED_VALUES

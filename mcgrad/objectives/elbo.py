@@ -12,11 +12,19 @@ from numpyro.distributions import constraints
 
 from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.estimators.base import check_whole_number
+from mcgrad.estimators.score_function import score_function
 from mcgrad.inference import handlers
 from mcgrad.inference.checks import check_observations, warn_guide_only_sites, warn_missing_plates
-from mcgrad.inference.costs import Term, describe_site, site_log_prob, site_plates
+from mcgrad.inference.costs import Term, describe_site, latent_sites, site_log_prob, site_plates
 from mcgrad.inference.params import ParamInfo, constrain, find_params
-from mcgrad.inference.particles import Program, average_surrogate, count_site_keys, init_site_states, partner_flags
+from mcgrad.inference.particles import (
+    Program,
+    average_surrogate,
+    count_site_keys,
+    init_site_states,
+    coupled_sites,
+    partner_flags,
+)
 from mcgrad.inference.site_estimators import resolve_estimators
 from mcgrad.objectives.base import Objective, ObjectiveSetup
 
@@ -147,8 +155,13 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
         for name, site in own_trace.items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
+    def coupled(names):  # any estimator that draws plainly will do: only the data flow counts
+        plain = {site["name"]: score_function() for site in latent_sites(guide_trace)}
+        return coupled_sites(Program(guide, model_terms(model), plain, keys=key_table), params, key, args, kwargs,
+                             names)
+
     chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles,
-                                independent_rows=independent_particles)
+                                independent_rows=independent_particles, coupled_sites=coupled)
     program = Program(guide, model_terms(model), chosen, keys=key_table)
     partner_flags(program, num_particles)  # an odd count for antithetic pairs fails here, not at the first step
     return Variational(param_info, program, guide_trace)
@@ -158,7 +171,8 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     r"""The negative evidence lower bound, ``E_q[log q(z) − log p(x, z)]``, to minimise.
 
     Each latent site of the guide is estimated by its own estimator (pathwise where it
-    has ``rsample``, DisARM for a Bernoulli with two particles, else score function with
+    has ``rsample``, the exact sum over a Bernoulli or Categorical drawn once per independent
+    slice, DisARM for a Bernoulli with two particles, else score function with
     a leave-one-out baseline: :func:`mcgrad.estimators.choice.preferred`; override with
     ``estimators={...}`` or ``infer={"estimator": ...}``; any
     :class:`~mcgrad.GradientEstimator` works per site); learning signals are

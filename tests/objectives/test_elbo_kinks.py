@@ -61,7 +61,7 @@ def test_exact_gradient_is_the_issues():
 
 
 ESTIMATORS = {
-    "default": (None, "score_function"),  # score function + leave-one-out with several particles
+    "score_function-leave_one_out": ({"z": mg.score_function(baseline=mg.baselines.leave_one_out())}, "score_function"),
     "measure_valued": ({"z": mg.measure_valued()}, "measure_valued"),
     "score_function-none": ({"z": mg.score_function(baseline=mg.baselines.none())}, "score_function"),
 }
