@@ -297,21 +297,21 @@ def crossed_plates(terms_of: Callable[[Array], list[Term]], value: Array, plates
 
 
 def _coupled(program: Program, params: Params, keys: Array, partner, minibatches: dict, args, kwargs, name: str,
-             value: Array, plates: Plates) -> bool:
-    """Whether a cost term couples the slices of site ``name`` along any of ``plates``
+             value: Array, plates: tuple[SitePlate, ...]) -> bool:
+    """Whether a cost term couples the slices of site ``name`` along any of its ``plates``
     (:func:`crossed_plates`), for the particle of ``keys`` whose draw there is ``value``."""
     def terms_of(draw):
         return run_particle(program, params, keys, args, kwargs, {**minibatches, name: draw}, partner)[1]
 
-    return bool(crossed_plates(terms_of, value, plates))
+    return bool(crossed_plates(terms_of, value, tuple((plate.name, plate.dim) for plate in plates)))
 
 
 def drawn_once_per_slice(site: dict) -> bool:
     """Whether a trace's ``site`` draws one coordinate per slice of its plates (a scalar
     counts: one slice): no event axis, and no batch axis outside the plates, of size > 1."""
     shape = jnp.shape(site["value"])
-    plates = {axis for _, axis in plate_axes(site, len(shape) - len(site["fn"].event_shape))}
-    return math.prod(size for axis, size in enumerate(shape) if axis not in plates) == 1
+    axes = {plate.axis for plate in sliced_plates(site)}
+    return math.prod(size for axis, size in enumerate(shape) if axis not in axes) == 1
 
 
 def coupled_sites(program: Program, params: Params, key: Array, args: tuple, kwargs: dict,
@@ -324,9 +324,7 @@ def coupled_sites(program: Program, params: Params, key: Array, args: tuple, kwa
     found = set()
     for name in names:
         site = trace[name]
-        named = {plate for plate, _ in plate_axes(site, jnp.ndim(site["value"]) - len(site["fn"].event_shape))}
-        several = tuple(plate for plate in site_plates(site) if plate[0] in named)  # one slice couples nothing
-        if _coupled(program, params, keys[0], None, minibatches, args, kwargs, name, site["value"], several):
+        if _coupled(program, params, keys[0], None, minibatches, args, kwargs, name, site["value"], sliced_plates(site)):
             found.add(name)
     return found
 
@@ -338,8 +336,7 @@ class _Layout(NamedTuple):
 
     rebuild: Callable
     sample_shape: tuple[int, ...]
-    plates: Plates  # (plate name, axis of the draw)
-    site_plates: Plates  # (plate name, dim), as NumPyro declares them
+    plates: tuple[SitePlate, ...]
 
 
 def site_signal(site: dict, order: int, terms: list[Term]) -> Array:
@@ -350,11 +347,21 @@ def site_signal(site: dict, order: int, terms: list[Term]) -> Array:
     return sum((reduce_to_plates(t, site_plates(site), shape) for t in downstream), jnp.zeros(shape))
 
 
-def plate_axes(site: dict, signal_ndim: int) -> Plates:
-    """The site's plates with more than one slice, each as ``(name, axis of the draw)``."""
-    axes = [(name, signal_ndim + dim) for name, dim in site_plates(site) if -dim <= signal_ndim]
-    return tuple(sorted(((name, axis) for name, axis in axes if jnp.shape(site["value"])[axis] > 1),
-                        key=lambda plate: plate[1]))
+class SitePlate(NamedTuple):
+    """A plate a site sits in: its name, its dim (from the right of the batch shape, as
+    NumPyro declares it) and the axis of the site's draw it runs along."""
+
+    name: str
+    dim: int
+    axis: int
+
+
+def sliced_plates(site: dict) -> tuple[SitePlate, ...]:
+    """The plates of a trace's ``site`` with more than one slice, by axis of its draw."""
+    shape = jnp.shape(site["value"])
+    batch_ndim = len(shape) - len(site["fn"].event_shape)
+    plates = [SitePlate(name, dim, batch_ndim + dim) for name, dim in site_plates(site) if -dim <= batch_ndim]
+    return tuple(sorted((plate for plate in plates if shape[plate.axis] > 1), key=lambda plate: plate.axis))
 
 
 def draw_particles(
@@ -376,7 +383,7 @@ def draw_particles(
             parameters, others, rebuild = split_parameters(site["fn"])
             signal = site_signal(site, order, terms)
             sample_shape = tuple(site["kwargs"].get("sample_shape", ()))
-            layouts[name] = _Layout(rebuild, sample_shape, plate_axes(site, signal.ndim), site_plates(site))
+            layouts[name] = _Layout(rebuild, sample_shape, sliced_plates(site))
             sites[name] = SiteRows(
                 jax.lax.stop_gradient(site["value"]),
                 site["kwargs"]["rng_key"],
@@ -438,10 +445,8 @@ def site_terms(
 
         @functools.cache
         def coupled(name=name, rows=rows, layout=layout):
-            several = {plate for plate, _ in layout.plates}  # plates of one slice couple nothing
-            plates = tuple(plate for plate in layout.site_plates if plate[0] in several)
             return _coupled(program, frozen, particles.keys[0], particles.partner[0], particles.plates, args, kwargs,
-                            name, rows.value[0], plates)
+                            name, rows.value[0], layout.plates)
 
         site = Site(
             name=name,
@@ -454,7 +459,7 @@ def site_terms(
             resample=resample,
             leave_one_out=leave_one_out,
             recost_slices=recost_slices if cost is None else None,
-            plate_axes=tuple(axis for _, axis in layout.plates),
+            plate_axes=tuple(plate.axis for plate in layout.plates),
             coupled=coupled,
         )
         terms, new_states[name], info = program.estimators[name].terms(particles.term_keys[index], states[name], site)
