@@ -304,10 +304,10 @@ def preferred(distribution: Distribution, num_rows: int, independent_rows: bool 
       a row) for a Bernoulli or Categorical (at most :data:`MAX_SUMMED_VALUES` values)
       whose draw is ``one_per_slice``: a scalar, or one label per slice of its plates that
       no cost term outside them reads (a mixture's assignments), with rows of their own
-      costs. The site then adds no variance. On a 500-point mixture it reaches the target
-      in 1015 steps against the score function's 1625 at 10% more a step; with
-      Categorical labels the score function never reaches it (K = 10, 30, 100), the sum
-      in 690–1380 steps at 1.5× its step.
+      costs. The site then adds no variance. On the 500-point mixtures of
+      ``benchmarks/labels.py`` it reaches the target in 677, 1352 and 1784 steps (K = 2,
+      10, 100) at 1.1–1.6× the step of the score function, which takes 856 steps at
+      K = 2 and never reaches it at 10 and 100.
     * DisARM for a Bernoulli with two rows (particles) that each have their own cost
       (``independent_rows``: the ELBO's particles, not a multi-sample bound's, where the
       leave-one-out score function is VIMCO). The pair's coupled difference has less

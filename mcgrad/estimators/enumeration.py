@@ -63,16 +63,18 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
 
     def terms(key: Array, state, site: Site):
         del key
-        site = site.coupled_as_rows()  # a configuration spans the slices: their costs together
+        rows = site.coupled_as_rows()  # where a term couples the slices, a configuration spans them all
+        coupled, site = rows is not site, rows
         num_rows, value_shape = site.num_rows, site.value.shape[1:]
         num_values = support_size(site.family())  # per coordinate
         axes = site.slice_axes()
         group_of, num_groups = coordinate_groups(value_shape, axes)
         num_configurations = num_values ** num_groups
         if num_configurations > max_configurations:
+            why = " (a cost term outside its plate reads the draw: the slices are summed over together)"
             raise ValueError(
                 f"enumerate() at site '{site.name}': one slice has {num_groups} coordinates with "
-                f"{num_values} values each, {num_configurations} configurations (max_configurations="
+                f"{num_values} values each, {num_configurations} configurations{why if coupled else ''} (max_configurations="
                 f"{max_configurations}). Use mg.disarm() (Bernoulli) or mg.score_function(...) instead, or "
                 "raise max_configurations."
             )

@@ -275,6 +275,22 @@ def test_a_term_outside_the_plate_that_reads_the_draws_couples_the_slices(name):
         assert_within_se(grad, grad_se, exact, f"{name}: ")
 
 
+def test_enumerating_coupled_slices_counts_every_slice_and_says_why():
+    def model(y):
+        with numpyro.plate("data", 12):
+            z = numpyro.sample("z", dist.Bernoulli(0.5))
+        numpyro.sample("y", dist.Normal(jnp.sum(z), 0.3), obs=y)
+
+    def guide(y):
+        logits = numpyro.param("logits", jnp.zeros(12))
+        with numpyro.plate("data", 12):
+            numpyro.sample("z", dist.Bernoulli(logits=logits))
+
+    training = make_trainer(model, guide, (Y_SUM,), mg.elbo(2), {"z": mg.enumerate()})
+    with pytest.raises(ValueError, match=r"4096 configurations \(a cost term outside its plate reads the draw"):
+        training.estimate(training.init(jax.random.key(1)), jax.random.key(2), Y_SUM)
+
+
 def test_crossed_plates_are_those_a_reading_term_is_not_split_along():
     from mcgrad.inference.costs import Term
     from mcgrad.inference.particles import crossed_plates
