@@ -302,9 +302,11 @@ def preferred(distribution: Distribution, num_rows: int, independent_rows: bool 
     * Pathwise where the family has ``rsample``.
     * The exact sum over the values (measure-valued on a finite family: ``K − 1`` re-runs
       a row) for a Bernoulli or Categorical (at most :data:`MAX_SUMMED_VALUES` values)
-      whose draw is ``one_per_slice``: a scalar, or one label per slice of its plates that
-      no cost term outside them reads (a mixture's assignments), with rows of their own
-      costs. The site then adds no variance. On the 500-point mixtures of
+      whose draw is ``one_per_slice``: one label per slice of a plate, read by no cost term
+      outside the plate (a mixture's assignments), with rows of their own costs. The site
+      then adds no variance, and its re-runs replace every slice at once, however many
+      (a scalar site, outside any plate, is not summed: a chain of ``T`` of them would
+      re-run the model ``T·(K − 1)`` times). On the 500-point mixtures of
       ``benchmarks/labels.py`` it reaches the target in 677, 1352 and 1784 steps (K = 2,
       10, 100) at 1.1–1.6× the step of the score function, which takes 856 steps at
       K = 2 and never reaches it at 10 and 100.
@@ -317,7 +319,8 @@ def preferred(distribution: Distribution, num_rows: int, independent_rows: bool 
       fewer steps at the same cost a step.
     * Else the score function with a leave-one-out baseline: its baseline improves with
       every row, where DisARM only pairs them (at four particles the benchmark mixture's
-      labels, summed over instead, reach the target in 1625 steps against DisARM's 1696).
+      labels by the score function reached the old default's target in 1625 steps,
+      against DisARM's 1696).
 
     Example:
         >>> import numpyro.distributions as dist

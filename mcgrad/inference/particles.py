@@ -307,11 +307,12 @@ def _coupled(program: Program, params: Params, keys: Array, partner, minibatches
 
 
 def drawn_once_per_slice(site: dict) -> bool:
-    """Whether a trace's ``site`` draws one coordinate per slice of its plates (a scalar
-    counts: one slice): no event axis, and no batch axis outside the plates, of size > 1."""
+    """Whether a trace's ``site`` draws one coordinate per slice of its plates, in at least
+    one plate of several slices: no event axis, and no batch axis outside the plates, of
+    size > 1."""
     shape = jnp.shape(site["value"])
     axes = {plate.axis for plate in sliced_plates(site)}
-    return math.prod(size for axis, size in enumerate(shape) if axis not in axes) == 1
+    return bool(axes) and math.prod(size for axis, size in enumerate(shape) if axis not in axes) == 1
 
 
 def coupled_sites(program: Program, params: Params, key: Array, args: tuple, kwargs: dict,

@@ -16,7 +16,7 @@ from mcgrad.inference.particles import drawn_once_per_slice
 def default_estimator(distribution: dist.Distribution, num_particles: int, *, independent_rows: bool,
                       one_per_slice: bool = False) -> GradientEstimator:
     """Pathwise with rsample; the exact sum over a Bernoulli or Categorical drawn once per
-    independent slice; DisARM for a Bernoulli with two particles of their own costs; else
+    independent slice of a plate; DisARM for a Bernoulli with two particles of their own costs; else
     the score function with leave-one-out (a moving average for one particle). The rule,
     and why: :func:`mcgrad.estimators.choice.preferred`."""
     name = preferred(distribution, num_particles, independent_rows, one_per_slice)

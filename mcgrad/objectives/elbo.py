@@ -171,8 +171,8 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     r"""The negative evidence lower bound, ``E_q[log q(z) − log p(x, z)]``, to minimise.
 
     Each latent site of the guide is estimated by its own estimator (pathwise where it
-    has ``rsample``, the exact sum over a Bernoulli or Categorical drawn once per independent
-    slice, DisARM for a Bernoulli with two particles, else score function with
+    has ``rsample``, the exact sum over a Bernoulli or Categorical drawn once per slice of a
+    plate, DisARM for a Bernoulli with two particles, else score function with
     a leave-one-out baseline: :func:`mcgrad.estimators.choice.preferred`; override with
     ``estimators={...}`` or ``infer={"estimator": ...}``; any
     :class:`~mcgrad.GradientEstimator` works per site); learning signals are

@@ -396,14 +396,12 @@ def test_rao_blackwellization_lowers_variance_and_stays_unbiased():
 
 def two_site_model():
     numpyro.sample("c", dist.Normal(0.0, 1.0))
-    numpyro.sample("d", dist.Bernoulli(0.5).expand([2]).to_event(1))
+    numpyro.sample("d", dist.Bernoulli(0.5))
 
 
 def two_site_guide():
-    """A continuous site and a Bernoulli of two coordinates (one draw of both: nothing to
-    sum over exactly one coordinate at a time)."""
     numpyro.sample("c", dist.Normal(numpyro.param("loc", 0.0), 1.0))
-    numpyro.sample("d", dist.Bernoulli(logits=numpyro.param("logit", 0.0)).expand([2]).to_event(1))
+    numpyro.sample("d", dist.Bernoulli(logits=numpyro.param("logit", 0.0)))
 
 
 def labels_model(x, num_values=2):
@@ -420,10 +418,10 @@ def labels_guide(x, num_values=2):
 
 
 def test_default_estimators():
-    """Pathwise with rsample. A Bernoulli of several coordinates: DisARM with two particles,
-    else the score function. A Bernoulli or Categorical drawn once per independent slice
-    (a scalar, one label per plate slice): the exact sum, measure-valued, under the ELBO
-    at any particle count."""
+    """Pathwise with rsample. A Bernoulli or Categorical drawn once per slice of a plate
+    (one label per datum): the exact sum, measure-valued, under the ELBO at any particle
+    count. Another Bernoulli (a scalar here): DisARM with two particles, else the score
+    function."""
     for num_particles, bernoulli in [(4, "score_function"), (2, "disarm"), (1, "score_function")]:
         chosen = make_trainer(two_site_model, two_site_guide, (), mg.elbo(num_particles)).estimators
         assert (chosen["c"].name, chosen["d"].name) == ("pathwise", bernoulli), num_particles
