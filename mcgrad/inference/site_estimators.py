@@ -43,6 +43,10 @@ def resolve_estimators(
     objective declares. ``coupled_sites(names)``: those of the sites ``names`` whose plate
     slices a cost term couples (:func:`mcgrad.inference.particles.coupled_sites`), asked
     only where the answer decides a default; a site left unanswered counts as coupled.
+    Labels are summed by default at no more than :data:`MAX_SUMMED_SITES` sites of a
+    program: each summed site re-runs the model ``K − 1`` times a particle and traces one
+    more re-run, so a chain of ``T`` label sites (an HMM's states in a plate of sequences)
+    would cost ``T·(K − 1)`` re-runs a step and ``T`` traced re-runs to compile.
     """
     latent = latent_sites(program_trace)
     if isinstance(overrides, str):
@@ -64,6 +68,8 @@ def resolve_estimators(
         if (given[site["name"]] is None or getattr(given[site["name"]], "auto", None) is not None)
         and _summable(site["fn"]) and drawn_once_per_slice(site)
     )
+    if len(summable) > MAX_SUMMED_SITES:  # a chain of labels: every state site would re-run the model
+        summable = ()
     summed = set(summable) - coupled_sites(summable) if independent_rows and coupled_sites and summable else set()
     chosen = {}
     for site in latent:
@@ -81,6 +87,10 @@ def resolve_estimators(
         estimator.check(fn, name)
         chosen[name] = estimator
     return chosen
+
+
+# At most this many label sites of one program are summed over by default (see above).
+MAX_SUMMED_SITES = 8
 
 
 def _summable(distribution: dist.Distribution) -> bool:

@@ -30,6 +30,7 @@ import optax
 import pytest
 
 import mcgrad as mg
+from mcgrad.inference.site_estimators import MAX_SUMMED_SITES
 
 NUM_SE = 5.0
 
@@ -439,6 +440,18 @@ def test_default_estimators():
     assert make_trainer(labels_model, labels_guide, (x, 257), mg.elbo(4)).estimators["d"].name == "score_function"
     chosen = make_trainer(summed_model, summed_guide, (Y_SUM,), mg.elbo(2)).estimators
     assert chosen["z"].name == "disarm"
+    # A chain of label sites (an HMM's states per sequence): none summed past the limit.
+    for length, expected in [(MAX_SUMMED_SITES, "measure_valued"), (MAX_SUMMED_SITES + 1, "score_function")]:
+        chosen = make_trainer(chain_of_labels, chain_of_labels, (jnp.zeros((3, length)),), mg.elbo(4)).estimators
+        assert {estimator.name for estimator in chosen.values()} == {expected}, length
+
+
+def chain_of_labels(x):
+    """The model and its guide at once: a Markov chain of labels in a plate of sequences."""
+    with numpyro.plate("sequences", x.shape[0]):
+        state = jnp.zeros(x.shape[0], jnp.int32)
+        for t in range(x.shape[1]):
+            state = numpyro.sample(f"z_{t}", dist.Bernoulli(logits=0.5 - state)).astype(jnp.int32)
 
 
 def two_estimates(num_particles, estimators):
