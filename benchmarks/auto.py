@@ -99,10 +99,11 @@ from mcgrad.experiments import discrete_vae
 from mcgrad.experiments.blr import load_breast_cancer
 from mcgrad.programs import COMPILE_EVENTS, covered
 
+sys.path.append(str(Path(__file__).parent))  # last: benchmarks/models.py must not hide the models package
+from docs_tables import replace_table  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 FIGURE = Path(__file__).parent.parent / "docs" / "img" / "auto_choices.png"
-DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-DOCS_START, DOCS_END = "<!-- auto table: start -->", "<!-- auto table: end -->"
 PROBLEMS = ("blr", "vae", "mixture")
 
 # The targets.
@@ -918,9 +919,7 @@ def main(argv=None) -> dict:
         mg.plotting.choices_figure(figure_choices).savefig(figure, dpi=110)
         results["figure"] = str(figure)
     if args.update_docs:
-        page = DOCS.read_text(encoding="utf-8")
-        begin, end = page.index(DOCS_START) + len(DOCS_START), page.index(DOCS_END)
-        DOCS.write_text(page[:begin] + "\n\n" + text + "\n" + page[end:], encoding="utf-8")
+        replace_table("auto", text)
     print(text)
     return results
 

@@ -56,11 +56,12 @@ import numpy as np
 
 import mcgrad as mg
 
+sys.path.append(str(Path(__file__).parent))  # last: benchmarks/models.py must not hide the models package
+from docs_tables import replace_table  # noqa: E402
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 RATIO_TARGET = 1.1
 EVALUATIONS_TARGET = 1.5
-DOCS_START = "<!-- estimators benchmark table: start -->"
-DOCS_END = "<!-- estimators benchmark table: end -->"
 
 
 # --------------------------------------------------------------------------- problem
@@ -475,13 +476,6 @@ def markdown_table(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_docs(path: Path, table: str) -> None:
-    """Replace the table between the markers in ``path``."""
-    text = path.read_text()
-    start, end = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
-    path.write_text(text[:start] + "\n\n" + table + "\n" + text[end:])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: one small case, few timing samples")
@@ -514,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (args.output_dir / "estimators.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     (args.output_dir / "estimators.md").write_text("# Estimators: mcgrad vs hand-written JAX\n\n" + table)
     if args.update_docs:
-        update_docs(REPOSITORY / "docs" / "benchmarks.md", table)
+        replace_table("estimators benchmark", table)
     print(f"\nWrote {args.output_dir / 'estimators.json'} and {args.output_dir / 'estimators.md'}.")
     return 0
 

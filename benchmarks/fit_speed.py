@@ -36,6 +36,7 @@ import functools
 import io
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -52,9 +53,10 @@ import mcgrad as mg
 from mcgrad.experiments.blr import load_breast_cancer
 from mcgrad.programs import COMPILE_EVENTS, covered
 
+sys.path.append(str(Path(__file__).parent))  # last: benchmarks/models.py must not hide the models package
+from docs_tables import replace_table  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-DOCS_START, DOCS_END = "<!-- fit_speed table: start -->", "<!-- fit_speed table: end -->"
 
 # --------------------------------------------------------------------------- 1. BLR speed
 
@@ -466,9 +468,7 @@ def main(argv=None) -> dict:
     (args.output_dir / "fit_speed.json").write_text(json.dumps(results, indent=2))
     (args.output_dir / "fit_speed.md").write_text(markdown(results))
     if args.update_docs:
-        text = DOCS.read_text()
-        start, end = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
-        DOCS.write_text(text[:start] + "\n\n" + markdown(results) + "\n" + text[end:])
+        replace_table("fit_speed", markdown(results))
     print(markdown(results))
     return results
 

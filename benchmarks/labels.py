@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -40,9 +41,10 @@ import optax
 
 import mcgrad as mg
 
+sys.path.append(str(Path(__file__).parent))  # last: benchmarks/models.py must not hide the models package
+from docs_tables import replace_table  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
-DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-DOCS_START, DOCS_END = "<!-- labels table: start -->", "<!-- labels table: end -->"
 WINDOW = 100
 TOLERANCE = 1.0  # nats above the default's final smoothed loss
 
@@ -161,9 +163,7 @@ def main(argv=None) -> dict:
     (args.output_dir / "labels.json").write_text(json.dumps(results, indent=2))
     (args.output_dir / "labels.md").write_text(markdown(results))
     if args.update_docs:
-        text = DOCS.read_text()
-        start, end = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
-        DOCS.write_text(text[:start] + "\n\n" + markdown(results) + "\n" + text[end:])
+        replace_table("labels", markdown(results))
     print(markdown(results))
     return results
 

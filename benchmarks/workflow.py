@@ -38,10 +38,9 @@ from mcgrad.experiments.blr import load_breast_cancer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fit_speed import blr_guide, blr_model  # noqa: E402
+from docs_tables import replace_table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-DOCS = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-DOCS_START, DOCS_END = "<!-- workflow table: start -->", "<!-- workflow table: end -->"
 
 _compile_seconds = [0.0]
 
@@ -211,11 +210,7 @@ def main(argv=None) -> dict:
     (args.output_dir / "workflow.json").write_text(json.dumps(results, indent=2))
     (args.output_dir / "workflow.md").write_text(markdown(results))
     if args.update_docs:
-        text = DOCS.read_text()
-        if DOCS_START not in text:
-            text += f"\n## Workflow: many fits, restarts, memory\n\n{DOCS_START}\n{DOCS_END}\n"
-        start, end = text.index(DOCS_START) + len(DOCS_START), text.index(DOCS_END)
-        DOCS.write_text(text[:start] + "\n\n" + markdown(results) + "\n" + text[end:])
+        replace_table("workflow", markdown(results), heading="Workflow: many fits, restarts, memory")
     print(markdown(results))
     return results
 

@@ -230,16 +230,16 @@ Y_SUM = 2.6
 LOGITS_SUM = jnp.array([0.3, -0.5, 1.0])
 
 
-def summed_model(y):
-    """A plate of 3 labels observed only through their sum, a site outside the plate."""
-    with numpyro.plate("data", 3):
+def summed_model(y, num_labels=3):
+    """A plate of labels observed only through their sum, a site outside the plate."""
+    with numpyro.plate("data", num_labels):
         z = numpyro.sample("z", dist.Bernoulli(0.5))
     numpyro.sample("y", dist.Normal(jnp.sum(z), 0.3), obs=y)
 
 
-def summed_guide(y):
-    logits = numpyro.param("logits", jnp.zeros(3))
-    with numpyro.plate("data", 3):
+def summed_guide(y, num_labels=3):
+    logits = numpyro.param("logits", jnp.zeros(num_labels))
+    with numpyro.plate("data", num_labels):
         numpyro.sample("z", dist.Bernoulli(logits=logits))
 
 
@@ -277,19 +277,9 @@ def test_a_term_outside_the_plate_that_reads_the_draws_couples_the_slices(name):
 
 
 def test_enumerating_coupled_slices_counts_every_slice_and_says_why():
-    def model(y):
-        with numpyro.plate("data", 12):
-            z = numpyro.sample("z", dist.Bernoulli(0.5))
-        numpyro.sample("y", dist.Normal(jnp.sum(z), 0.3), obs=y)
-
-    def guide(y):
-        logits = numpyro.param("logits", jnp.zeros(12))
-        with numpyro.plate("data", 12):
-            numpyro.sample("z", dist.Bernoulli(logits=logits))
-
-    training = make_trainer(model, guide, (Y_SUM,), mg.elbo(2), {"z": mg.enumerate()})
+    training = make_trainer(summed_model, summed_guide, (Y_SUM, 12), mg.elbo(2), {"z": mg.enumerate()})
     with pytest.raises(ValueError, match=r"4096 configurations \(a cost term outside its plate reads the draw"):
-        training.estimate(training.init(jax.random.key(1)), jax.random.key(2), Y_SUM)
+        training.estimate(training.init(jax.random.key(1)), jax.random.key(2), Y_SUM, 12)
 
 
 def test_crossed_plates_are_those_a_reading_term_is_not_split_along():
