@@ -155,3 +155,54 @@ def test_sampler_shapes(family):
             assert jnp.shape(constant) == shape, (family, name, coupling, jnp.shape(constant))
             assert positive.shape == (N,) + shape and negative.shape == (N,) + shape, (family, name, coupling)
             assert bool(jnp.all(jnp.isfinite(constant)))
+
+
+# ---- the sampler path with a trailing parameter axis (a vector parameter per coordinate):
+# no built-in family takes it since Categorical is summed over its values; a user's
+# registration may. Categorical probs by samplers: ∂_{p_k} Σ_j p_j f(j) = f(k), so
+# p⁺ = δ_k with c = 1, and any p⁻ whose mean the simplex's tangent cancels: the
+# distribution itself, one draw shared by all K (coupled) or one each.
+
+
+def _categorical_probs_by_samplers(key, parameters, num_samples, coupling):
+    probs = parameters["probs"]  # [*batch, K]
+    num_values = probs.shape[-1]
+    shape = (num_samples,) + probs.shape
+    positive = jnp.broadcast_to(jnp.arange(num_values), shape)
+    logits = jnp.log(probs)
+    if coupling:
+        draw = jax.random.categorical(key, logits, shape=(num_samples,) + probs.shape[:-1])
+        negative = jnp.broadcast_to(draw[..., None], shape)
+    else:
+        negative = jax.random.categorical(key, jnp.broadcast_to(logits[..., None, :], probs.shape + (num_values,)),
+                                          shape=shape)
+    return jnp.ones_like(probs), positive, negative
+
+
+@pytest.mark.parametrize("coupling", [True, False])
+def test_a_registered_vector_parameter_per_coordinate_is_unbiased(registry, coupling):
+    class SampledCategorical(dist.CategoricalProbs):
+        pass
+
+    mg.register_weak_derivative(SampledCategorical, mg.WeakDerivative(lambda d: {"probs": d.probs},
+                                                                      {"probs": _categorical_probs_by_samplers}))
+    assert mg.weak_derivative_for(SampledCategorical(probs=jnp.full(3, 1 / 3))).support_size is None
+    logits = jnp.array([[0.3, -0.4, 1.1], [-0.8, 0.2, 0.5]])  # two coordinates, K = 3 values each
+    weights = jnp.array([0.5, 2.0])
+
+    def cost(x):
+        return jnp.sum(weights * (x - 1.3) ** 2)
+
+    def exact_expectation(logits):
+        values = (jnp.arange(3.0) - 1.3) ** 2
+        return jnp.sum(weights * jnp.sum(jax.nn.softmax(logits) * values[None], axis=-1))
+
+    num_samples = 20_000
+    estimate = mg.per_sample_grads(cost, lambda t: SampledCategorical(probs=jax.nn.softmax(t)),
+                                   estimator=mg.measure_valued(coupling=coupling), num_samples=num_samples)
+    with jax.numpy_rank_promotion("allow"):  # NumPyro's Categorical sampling promotes ranks
+        grads = jax.jit(estimate, compiler_options=FAST_COMPILE)(logits, jax.random.key(5))
+    g = np.asarray(grads, np.float64)
+    assert g.shape == (num_samples, 2, 3)
+    assert_within_se(g.mean(0), g.std(0, ddof=1) / math.sqrt(num_samples), np.asarray(jax.grad(exact_expectation)(logits)),
+                     f"coupling={coupling}: ")
