@@ -32,7 +32,9 @@ def enumerate(max_configurations: int = 256) -> GradientEstimator:
 
     over every configuration ``k`` of one draw's coordinates (``K^D`` of them for ``D``
     coordinates with ``K`` values each). At a model site inside a ``plate`` each slice is
-    summed over on its own and all slices at once, so ``D`` counts one slice's coordinates.
+    summed over on its own and all slices at once, so ``D`` counts one slice's coordinates
+    (all of the draw's, where a cost term outside the plate reads it and so couples the
+    slices).
     Every other draw of the row is kept, so the estimate has no variance from this site.
 
     Requires: a Bernoulli or Categorical site (``expand`` and ``to_event`` are fine) with at

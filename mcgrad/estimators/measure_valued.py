@@ -156,7 +156,9 @@ def measure_valued(coupling: bool = True, batch_size: int | None = None) -> Grad
     draws share their randomness, which lowers the variance.
     At a site inside a ``plate`` each slice's cost sees only its own draw, so the
     coordinates of all slices are replaced at once: ``D`` counts the parameter elements
-    of one slice (a VAE's latent dimension, not batch × latent dimension).
+    of one slice (a VAE's latent dimension, not batch × latent dimension). Not where a
+    cost term outside the plate reads the draw (the slices observed through their sum):
+    there each coordinate is replaced on its own (:meth:`~mcgrad.Site.slice_axes`).
     Cost: ``N + 2·D·N`` evaluations of ``f`` for ``D`` parameter elements (finite
     families: ``N + (K − 1)·D·N`` for ``D`` coordinates), batched with ``vmap``;
     ``batch_size`` evaluates ``batch_size`` perturbed coordinates (each for all
