@@ -208,13 +208,17 @@ def local_exact_loss(params):
     return jnp.sum(total)
 
 
-def test_subsampled_plate_gives_unbiased_full_data_gradient():
+@pytest.mark.parametrize("labels", ["default", "score_function"])
+def test_subsampled_plate_gives_unbiased_full_data_gradient(labels):
     """A plate with subsample_size=2 of 6: each step sees two slices, scaled by 3; pathwise
-    (z) and score-function (b) gradients are unbiased for the full-data ELBO."""
+    (z) and the labels' (b: the default's exact sum over each label's values, or the score
+    function) gradients are unbiased for the full-data ELBO."""
     params = {"loc": LOCAL_LOC, "logits": LOCAL_LOGITS}  # both real: unconstrained as they are
+    estimators = {"b": mg.score_function(baseline=mg.baselines.leave_one_out())} if labels == "score_function" else None
     training = make_trainer(mg.elbo(num_particles=8), args=(LOCAL_X, 2), model=local_model, guide=local_guide,
-                            estimators={"b": mg.score_function(baseline=mg.baselines.leave_one_out())})
+                            estimators=estimators)
     assert training.estimators["z"].name == "pathwise"
+    assert training.estimators["b"].name == {"default": "measure_valued", "score_function": "score_function"}[labels]
     values, grads = repeated(training, params, 3000, jax.random.key(4), args=(LOCAL_X, 2))
     exact_value, exact_grad = jax.value_and_grad(local_exact_loss)(params)
     assert_unbiased(values, float(exact_value), "value")
