@@ -136,7 +136,8 @@ def markdown(results: dict) -> str:
                          f"| {fmt(row['time_to_target_seconds'], '.3f')} | {row['compile_seconds']:.1f} |")
     lines += ["", f"Target: the default's final smoothed loss (trailing mean over {results['settings']['window']} "
               f"steps) + {TOLERANCE:g} nat; — where never reached. ms/step: the fastest of "
-              f"{results['settings']['timing_calls']} calls of the compiled run."]
+              f"{results['settings']['timing_calls']} calls of the compiled run. compile s: the first call less "
+              "that (the first row's holds the process's one-time start as well)."]
     return "\n".join(lines)
 
 
