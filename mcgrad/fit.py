@@ -343,9 +343,7 @@ def trainer(
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         first_step = state.step if first_step is None else first_step
 
-        def recorded_statistics(state: FitState):
-            _, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-
+        def recorded_statistics(state: FitState, step_key: Array):
             def add(replicate, moments):  # replicate 0: the step's own estimate; then keys of their own
                 other = jax.random.fold_in(jax.random.fold_in(step_key, 1), replicate - 1)
                 key = jax.random.wrap_key_data(
@@ -363,7 +361,8 @@ def trainer(
             loss, grads, objective_state = gradient(state.params, state.objective_state, step_key, args, kwargs)
             if diagnostics_every:
                 recorded = (first_step + index) % diagnostics_every == 0
-                statistics = jax.lax.cond(recorded, lambda: recorded_statistics(state), lambda: (variance, snr))
+                statistics = jax.lax.cond(recorded, lambda: recorded_statistics(state, step_key),
+                                          lambda: (variance, snr))
             else:
                 statistics = (variance, snr)
             state, info = take_step(state, key, loss.astype(loss_dtype), grads, objective_state, *statistics, guard)

@@ -171,9 +171,10 @@ class Site(NamedTuple):
         """The plate axes an estimator may replace all at once: :attr:`plate_axes` where
         costs come per slice and no term outside the plates couples the slices
         (:attr:`coupled`); none otherwise."""
-        if self.recost_slices is None or not self.plate_axes or self.coupled():
-            return ()
-        return self.plate_axes
+        return () if self.recost_slices is None or self._slices_coupled() else self.plate_axes
+
+    def _slices_coupled(self) -> bool:
+        return self.recost_slices is not None and bool(self.plate_axes) and self.coupled()
 
     def coupled_as_rows(self) -> Site:
         """This site with one cost per row (the particle's total: one more evaluation of
@@ -181,7 +182,7 @@ class Site(NamedTuple):
         stay right for one coordinate replaced at a time (the slices it does not touch
         keep their costs) but not for several slices' coordinates replaced together,
         each of whose costs would miss the others' share."""
-        if self.recost_slices is None or not self.plate_axes or not self.coupled():
+        if not self._slices_coupled():
             return self
         return self._replace(cost=jax.lax.stop_gradient(self.recost(self.value)), recost_slices=None, plate_axes=())
 

@@ -295,6 +295,15 @@ def pinned(site: AutoSite) -> GradientEstimator:
 MAX_SUMMED_VALUES = 256
 
 
+def summable(distribution: Distribution) -> bool:
+    """A Bernoulli or Categorical family with at most :data:`MAX_SUMMED_VALUES` values a
+    coordinate: one the default sums over, where its draw is one label per slice."""
+    from mcgrad.estimators.distributions import support_size, unwrap
+
+    num_values = support_size(unwrap(distribution))
+    return num_values is not None and num_values <= MAX_SUMMED_VALUES
+
+
 def preferred(distribution: Distribution, num_rows: int, independent_rows: bool = True,
               one_per_slice: bool = False) -> str:
     """The candidate ``mg.fit`` runs at a site nobody chose an estimator for, by name.
@@ -328,12 +337,11 @@ def preferred(distribution: Distribution, num_rows: int, independent_rows: bool 
         ...  preferred(dist.Bernoulli(logits=0.0), 4), preferred(dist.Bernoulli(logits=0.0), 4, one_per_slice=True)]
         ['pathwise', 'disarm', 'score_function_loo', 'measure_valued']
     """
-    from mcgrad.estimators.distributions import is_bernoulli, support_size, unwrap
+    from mcgrad.estimators.distributions import is_bernoulli
 
     if distribution.has_rsample:
         return "pathwise"
-    num_values = support_size(unwrap(distribution))
-    if independent_rows and one_per_slice and num_values is not None and num_values <= MAX_SUMMED_VALUES:
+    if independent_rows and one_per_slice and summable(distribution):
         return "measure_valued"
     if independent_rows and num_rows == 2 and is_bernoulli(distribution):
         return "disarm"

@@ -316,18 +316,15 @@ def drawn_once_per_slice(site: dict) -> bool:
 
 
 def coupled_sites(program: Program, params: Params, key: Array, args: tuple, kwargs: dict,
-                  names: tuple[str, ...]) -> set[str]:
-    """Of the latent sites ``names``, those whose slices a cost term outside one of their
+                  sites: list[dict]) -> set[str]:
+    """Of the latent ``sites`` (of a trace of ``program``: their draws' shapes and plates are
+    all that is read), the names of those whose slices a cost term outside one of their
     plates couples (:func:`crossed_plates`), traced for one particle of ``program``."""
     keys, term_keys, words = particle_keys(program, key, 1)
     minibatches = draw_minibatches(program, keys[0], term_keys, words)
-    trace, _ = run_particle(program, params, keys[0], args, kwargs, minibatches)
-    found = set()
-    for name in names:
-        site = trace[name]
-        if _coupled(program, params, keys[0], None, minibatches, args, kwargs, name, site["value"], sliced_plates(site)):
-            found.add(name)
-    return found
+    return {site["name"] for site in sites
+            if _coupled(program, params, keys[0], None, minibatches, args, kwargs, site["name"], site["value"],
+                        sliced_plates(site))}
 
 
 class _Layout(NamedTuple):

@@ -7,8 +7,7 @@ from collections.abc import Callable
 import numpyro.distributions as dist
 
 from mcgrad.estimators.base import GradientEstimator
-from mcgrad.estimators.choice import BUILTIN_CANDIDATES, MAX_SUMMED_VALUES, auto, preferred, resolve
-from mcgrad.estimators.distributions import support_size, unwrap
+from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolve, summable
 from mcgrad.inference.costs import latent_sites
 from mcgrad.inference.particles import drawn_once_per_slice
 
@@ -30,7 +29,7 @@ def resolve_estimators(
     num_particles: int,
     *,
     independent_rows: bool,
-    coupled_sites: Callable[[tuple[str, ...]], set[str]] | None = None,
+    coupled_sites: Callable[[list[dict]], set[str]] | None = None,
 ) -> dict[str, GradientEstimator]:
     """One estimator per latent site of ``program_trace``, checked against the site.
 
@@ -40,8 +39,8 @@ def resolve_estimators(
     ``mg.auto()``; an ``auto`` site resolves to the default's candidate where it applies
     (:func:`mcgrad.estimators.choice.resolve`), which ``mg.fit`` then measures and switches.
     ``independent_rows``: each particle has its own cost (the ELBO's particles), as the
-    objective declares. ``coupled_sites(names)``: those of the sites ``names`` whose plate
-    slices a cost term couples (:func:`mcgrad.inference.particles.coupled_sites`), asked
+    objective declares. ``coupled_sites(sites)``: the names of those of the trace's
+    ``sites`` whose plate slices a cost term couples (:func:`mcgrad.inference.particles.coupled_sites`), asked
     only where the answer decides a default; a site left unanswered counts as coupled.
     Labels are summed by default at no more than :data:`MAX_SUMMED_SITES` sites of a
     program: each summed site re-runs the model ``K − 1`` times a particle and traces one
@@ -63,14 +62,15 @@ def resolve_estimators(
     given = {site["name"]: overrides.get(site["name"]) or site["infer"].get("estimator") or annotated.get(site["name"])
              for site in latent}
     # Sites the default would sum over exactly if no cost term couples their slices.
-    summable = tuple(
-        site["name"] for site in latent
+    labels = [
+        site for site in latent
         if (given[site["name"]] is None or getattr(given[site["name"]], "auto", None) is not None)
-        and _summable(site["fn"]) and drawn_once_per_slice(site)
-    )
-    if len(summable) > MAX_SUMMED_SITES:  # a chain of labels: every state site would re-run the model
-        summable = ()
-    summed = set(summable) - coupled_sites(summable) if independent_rows and coupled_sites and summable else set()
+        and summable(site["fn"]) and drawn_once_per_slice(site)
+    ]
+    if len(labels) > MAX_SUMMED_SITES:  # a chain of labels: every state site would re-run the model
+        labels = []
+    summed = {site["name"] for site in labels} - coupled_sites(labels) if (
+        independent_rows and coupled_sites and labels) else set()
     chosen = {}
     for site in latent:
         name, fn = site["name"], site["fn"]
@@ -91,9 +91,3 @@ def resolve_estimators(
 
 # At most this many label sites of one program are summed over by default (see above).
 MAX_SUMMED_SITES = 8
-
-
-def _summable(distribution: dist.Distribution) -> bool:
-    """A family the default would sum over, were it drawn once per slice."""
-    num_values = support_size(unwrap(distribution))
-    return num_values is not None and num_values <= MAX_SUMMED_VALUES

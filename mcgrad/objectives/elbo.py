@@ -155,10 +155,10 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
         for name, site in own_trace.items()
         if site["type"] == "sample" and "estimator" in site.get("infer", {})
     }
-    def coupled(names):  # any estimator that draws plainly will do: only the data flow counts
+    def coupled(sites):  # any estimator that draws plainly will do: only the data flow counts
         plain = {site["name"]: score_function() for site in latent_sites(guide_trace)}
         return coupled_sites(Program(guide, model_terms(model), plain, keys=key_table), params, key, args, kwargs,
-                             names)
+                             sites)
 
     chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles,
                                 independent_rows=independent_particles, coupled_sites=coupled)
