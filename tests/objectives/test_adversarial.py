@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import mcgrad as mg
+from tests.objectives._helpers import FAST_COMPILE
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 DATA = 2.0 + 0.5 * jax.random.normal(jax.random.key(0), (512, 1))  # mean 2, std 0.5
 

@@ -18,9 +18,8 @@ import optax
 import pytest
 
 import mcgrad as mg
+from tests.objectives._helpers import FAST_COMPILE, NUM_SE
 
-NUM_SE = 5.0
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 X = jnp.array([0.8, 1.9, 1.1])
 PARAMS = {"loc": jnp.asarray(0.4), "scale": jnp.asarray(0.8)}

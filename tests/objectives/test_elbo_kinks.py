@@ -22,9 +22,8 @@ import optax
 import pytest
 
 import mcgrad as mg
+from tests.objectives._helpers import FAST_COMPILE, NUM_SE
 
-NUM_SE = 5.0
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 X = jnp.array([1.1, -0.6, 0.6, -1.8])  # four points of a mixture of N(−1, 1) and N(1, 1)
 PRIOR_PROB = 0.5
 

@@ -10,9 +10,8 @@ import optax
 import pytest
 
 import mcgrad as mg
+from tests.objectives._helpers import FAST_COMPILE, NUM_SE
 
-NUM_SE = 5.0
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 DATA = 1.5 + 2.0 * jax.random.normal(jax.random.key(0), (200,))
 MLE = {"loc": float(np.mean(DATA)), "scale": float(np.std(DATA))}  # ddof=0: the MLE

@@ -14,43 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-import optax
 import pytest
 from numpyro.infer import RenyiELBO
 
 import mcgrad as mg
-
-NUM_SE = 5.0
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def make_trainer(model, guide, args, objective, estimators=None):
-    return mg.trainer(
-        model, guide, *args, key=jax.random.key(0), objective=objective, optimizer=optax.sgd(0.0), estimators=estimators
-    )
-
-
-def at_params(training, params, positive=()):
-    """The trainer's initial state at constrained ``params`` (``positive``: stored as logs)."""
-    unconstrained = {n: jnp.log(v) if n in positive else v for n, v in params.items()}
-    return training.init(jax.random.key(1))._replace(params=unconstrained)
-
-
-def repeated(training, params, args, num_repeats, key, positive=()):
-    """``num_repeats`` independent (value, gradient) estimates at constrained ``params``,
-    gradients in the same coordinates."""
-    state = at_params(training, params, positive)
-
-    def one(k):
-        loss, grads, _ = training.estimate(state, k, *args)
-        return loss, {n: g / params[n] if n in positive else g for n, g in grads.items()}
-
-    values, grads = jax.jit(jax.vmap(one), compiler_options=FAST_COMPILE)(jax.random.split(key, num_repeats))
-    return np.asarray(values, np.float64), {n: np.asarray(g, np.float64) for n, g in grads.items()}
-
-
-def mean_se(samples):
-    return samples.mean(axis=0), samples.std(axis=0, ddof=1) / np.sqrt(samples.shape[0])
+from tests.objectives._helpers import FAST_COMPILE, NUM_SE, at_params, make_trainer, mean_se, repeated
 
 
 # --------------------------------------------------------------------------- against NumPyro's RenyiELBO
