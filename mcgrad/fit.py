@@ -23,7 +23,7 @@ import optax
 
 from mcgrad import checkpoints, parallel, selection
 from mcgrad.diagnostics import running_moments
-from mcgrad.estimators.base import check_whole_number
+from mcgrad.estimators.base import check_whole_number, describe
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
 from mcgrad.programs import ProgramCache, compiler_options, fingerprint
@@ -235,6 +235,7 @@ def trainer(
     """
     check_whole_number("diagnostics_every", diagnostics_every, 0)
     check_whole_number("diagnostics_replicates", diagnostics_replicates, 1)
+    check_setup(objective, optimizer)
     bound = objective.setup(model, guide, args, kwargs, estimators, key)
     param_constraints = bound.params.constraints
     mesh = parallel.device_mesh()
@@ -653,6 +654,41 @@ def _strongly_typed(tree: Any) -> Any:
     return jax.tree.map(strong, tree)
 
 
+def check_setup(objective: Any, optimizer: Any) -> None:
+    """Raise a clear ``TypeError`` for an objective or optimizer that is not one: most often
+    the factory itself (``mg.elbo``, ``optax.adam``) where its value was meant, or a NumPyro
+    optimizer (``numpyro.optim.Adam``) where mcgrad takes optax's."""
+    if not isinstance(objective, Objective):
+        what = describe(objective)
+        hint = f" (call it: objective={what.removeprefix('the function ')}(...))" if callable(objective) else ""
+        raise TypeError(f"objective must be an mcgrad objective such as mg.elbo(4), mg.iwae(8) or "
+                        f"mg.maximum_likelihood(), got {what}{hint}.")
+    if not isinstance(optimizer, optax.GradientTransformation):
+        kind = type(optimizer)
+        if kind.__module__.startswith("numpyro.optim"):
+            what = f"a NumPyro optimizer (numpyro.optim.{kind.__name__}): mcgrad takes optax's, e.g. " \
+                   f"optax.{kind.__name__.lower()}(...)"
+        else:
+            what = describe(optimizer)
+            if callable(optimizer):
+                what += f" (call it with its settings: optimizer={what.removeprefix('the function ')}(...))"
+        raise TypeError(f"optimizer must be an optax.GradientTransformation such as optax.adam(1e-3), got {what}.")
+
+
+def typed_key(key: Any) -> Array:
+    """``key`` as a typed key array: a ``jax.random.key`` as it is, a raw
+    ``jax.random.PRNGKey`` (``uint32[..., 2]``, NumPyro's idiom) wrapped; a batch of either
+    for restarts. Anything else is a clear ``TypeError``."""
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return key
+        if key.dtype == np.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+            return jax.random.wrap_key_data(key)
+    what = f"an array of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else describe(key)
+    raise TypeError(f"key must be a JAX random key: jax.random.key(0) (or jax.random.PRNGKey(0)), or a batch of "
+                    f"them for restarts (jax.random.split(jax.random.key(0), n)); got {what}.")
+
+
 def check_data(args: tuple, kwargs: dict, model: Callable | None = None) -> None:
     """Raise a clear error for model arguments with infinite values, or with NaN the model
     does not mask.
@@ -744,7 +780,8 @@ def fit(
         model: the NumPyro model (the generator for adversarial objectives).
         guide: the NumPyro guide (``None`` for maximum likelihood and adversarial objectives).
         *args: passed to both.
-        key: a ``jax.random.key``.
+        key: a ``jax.random.key`` (or a raw ``jax.random.PRNGKey``, NumPyro's idiom); a batch of
+            keys (``jax.random.split(key, n)``) fits ``n`` restarts at once.
         num_steps: total steps (a resumed run continues up to this many).
         optimizer: an optax optimizer.
         objective: :func:`mcgrad.elbo`, :func:`mcgrad.iwae`, :func:`mcgrad.renyi`,
@@ -790,6 +827,8 @@ def fit(
     """
     check_whole_number("num_steps", num_steps, 0)
     check_whole_number("max_nonfinite", max_nonfinite, 0)
+    check_setup(objective, optimizer)
+    key = typed_key(key)
     if chunk_size is not None:
         check_whole_number("chunk_size", chunk_size, 1)
     if not selection.SEGMENT.get():  # an auto segment's data were checked when its fit began

@@ -285,6 +285,45 @@ def test_fit_refuses_invalid_settings(settings, message):
 
 
 @pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        ({"objective": mg.elbo}, TypeError, r"got the function mcgrad\.elbo \(call it: objective=mcgrad\.elbo\(\.\.\.\)\)"),
+        ({"objective": "elbo"}, TypeError, r"objective must be an mcgrad objective .* got str 'elbo'"),
+        ({"optimizer": optax.adam}, TypeError, r"got the function optax\.adam \(call it with its settings"),
+        ({"optimizer": numpyro.optim.Adam(0.05)}, TypeError, r"a NumPyro optimizer \(numpyro\.optim\.Adam\): mcgrad takes optax's"),
+        ({"key": 0}, TypeError, r"key must be a JAX random key: jax\.random\.key\(0\) .* got int 0"),
+        ({"key": jnp.zeros(3)}, TypeError, r"got an array of shape \(3,\) and dtype float32"),
+        ({"estimators": [mg.pathwise()]}, ValueError, r"estimators is a dict of per-site estimators .* got a list"),
+        ({"estimators": {"z": mg.pathwise}}, ValueError, r"site 'z': .* got the function mcgrad\.pathwise \(call it\)"),
+    ],
+)
+def test_fit_and_trainer_name_a_factory_or_a_foreign_object_where_a_value_belongs(settings, error, message):
+    """The usual slips of a NumPyro or optax user: the factory for its value, NumPyro's own
+    optimizer, an int for a key. Each is a clear error, before any tracing."""
+    arguments = {"key": jax.random.key(0), "optimizer": optax.adam(0.05), "objective": mg.elbo(2)}
+    arguments.update(settings)
+    with pytest.raises(error, match=message):
+        mg.fit(normal_model, normal_guide, X, num_steps=5, progress_bar=False, **arguments)
+    if "key" not in settings:  # the trainer takes the same objective, optimizer and estimators
+        with pytest.raises(error, match=message):
+            mg.trainer(normal_model, normal_guide, X, **arguments)
+
+
+def test_fit_takes_numpyros_raw_keys_as_the_same_keys():
+    """``jax.random.PRNGKey(0)`` (NumPyro's idiom: a raw ``uint32[2]``) is the typed
+    ``jax.random.key(0)``: the same run bit for bit, and a batch of raw keys the same
+    restarts. It was read as a batch of two scalar keys before."""
+    arguments = {"num_steps": 20, "optimizer": optax.adam(0.05), "objective": mg.elbo(2), "progress_bar": False}
+    typed = mg.fit(normal_model, normal_guide, X, key=jax.random.key(3), **arguments)
+    raw = mg.fit(normal_model, normal_guide, X, key=jax.random.PRNGKey(3), **arguments)
+    np.testing.assert_array_equal(raw.losses, typed.losses)
+    restarts = mg.fit(normal_model, normal_guide, X, key=jax.random.split(jax.random.PRNGKey(3), 2), **arguments)
+    typed_restarts = mg.fit(normal_model, normal_guide, X, key=jax.random.split(jax.random.key(3), 2), **arguments)
+    assert restarts.losses.shape == (2, 20)
+    np.testing.assert_array_equal(restarts.losses, typed_restarts.losses)
+
+
+@pytest.mark.parametrize(
     ("make", "message"),
     [
         (lambda: mg.elbo(0), r"elbo\(num_particles=...\) must be a whole number >= 1, got 0"),

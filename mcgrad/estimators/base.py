@@ -478,6 +478,17 @@ def check_whole_number(name: str, value, minimum: int, why: str = "") -> None:
         raise ValueError(f"{name} must be a whole number >= {minimum}{why}, got {value!r}.")
 
 
+def describe(value) -> str:
+    """How an argument reads in an error message: a function by its package and name
+    (``the function optax.adam``: most often a factory passed where its value was meant),
+    anything else by its type and a short repr."""
+    if callable(value) and hasattr(value, "__name__") and not isinstance(value, type):
+        package = (getattr(value, "__module__", None) or "").split(".")[0]
+        return f"the function {package + '.' if package else ''}{value.__name__}"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 def _problem(cost_fn: CostFn, dist_fn: DistFn, num_samples: int) -> Problem:
     """The :class:`Problem`, with a clear error for a sample count that is not a whole number ``≥ 1``."""
     check_whole_number("num_samples", num_samples, 1)

@@ -9,6 +9,8 @@ and values that are tracers are skipped.)
   Entries masked with ``numpyro.handlers.mask`` (or ``dist.mask``, or ``obs_mask``) may
   hold anything: their log-density is ``0`` and the value is replaced by a feasible one
   before ``log_prob``, so it never reaches a gradient.
+* :func:`check_observed_shapes`: an observed value whose shape does not broadcast against
+  its distribution is an error naming the site and both shapes.
 * :func:`warn_missing_plates`, :func:`warn_guide_only_sites`: NumPyro's warnings for a
   model and guide (a missing ``plate`` for a batch dimension, a guide site that is not in
   the model), shown once, at the user's line.
@@ -41,6 +43,27 @@ def _user_stacklevel() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def check_observed_shapes(model_trace: dict) -> None:
+    """Raise a clear error for an observed value whose shape does not broadcast against its
+    distribution's ``batch_shape + event_shape`` (a plate or ``expand`` of another size
+    than the data), naming the site and both shapes. NumPyro's own check stops at
+    ``Incompatible shapes for broadcasting``."""
+    for name, site in model_trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        fn, value_shape = site["fn"], jnp.shape(site["value"])
+        expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+        try:
+            jnp.broadcast_shapes(value_shape, expected)
+        except ValueError:
+            raise ValueError(
+                f"observed site '{name}' ({describe(fn)}): the observed value has shape {value_shape}, which does "
+                f"not broadcast against the distribution's shape {expected} (batch {tuple(fn.batch_shape)}, event "
+                f"{tuple(fn.event_shape)}). Size the site's plate or expand() from the data, e.g. "
+                f"numpyro.plate('data', x.shape[0])."
+            ) from None
 
 
 def warn_missing_plates(model_trace: dict) -> None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpyro.distributions as dist
 
-from mcgrad.estimators.base import GradientEstimator
+from mcgrad.estimators.base import GradientEstimator, describe
 from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolve, summable
 from mcgrad.inference.costs import latent_sites
 from mcgrad.inference.particles import drawn_once_per_slice
@@ -52,6 +52,9 @@ def resolve_estimators(
         if overrides != "auto":
             raise ValueError(f"estimators is a dict of per-site estimators or 'auto', got {overrides!r}.")
         overrides = {site["name"]: auto() for site in latent}
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise ValueError(f"estimators is a dict of per-site estimators (e.g. {{'z': mg.disarm()}}) or 'auto', "
+                         f"got a {type(overrides).__name__}.")
     overrides = dict(overrides or {})
     unknown = set(overrides) - {site["name"] for site in latent}
     if unknown:
@@ -80,7 +83,7 @@ def resolve_estimators(
         if not isinstance(estimator, GradientEstimator):
             raise ValueError(
                 f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
-                f"got {type(estimator).__name__}."
+                f"got {describe(estimator)}{' (call it)' if callable(estimator) else ''}."
             )
         estimator = resolve(estimator, fn, num_particles, name, independent_rows=independent_rows,
                             one_per_slice=one_per_slice)

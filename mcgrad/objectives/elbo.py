@@ -14,7 +14,12 @@ from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.estimators.base import check_whole_number
 from mcgrad.estimators.score_function import score_function
 from mcgrad.inference import handlers
-from mcgrad.inference.checks import check_observations, warn_guide_only_sites, warn_missing_plates
+from mcgrad.inference.checks import (
+    check_observations,
+    check_observed_shapes,
+    warn_guide_only_sites,
+    warn_missing_plates,
+)
 from mcgrad.inference.costs import Term, describe_site, latent_sites, site_log_prob, site_plates
 from mcgrad.inference.params import ParamInfo, constrain, find_params
 from mcgrad.inference.particles import (
@@ -74,6 +79,7 @@ def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
         if site["type"] == "sample" and not site["is_observed"] and guide_site is not None:
             check_support(site, guide_site)
     warn_guide_only_sites(model_trace, guide_trace)
+    check_observed_shapes(model_trace)
     warn_missing_plates(model_trace)
 
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mcgrad.inference import handlers
-from mcgrad.inference.checks import check_observations, warn_missing_plates
+from mcgrad.inference.checks import check_observations, check_observed_shapes, warn_missing_plates
 from mcgrad.inference.costs import describe_site, site_log_prob
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective, ObjectiveSetup
@@ -50,6 +50,7 @@ def maximum_likelihood() -> Objective:
                     "assignment), or fit a guide with mg.elbo()."
                 )
         check_observations(model_trace, args, kwargs)
+        check_observed_shapes(model_trace)
         warn_missing_plates(model_trace)
 
         def surrogate(params, state, key, args, kwargs, shard=None):

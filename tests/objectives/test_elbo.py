@@ -251,6 +251,31 @@ def test_observed_site_in_the_guide():
     assert "'x'" in message and "observed in the guide" in message and "obs=" in message
 
 
+def latent_mean_on_three(x):
+    z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+    with numpyro.plate("data", 3):
+        numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def parameter_mean_on_three(x):
+    with numpyro.plate("data", 3):
+        numpyro.sample("x", dist.Normal(numpyro.param("loc", 0.0), 1.0), obs=x)
+
+
+@pytest.mark.parametrize(
+    ("objective", "sized_apart", "its_guide"),
+    [(mg.elbo(2), latent_mean_on_three, guide), (mg.maximum_likelihood(), parameter_mean_on_three, None)],
+)
+def test_observed_shape_that_does_not_broadcast(objective, sized_apart, its_guide):
+    """A plate sized 3 over 4 observations: NumPyro's check says only ``Incompatible shapes
+    for broadcasting``; the error names the site, both shapes and the fix."""
+    with pytest.raises(ValueError) as error:
+        make_trainer(objective, args=(jnp.arange(4.0),), model=sized_apart, guide=its_guide)
+    message = str(error.value)
+    assert "observed site 'x' (Normal" in message and "(4,)" in message and "(3,)" in message
+    assert "numpyro.plate('data', x.shape[0])" in message
+
+
 def test_no_guide():
     with pytest.raises(ValueError, match="needs a guide.*maximum_likelihood"):
         make_trainer(mg.elbo(2), guide=None)
