@@ -19,7 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpyro.distributions as dist
 
-from mcgrad.estimators.base import GradientEstimator, Site, SiteInfo, draw_without_gradient, linear_terms
+from mcgrad.estimators.base import (
+    GradientEstimator,
+    Site,
+    SiteInfo,
+    check_estimator,
+    check_instance,
+    linear_terms,
+)
 from mcgrad.estimators.distributions import describe, unwrap
 
 
@@ -208,6 +215,10 @@ def with_control_variate(
 
     Reference: Mohamed et al. (2020), §7.
     """
+
+    check_estimator(estimator, "with_control_variate(estimator, ...)")
+    check_instance(control_variate, ControlVariate, "with_control_variate(..., control_variate)",
+                   "mg.control_variates.delta_method()")
 
     def sample(key, distribution, sample_shape=()):
         # The draw carries no gradient: the per-row gradients below are the whole estimate.

@@ -42,6 +42,8 @@ from mcgrad.estimators.base import (
     GradientEstimator,
     Params,
     Problem,
+    check_estimator,
+    check_instance,
     check_whole_number,
     estimate,
     grad,
@@ -309,11 +311,13 @@ def diagnose(
     """
     _check_counts(num_samples, num_repeats, num_timing_runs)
     settings = {"num_samples": num_samples, "num_repeats": num_repeats, "exact": exact, "num_timing_runs": num_timing_runs}
+    check_estimator(estimator)
     return _diagnose(cost_fn, dist_fn, estimator, params, key, label=estimator.name, **settings)
 
 
 def _diagnose(cost_fn, dist_fn, estimator, params, key, *, num_samples, num_repeats, exact, num_timing_runs, label):
     """:func:`diagnose`, with ``label`` the estimator's name in the warning for a flag."""
+    check_estimator(estimator, f"the estimator '{label}'" if label else "estimator")
     estimate_fn = estimate(cost_fn, dist_fn, estimator=estimator, num_samples=num_samples)
 
     def one(p, k):
@@ -478,6 +482,7 @@ def compare(
 
     _check_counts(num_samples, num_repeats, num_timing_runs)
     settings = {"num_samples": num_samples, "num_repeats": num_repeats, "exact": exact, "num_timing_runs": num_timing_runs}
+    check_instance(estimators, Mapping, "compare(estimators=...)", "{'pathwise': mg.pathwise()}", kind="dict")
     results = {}
     for name, estimator in estimators.items():  # (a loop, not a comprehension: the warning's stacklevel)
         results[name] = _diagnose(cost_fn, dist_fn, estimator, params, key, label=name, **settings)

@@ -23,7 +23,7 @@ import optax
 
 from mcgrad import checkpoints, parallel, selection
 from mcgrad.diagnostics import running_moments
-from mcgrad.estimators.base import check_whole_number, describe
+from mcgrad.estimators.base import check_whole_number, describe_argument, typed_key
 from mcgrad.inference.params import constrain, find_params
 from mcgrad.objectives.base import Objective
 from mcgrad.programs import ProgramCache, compiler_options, fingerprint
@@ -659,7 +659,7 @@ def check_setup(objective: Any, optimizer: Any) -> None:
     the factory itself (``mg.elbo``, ``optax.adam``) where its value was meant, or a NumPyro
     optimizer (``numpyro.optim.Adam``) where mcgrad takes optax's."""
     if not isinstance(objective, Objective):
-        what = describe(objective)
+        what = describe_argument(objective)
         hint = f" (call it: objective={what.removeprefix('the function ')}(...))" if callable(objective) else ""
         raise TypeError(f"objective must be an mcgrad objective such as mg.elbo(4), mg.iwae(8) or "
                         f"mg.maximum_likelihood(), got {what}{hint}.")
@@ -669,24 +669,10 @@ def check_setup(objective: Any, optimizer: Any) -> None:
             what = f"a NumPyro optimizer (numpyro.optim.{kind.__name__}): mcgrad takes optax's, e.g. " \
                    f"optax.{kind.__name__.lower()}(...)"
         else:
-            what = describe(optimizer)
+            what = describe_argument(optimizer)
             if callable(optimizer):
                 what += f" (call it with its settings: optimizer={what.removeprefix('the function ')}(...))"
         raise TypeError(f"optimizer must be an optax.GradientTransformation such as optax.adam(1e-3), got {what}.")
-
-
-def typed_key(key: Any) -> Array:
-    """``key`` as a typed key array: a ``jax.random.key`` as it is, a raw
-    ``jax.random.PRNGKey`` (``uint32[..., 2]``, NumPyro's idiom) wrapped; a batch of either
-    for restarts. Anything else is a clear ``TypeError``."""
-    if isinstance(key, (jax.Array, np.ndarray)):
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-            return key
-        if key.dtype == np.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
-            return jax.random.wrap_key_data(key)
-    what = f"an array of shape {key.shape} and dtype {key.dtype}" if hasattr(key, "dtype") else describe(key)
-    raise TypeError(f"key must be a JAX random key: jax.random.key(0) (or jax.random.PRNGKey(0)), or a batch of "
-                    f"them for restarts (jax.random.split(jax.random.key(0), n)); got {what}.")
 
 
 def check_data(args: tuple, kwargs: dict, model: Callable | None = None) -> None:

@@ -293,8 +293,8 @@ def test_fit_refuses_invalid_settings(settings, message):
         ({"optimizer": numpyro.optim.Adam(0.05)}, TypeError, r"a NumPyro optimizer \(numpyro\.optim\.Adam\): mcgrad takes optax's"),
         ({"key": 0}, TypeError, r"key must be a JAX random key: jax\.random\.key\(0\) .* got int 0"),
         ({"key": jnp.zeros(3)}, TypeError, r"got an array of shape \(3,\) and dtype float32"),
-        ({"estimators": [mg.pathwise()]}, ValueError, r"estimators is a dict of per-site estimators .* got a list"),
-        ({"estimators": {"z": mg.pathwise}}, ValueError, r"site 'z': .* got the function mcgrad\.pathwise \(call it\)"),
+        ({"estimators": [mg.pathwise()]}, TypeError, r"estimators is a dict of per-site estimators .* got a list of length 1"),
+        ({"estimators": {"z": mg.pathwise}}, TypeError, r"site 'z': .* got the function mcgrad\.pathwise \(call it\)"),
     ],
 )
 def test_fit_and_trainer_name_a_factory_or_a_foreign_object_where_a_value_belongs(settings, error, message):

@@ -478,21 +478,74 @@ def check_whole_number(name: str, value, minimum: int, why: str = "") -> None:
         raise ValueError(f"{name} must be a whole number >= {minimum}{why}, got {value!r}.")
 
 
-def describe(value) -> str:
+def describe_argument(value) -> str:
     """How an argument reads in an error message: a function by its package and name
     (``the function optax.adam``: most often a factory passed where its value was meant),
-    anything else by its type and a short repr."""
+    an array by its shape and dtype, a container by its length, a scalar or string as
+    itself, anything else by its type."""
     if callable(value) and hasattr(value, "__name__") and not isinstance(value, type):
         package = (getattr(value, "__module__", None) or "").split(".")[0]
         return f"the function {package + '.' if package else ''}{value.__name__}"
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    if isinstance(value, (tuple, list, dict, set)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    if isinstance(value, (bool, int, float, complex, str)) or value is None:
+        text = repr(value)
+        return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+    return f"a {type(value).__name__}"
+
+
+def check_instance(value, expected: type, where: str, example: str, kind: str | None = None):
+    """``value`` if it is an ``expected`` (called ``kind`` in the message, default its class
+    name), else a clear ``TypeError`` naming ``where`` it was passed, an ``example`` of the
+    right value, and what came instead (most often the factory for its value:
+    ``mg.pathwise`` for ``mg.pathwise()``, which gets "call it")."""
+    if not isinstance(value, expected):
+        hint = " (call it)" if callable(value) and not isinstance(value, type) else ""
+        raise TypeError(f"{where} must be a {kind or expected.__name__} such as {example}, got "
+                        f"{describe_argument(value)}{hint}.")
+    return value
+
+
+def check_estimator(estimator, where: str = "estimator") -> GradientEstimator:
+    """``estimator`` if it is a :class:`GradientEstimator`, else a clear ``TypeError``."""
+    return check_instance(estimator, GradientEstimator, where, "mg.score_function() or mg.pathwise()")
+
+
+def typed_key(key) -> Array:
+    """``key`` as a typed key array: a ``jax.random.key`` as it is, a raw
+    ``jax.random.PRNGKey`` (``uint32[..., 2]``, NumPyro's idiom) wrapped; a batch of either.
+    Anything else is a clear ``TypeError``. Works on traced keys too."""
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            return key
+        if key.dtype == np.uint32 and key.ndim >= 1 and key.shape[-1] == 2:
+            return jax.random.wrap_key_data(key)
+    raise TypeError(f"key must be a JAX random key: jax.random.key(0) (or jax.random.PRNGKey(0)), or a batch of "
+                    f"them (jax.random.split(jax.random.key(0), n)); got {describe_argument(key)}.")
+
+
+def _checked_dist_fn(dist_fn: DistFn, site: str) -> DistFn:
+    """``dist_fn`` with a clear ``TypeError`` where it returns something other than a NumPyro
+    distribution (checked when traced: no cost in the compiled program)."""
+
+    def checked(params):
+        distribution = dist_fn(params)
+        if not isinstance(distribution, Distribution):
+            raise TypeError(f"dist_fn must return a NumPyro distribution, e.g. dist.Normal(params['loc'], 1.0), for "
+                            f"site '{site}'; got {describe_argument(distribution)}.")
+        return distribution
+
+    return checked
 
 
 def _problem(cost_fn: CostFn, dist_fn: DistFn, num_samples: int) -> Problem:
-    """The :class:`Problem`, with a clear error for a sample count that is not a whole number ``≥ 1``."""
+    """The :class:`Problem`, with clear errors for a sample count that is not a whole number
+    ``≥ 1`` and a ``dist_fn`` that returns no distribution."""
     check_whole_number("num_samples", num_samples, 1)
-    return Problem(cost_fn, dist_fn, int(num_samples))
+    problem = Problem(cost_fn, dist_fn, int(num_samples))
+    return problem._replace(dist_fn=_checked_dist_fn(dist_fn, problem.site))
 
 
 class Estimate(NamedTuple):
@@ -550,6 +603,7 @@ def estimate(
         >>> out.grad.shape, jax.tree.structure(out.state) == jax.tree.structure(state)
         ((), True)
     """
+    check_estimator(estimator)
     return _estimate_fn(estimator, _problem(cost_fn, dist_fn, num_samples), "value" if check_finite else None)
 
 
@@ -557,6 +611,8 @@ def _estimate_fn(estimator: GradientEstimator, problem: Problem, check: str | No
     """``estimate`` with ``check`` = ``"value"`` (value and gradient), ``"gradient"`` or ``None``."""
 
     def estimate_fn(params: Params, state: EstimatorState, key: Array) -> Estimate:
+        key = typed_key(key)
+
         def mean_surrogate(p):
             s, (new_state, info) = surrogate(estimator, key, p, state, problem)
             return jnp.mean(s), (new_state, info)
@@ -589,6 +645,7 @@ def value_and_grad(
         >>> bool(abs(grad["loc"] - 2.0) < 0.3)   # ∇μ E[x²] = 2μ
         True
     """
+    check_estimator(estimator)
     if estimator.auto is not None:
         return _chosen_at_first_call(
             estimator, cost_fn, dist_fn, num_samples,
@@ -624,6 +681,7 @@ def grad(
         >>> bool(abs(g - 1.0) < 0.2)
         True
     """
+    check_estimator(estimator)
     if estimator.auto is not None:
         return _chosen_at_first_call(
             estimator, cost_fn, dist_fn, num_samples,
@@ -681,10 +739,11 @@ def per_sample_grads(
         >>> g.shape
         (5,)
     """
+    check_estimator(estimator)
     problem = _problem(cost_fn, dist_fn, num_samples)
 
     def fn(params: Params, key: Array) -> Params:
-        jacobian, _ = surrogate_jacobian(estimator, key, params, estimator.init(params), problem)
+        jacobian, _ = surrogate_jacobian(estimator, typed_key(key), params, estimator.init(params), problem)
         return jacobian
 
     return fn

@@ -10,6 +10,7 @@ from mcgrad.estimators.base import (
     GradientEstimator,
     Site,
     SiteInfo,
+    check_instance,
     draw_without_gradient,
     gradient_only,
     linear_terms,
@@ -64,6 +65,7 @@ def score_function(baseline: baselines_lib.Baseline | None = None) -> GradientEs
     Reference: Williams (1992); Mohamed et al. (2020), §4.
     """
     baseline = baseline if baseline is not None else baselines_lib.none()
+    check_instance(baseline, baselines_lib.Baseline, "score_function(baseline=...)", "mg.baselines.leave_one_out()")
 
     def terms(key: jax.Array, state, site: Site):
         num_rows = site.num_rows

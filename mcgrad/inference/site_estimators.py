@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 
 import numpyro.distributions as dist
 
-from mcgrad.estimators.base import GradientEstimator, describe
+from mcgrad.estimators.base import GradientEstimator, check_estimator, describe_argument
 from mcgrad.estimators.choice import BUILTIN_CANDIDATES, auto, preferred, resolve, summable
 from mcgrad.inference.costs import latent_sites
 from mcgrad.inference.particles import drawn_once_per_slice
@@ -53,8 +53,8 @@ def resolve_estimators(
             raise ValueError(f"estimators is a dict of per-site estimators or 'auto', got {overrides!r}.")
         overrides = {site["name"]: auto() for site in latent}
     if overrides is not None and not isinstance(overrides, Mapping):
-        raise ValueError(f"estimators is a dict of per-site estimators (e.g. {{'z': mg.disarm()}}) or 'auto', "
-                         f"got a {type(overrides).__name__}.")
+        raise TypeError(f"estimators is a dict of per-site estimators (e.g. {{'z': mg.disarm()}}) or 'auto', "
+                        f"got {describe_argument(overrides)}.")
     overrides = dict(overrides or {})
     unknown = set(overrides) - {site["name"] for site in latent}
     if unknown:
@@ -80,11 +80,7 @@ def resolve_estimators(
         one_per_slice = name in summed
         estimator = given[name] or default_estimator(fn, num_particles, independent_rows=independent_rows,
                                                      one_per_slice=one_per_slice)
-        if not isinstance(estimator, GradientEstimator):
-            raise ValueError(
-                f"site '{name}': the estimator must be a GradientEstimator (e.g. mg.score_function()), "
-                f"got {describe(estimator)}{' (call it)' if callable(estimator) else ''}."
-            )
+        check_estimator(estimator, f"site '{name}': the estimator")
         estimator = resolve(estimator, fn, num_particles, name, independent_rows=independent_rows,
                             one_per_slice=one_per_slice)
         estimator.check(fn, name)

@@ -164,3 +164,47 @@ def test_invalid_sample_counts_are_clear_errors(num_samples):
     for entry in (mg.grad, mg.value_and_grad, mg.per_sample_grads, mg.estimate):
         with pytest.raises(ValueError, match=r"num_samples must be a whole number >= 1"):
             entry(lambda x: x, lambda p: dist.Normal(p, 1.0), estimator=mg.pathwise(), num_samples=num_samples)
+
+
+def quadratic(x):
+    return x**2
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: mg.grad(quadratic, normal, estimator=mg.pathwise, num_samples=4)(PARAMS, KEY),
+         r"estimator must be a GradientEstimator .* got the function mcgrad\.pathwise \(call it\)"),
+        (lambda: mg.per_sample_grads(quadratic, normal, estimator="pathwise", num_samples=4)(PARAMS, KEY),
+         r"estimator must be a GradientEstimator .* got str 'pathwise'"),
+        (lambda: mg.grad(quadratic, normal, estimator=mg.pathwise(), num_samples=4)(PARAMS, 0),
+         r"key must be a JAX random key: jax\.random\.key\(0\) .* got int 0"),
+        (lambda: mg.grad(quadratic, lambda p: (p["loc"], p["scale"]), estimator=mg.pathwise(), num_samples=4)(
+            PARAMS, KEY), r"dist_fn must return a NumPyro distribution, .* site 'x'; got a tuple of length 2"),
+        (lambda: mg.score_function(baseline=mg.baselines.leave_one_out),
+         r"score_function\(baseline=\.\.\.\) must be a Baseline .* got the function mcgrad\.leave_one_out \(call it\)"),
+        (lambda: mg.with_control_variate(mg.score_function(), mg.control_variates.delta_method),
+         r"must be a ControlVariate such as mg\.control_variates\.delta_method\(\), got the function"),
+        (lambda: mg.compare(quadratic, normal, [mg.pathwise()], PARAMS, key=KEY, num_samples=4, num_repeats=5),
+         r"compare\(estimators=\.\.\.\) must be a dict .* got a list of length 1"),
+        (lambda: mg.compare(quadratic, normal, {"mine": mg.pathwise}, PARAMS, key=KEY, num_samples=4, num_repeats=5),
+         r"the estimator 'mine' must be a GradientEstimator"),
+        (lambda: mg.diagnose(quadratic, normal, mg.pathwise, PARAMS, key=KEY, num_samples=4, num_repeats=5),
+         r"estimator must be a GradientEstimator"),
+    ],
+)
+def test_a_factory_or_a_foreign_value_where_a_value_belongs(call, message):
+    """The usual slips — the factory for its value, an int for a key, a dist_fn returning
+    its parameters — are clear TypeErrors, not an AttributeError from deep inside."""
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_raw_keys_are_the_same_keys():
+    """NumPyro's ``jax.random.PRNGKey`` gives the estimate of the typed key with the same
+    seed, jitted and vmapped over a batch of raw keys alike."""
+    fn = mg.grad(quadratic, normal, estimator=mg.score_function(), num_samples=8)
+    np.testing.assert_array_equal(fn(PARAMS, jax.random.PRNGKey(5))["loc"], fn(PARAMS, jax.random.key(5))["loc"])
+    raw = jax.jit(jax.vmap(fn, in_axes=(None, 0)))(PARAMS, jax.random.split(jax.random.PRNGKey(5), 3))
+    typed = jax.jit(jax.vmap(fn, in_axes=(None, 0)))(PARAMS, jax.random.split(jax.random.key(5), 3))
+    np.testing.assert_array_equal(raw["scale"], typed["scale"])
