@@ -526,7 +526,7 @@ def test_unknown_estimator_key_is_a_clear_error():
 
 
 def test_not_an_estimator_is_a_clear_error():
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(TypeError) as error:
         make_trainer(plate_model, plate_guide, (X_PLATE,), mg.elbo(4), {"z": "score_function"})
     message = str(error.value)
     assert "'z'" in message and "GradientEstimator" in message and "str" in message
