@@ -69,11 +69,7 @@ def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
             )
     for name, site in model_trace.items():
         if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace:
-            raise ValueError(
-                f"the guide has no sample site for the model's latent site {describe_site(site)}. Add "
-                f"numpyro.sample('{name}', ...) to the guide, or use an autoguide such as "
-                "numpyro.infer.autoguide.AutoNormal(model)."
-            )
+            raise ValueError(missing_guide_site(site))
     for name, site in model_trace.items():
         guide_site = guide_trace.get(name)
         if site["type"] == "sample" and not site["is_observed"] and guide_site is not None:
@@ -87,6 +83,26 @@ def _unconstrained(constraint) -> bool:
     while isinstance(constraint, constraints.independent):
         constraint = constraint.base_constraint
     return isinstance(constraint, type(constraints.real))
+
+
+def missing_guide_site(site: dict) -> str:
+    """The error for a latent model site the guide does not sample, with the fix that fits
+    it: a discrete site (NumPyro's ``infer={"enumerate": "parallel"}`` marks one that
+    ``TraceEnum_ELBO`` sums out in the model) gets a discrete guide site, which mcgrad's
+    default sums exactly over its values; a continuous one, a guide site or an autoguide."""
+    name = site["name"]
+    if not site["fn"].support.is_discrete:
+        return (f"the guide has no sample site for the model's latent site {describe_site(site)}. Add "
+                f"numpyro.sample('{name}', ...) to the guide, or use an autoguide such as "
+                "numpyro.infer.autoguide.AutoNormal(model).")
+    enumerated = (f" It is marked infer={{'enumerate': {site['infer']['enumerate']!r}}}: mcgrad does not sum out "
+                  "model-only sites as NumPyro's TraceEnum_ELBO does." if site["infer"].get("enumerate") else "")
+    return (f"the guide has no sample site for the model's discrete latent site {describe_site(site)}.{enumerated} "
+            f"Give the guide a discrete '{name}' (e.g. numpyro.sample('{name}', dist.Categorical(logits="
+            "numpyro.param(...))) in the same plate; one label per datum is then summed exactly over its values "
+            "by default), or marginalise it in the model (e.g. dist.MixtureSameFamily). Autoguides such as "
+            "AutoNormal cover continuous sites only: block it from them with "
+            f"numpyro.handlers.block(model, hide=['{name}']).")
 
 
 def check_support(model_site: dict, guide_site: dict) -> None:

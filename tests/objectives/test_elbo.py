@@ -240,6 +240,28 @@ def test_guide_missing_a_latent_site():
     assert "'w'" in message and "Gamma" in message and "numpyro.sample('w'" in message and "AutoNormal" in message
 
 
+@pytest.mark.parametrize("marked", [True, False])
+def test_guide_missing_a_discrete_site_says_how_to_sum_it(marked):
+    """A mixture label left to the model, as NumPyro's TraceEnum_ELBO takes it: the error
+    names the site as discrete, says mcgrad does not sum model-only sites out (when marked
+    for enumeration), and gives the fix that works: a discrete guide site in the plate."""
+
+    def mixture(x):
+        locs = numpyro.sample("locs", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+        with numpyro.plate("data", x.shape[0]):
+            c = numpyro.sample("c", dist.Categorical(jnp.ones(2) / 2),
+                               infer={"enumerate": "parallel"} if marked else {})
+            numpyro.sample("x", dist.Normal(locs[c], 1.0), obs=x)
+
+    continuous_only = numpyro.infer.autoguide.AutoNormal(numpyro.handlers.block(mixture, hide=["c"]))
+    with pytest.raises(ValueError) as error:
+        make_trainer(mg.elbo(2), args=(X,), model=mixture, guide=continuous_only)
+    message = str(error.value)
+    assert "discrete latent site 'c' (Categorical" in message and "numpyro.sample('c', dist.Categorical" in message
+    assert "MixtureSameFamily" in message and "hide=['c']" in message
+    assert ("TraceEnum_ELBO" in message) == marked
+
+
 def test_observed_site_in_the_guide():
     def observing_guide(x):
         guide(x)
