@@ -666,8 +666,8 @@ def check_setup(objective: Any, optimizer: Any) -> None:
     if not isinstance(optimizer, optax.GradientTransformation):
         kind = type(optimizer)
         if kind.__module__.startswith("numpyro.optim"):
-            what = f"a NumPyro optimizer (numpyro.optim.{kind.__name__}): mcgrad takes optax's, e.g. " \
-                   f"optax.{kind.__name__.lower()}(...)"
+            what = (f"a NumPyro optimizer (numpyro.optim.{kind.__name__}): mcgrad takes optax's, e.g. "
+                    f"optax.{kind.__name__.lower()}(...)")
         else:
             what = describe_argument(optimizer)
             if callable(optimizer):
