@@ -298,6 +298,44 @@ def test_observed_shape_that_does_not_broadcast(objective, sized_apart, its_guid
     assert "numpyro.plate('data', x.shape[0])" in message
 
 
+def positive_below_zero(x):
+    numpyro.sample("z", dist.Normal(0.0, numpyro.param("s", -1.0, constraint=dist.constraints.positive)))
+
+
+def positive_at_zero(x):
+    numpyro.sample("z", dist.Normal(0.0, numpyro.param("s", 0.0, constraint=dist.constraints.positive)))
+
+
+def probability_at_one(x):
+    numpyro.sample("z", dist.Normal(numpyro.param("p", 1.0, constraint=dist.constraints.unit_interval), 1.0))
+
+
+def integer_location(x):
+    numpyro.sample("z", dist.Normal(numpyro.param("loc", 0), 1.0))
+
+
+def missing_location(x):
+    numpyro.sample("z", dist.Normal(numpyro.param("loc", jnp.nan), 1.0))
+
+
+@pytest.mark.parametrize(
+    ("bad_guide", "message"),
+    [
+        (positive_below_zero, r"numpyro\.param\('s'\): its initial value \(-1\.0\) lies outside its constraint Positive"),
+        (positive_at_zero, r"numpyro\.param\('s'\): its initial value \(0\.0\) .* or on its boundary"),
+        (probability_at_one, r"numpyro\.param\('p'\): its initial value \(1\.0\) .* UnitInterval"),
+        (integer_location, r"numpyro\.param\('loc'\): its initial value \(0\) is an integer array"),
+        (missing_location, r"numpyro\.param\('loc'\): its initial value \(nan\) is not finite"),
+    ],
+)
+def test_a_param_that_cannot_start_is_named(bad_guide, message):
+    """An initial value outside (or on the edge of) its constraint, an integer or a NaN:
+    NumPyro's own message names the distribution that refuses it (``Normal distribution got
+    invalid scale parameter``) or JAX's the dtype; mcgrad's names the param and the fix."""
+    with pytest.raises(ValueError, match=message):
+        make_trainer(mg.elbo(2), guide=bad_guide)
+
+
 def test_no_guide():
     with pytest.raises(ValueError, match="needs a guide.*maximum_likelihood"):
         make_trainer(mg.elbo(2), guide=None)
