@@ -240,7 +240,10 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
         n for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"] and n not in guide_trace
     ]
     if missing:
-        raise ValueError(f"the guide has no sample site for the model's latent sites {missing}.")
+        marked = [n for n in missing if model_trace[n]["infer"].get("enumerate")]
+        why = (f" iwae_bound does not sum a site out of the model yet ({marked} marked for enumeration): score "
+               "the model written with dist.MixtureSameFamily, or sample the site in the guide." if marked else "")
+        raise ValueError(f"the guide has no sample site for the model's latent sites {missing}.{why}")
     data_plate = _data_plate(observed, plate)
     num_data = _num_data(observed, data_plate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 from numpyro import handlers
@@ -98,6 +99,47 @@ def _choices_dataset(choices) -> xr.Dataset:
     return xr.Dataset(variables, coords=coords)
 
 
+def _summed_out_site(result, params, guide_trace: dict, key: jax.Array):
+    """The site summed out of ``result``'s model (``None`` for none), as its fit saw it."""
+    from mcgrad.objectives.elbo import summed_out_site
+
+    args, kwargs = result.args, result.kwargs
+    model_trace = program_handlers.run(result.model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
+    return summed_out_site(result.model, model_trace, guide_trace, params, key, args, kwargs)
+
+
+def _summed_out_likelihood(result, params, guide_trace: dict, samples: dict, key: jax.Array, summed) -> dict:
+    """For a model with a site summed out of it (:func:`mcgrad.objectives.elbo.summed_out_site`),
+    the pointwise log-likelihood of the observed site that reads it, marginal over it:
+    ``log Σ_k p(c = k) p(x_n | c = k, z)`` per slice and draw. NumPyro's ``log_likelihood``
+    would draw the site from its prior instead. Where other sites read it too (a second
+    observed site, a latent one) the pointwise split is not defined: those observed sites
+    are left out, with a warning. Empty for a model without one."""
+    import warnings
+
+    from mcgrad.objectives.elbo import sum_out
+
+    args, kwargs = result.args, result.kwargs
+    model_trace = program_handlers.run(result.model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
+    sites = [s for s in model_trace.values() if s["type"] == "sample"]
+    readers = [s for s, read in zip(sites, summed.reads, strict=True) if read and s["name"] != summed.name]
+    observed = [s["name"] for s in readers if s["is_observed"]]
+    if len(readers) != 1 or len(observed) != 1:
+        warnings.warn(f"to_inference_data: {[s['name'] for s in readers]} read the summed-out site "
+                      f"'{summed.name}', so their pointwise log-likelihood is not defined; log_likelihood leaves "
+                      f"{observed} out.", stacklevel=3)
+        return {name: None for name in observed}
+
+    def marginal(draw):
+        def run(value):
+            return program_handlers.run(result.model, args, kwargs, key=key, params=params,
+                                        values={**draw, summed.name: value})
+
+        return sum_out(run, summed)[1]
+
+    return {observed[0]: jax.vmap(marginal)(samples)}
+
+
 def _one_chain(result, params, num_samples: int, key: jax.Array):
     """One fit's posterior draws (from the guide; the parameters themselves without one),
     the log-likelihood of each draw, and the observed data."""
@@ -113,9 +155,14 @@ def _one_chain(result, params, num_samples: int, key: jax.Array):
         samples = {}
         posterior = {name: np.asarray(value)[None] for name, value in params.items()}
     if samples:
+        summed = _summed_out_site(result, params, guide_trace, key)
+        if summed is not None:  # NumPyro's log_likelihood would need the site: any value, then the marginal
+            model = handlers.substitute(model, data={summed.name: jnp.zeros(summed.shape, summed.dtype)})
         likelihood = log_likelihood(model, samples, *result.args, **result.kwargs)
+        if summed is not None:
+            likelihood.update(_summed_out_likelihood(result, params, guide_trace, samples, key, summed))
     else:
         likelihood = {n: v[None] for n, v in log_likelihood(model, {}, *result.args, batch_ndims=0, **result.kwargs).items()}
     model_trace = program_handlers.run(result.model, result.args, result.kwargs, key=key, params=params)
     observed = {n: np.asarray(s["value"]) for n, s in model_trace.items() if s["type"] == "sample" and s["is_observed"]}
-    return posterior, {name: np.asarray(value) for name, value in likelihood.items()}, observed
+    return posterior, {name: np.asarray(value) for name, value in likelihood.items() if value is not None}, observed

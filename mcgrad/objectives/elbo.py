@@ -1,17 +1,21 @@
 """The evidence lower bound, and the binding of a model and guide shared by every
-variational objective (ELBO, IWAE, Rényi)."""
+variational objective (ELBO, IWAE, Rényi), a discrete model site summed out of the model
+included."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from mcgrad.estimators.distributions import describe, unwrap
 from mcgrad.estimators.base import check_whole_number
+from mcgrad.estimators.choice import MAX_SUMMED_VALUES, summable
 from mcgrad.estimators.score_function import score_function
 from mcgrad.inference import handlers
 from mcgrad.inference.checks import (
@@ -20,7 +24,15 @@ from mcgrad.inference.checks import (
     warn_guide_only_sites,
     warn_missing_plates,
 )
-from mcgrad.inference.costs import Term, describe_site, latent_sites, site_log_prob, site_plates
+from mcgrad.inference.costs import (
+    Plates,
+    Term,
+    describe_site,
+    latent_sites,
+    reduce_to_plates,
+    site_log_prob,
+    site_plates,
+)
 from mcgrad.inference.params import ParamInfo, constrain, find_params
 from mcgrad.inference.particles import (
     Program,
@@ -28,15 +40,132 @@ from mcgrad.inference.particles import (
     count_site_keys,
     init_site_states,
     coupled_sites,
+    dependent_outputs,
     partner_flags,
 )
 from mcgrad.inference.site_estimators import resolve_estimators
 from mcgrad.objectives.base import Objective, ObjectiveSetup
 
+Array = jax.Array
 
-def model_terms(model):
+
+class SummedSite(NamedTuple):
+    """A discrete site of the model that the guide does not sample, summed out of the model
+    (:func:`summed_out_site`): its values, its value's shape and dtype, its plates and the
+    shape of its log-density, and which of the model's sample sites (in trace order) read
+    it, all read once from the traces at setup."""
+
+    name: str
+    num_values: int
+    shape: tuple[int, ...]
+    dtype: Any
+    plates: Plates
+    log_prob_shape: tuple[int, ...]
+    reads: tuple[bool, ...]
+
+
+def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, args, kwargs) -> SummedSite | None:
+    """The model's site marked ``infer={"enumerate": "parallel"}`` that the guide does not
+    sample (NumPyro's ``TraceEnum_ELBO`` sums such a site out), or ``None``.
+
+    Requires: one such site, a Bernoulli or Categorical (at most 256 values); every
+    log-density term that reads it is split along each of its plates (one mixture label
+    per datum, not a label that a term outside its plate sums over), and scaled like it.
+    Anything else is a clear error naming the site."""
+    marked = [
+        site for name, site in model_trace.items()
+        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace
+        and site["infer"].get("enumerate")
+    ]
+    if not marked:
+        return None
+    if len(marked) > 1:
+        raise ValueError(
+            f"the model marks {[s['name'] for s in marked]} for enumeration, and the guide samples none of them: "
+            "mcgrad sums out one model-only site. Give the guide the others (a discrete site in the same plate "
+            "is summed exactly over its values by default)."
+        )
+    site = marked[0]
+    name = site["name"]
+    if not summable(site["fn"]):
+        raise ValueError(
+            f"site {describe_site(site)} is marked for enumeration, but mcgrad sums out only a Bernoulli or "
+            f"Categorical of at most {MAX_SUMMED_VALUES} values. Sample it in the guide instead."
+        )
+    value = jnp.asarray(site["value"])
+    plates = site_plates(site)
+
+    def log_probs(draw):  # every sample site's log-density with the site's every slice at `draw`
+        trace = handlers.run(model, args, kwargs, key=key, params=params, values={name: draw},
+                             replay_trace=guide_trace)
+        return [site_log_prob(s, scaled=False) for s in trace.values() if s["type"] == "sample"]
+
+    reads = tuple(dependent_outputs(log_probs, value))
+    sample_sites = [s for s in model_trace.values() if s["type"] == "sample"]
+    for other, read in zip(sample_sites, reads, strict=True):
+        if not read:
+            continue
+        shape, other_plates = jnp.shape(site_log_prob(other, scaled=False)), site_plates(other)
+        split = all(plate in other_plates and (-plate[1] <= len(shape) and shape[plate[1]] > 1
+                                               or -plate[1] <= len(value.shape) and value.shape[plate[1]] == 1)
+                    for plate in plates)
+        if not split:
+            raise ValueError(
+                f"site {describe_site(other)} reads the summed-out site '{name}' across its plates "
+                f"{[p[0] for p in plates]}, so the sum over '{name}' does not split slice by slice. mcgrad sums "
+                "out a label whose terms are each datum's own: sample it in the guide instead."
+            )
+        if other.get("scale") is not None or site.get("scale") is not None:
+            if not np.allclose(np.asarray(other.get("scale", 1.0) or 1.0), np.asarray(site.get("scale") or 1.0)):
+                raise ValueError(f"site {describe_site(other)} is scaled unlike the summed-out site '{name}' "
+                                 "(subsampled in another plate); sample it in the guide instead.")
+    num_values = int(site["fn"].enumerate_support(expand=False).shape[0])
+    return SummedSite(name, num_values, value.shape, value.dtype, plates,
+                      jnp.shape(site_log_prob(site, scaled=False)), reads)
+
+
+def sum_out(run: Callable[[Array], dict], summed: SummedSite) -> tuple[list[tuple[Array, Plates]], Array, Any]:
+    """``summed``'s site summed out of the model run by ``run(value)`` (a trace with the site's
+    every slice at ``value``), batched over its values in one run.
+
+    Returns the scaled log-densities (and plates) of the sample sites that do not read the
+    site, as they are; per slice of its plates, ``log Σ_k exp(Σ log p(·, c = k))`` over the
+    sites that read it (its own included), unscaled; and their plate scale."""
+    sites = [s for s in run(jnp.zeros(summed.shape, summed.dtype)).values() if s["type"] == "sample"]
+    values = jnp.broadcast_to(
+        jnp.arange(summed.num_values, dtype=summed.dtype).reshape((summed.num_values,) + (1,) * len(summed.shape)),
+        (summed.num_values, *summed.shape),
+    )
+
+    def log_densities(value):
+        trace = run(value)
+        return [(site_log_prob(s), site_log_prob(s, scaled=False)) for s in trace.values() if s["type"] == "sample"]
+
+    per_value = jax.vmap(log_densities)(values)  # each [K, ...]
+    kept, joint, scale = [], jnp.zeros((summed.num_values, *summed.log_prob_shape)), 1.0
+    for site, (scaled, unscaled), read in zip(sites, per_value, summed.reads, strict=True):
+        plates = site_plates(site)
+        if not read:
+            kept.append((scaled[0], plates))
+            continue
+        scale = site["scale"] if site.get("scale") is not None else scale
+        joint = joint + jax.vmap(
+            lambda value, plates=plates: reduce_to_plates(Term(value, plates, 0.0), summed.plates,
+                                                          summed.log_prob_shape)
+        )(unscaled)
+    return kept, jax.nn.logsumexp(joint, axis=0), scale
+
+
+def model_terms(model, summed: SummedSite | None = None):
     """The cost terms ``−log p(x, z)`` of ``model`` replaying a guide's trace, one per sample
-    site, with the model's arguments of the step."""
+    site, with the model's arguments of the step.
+
+    With ``summed`` that site is summed out of the model: the terms that read it (its own
+    and, say, the observations that depend on it) become one term per slice,
+    ``−s · log Σ_k exp(Σ_terms log p(·, c = k))`` over its ``K`` values (``s`` their plate
+    scale), from one run of the model batched over the values; the terms that do not read
+    it stay as they are. The bound is then the ELBO of the model with the site marginalised
+    (NumPyro's ``TraceEnum_ELBO``), exact in it."""
 
     def cost_terms(guide_trace, params, key, args, kwargs):
         model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
@@ -46,10 +175,23 @@ def model_terms(model):
             if site["type"] == "sample"
         ]
 
-    return cost_terms
+    if summed is None:
+        return cost_terms
+
+    def summed_cost_terms(guide_trace, params, key, args, kwargs):
+        def run(value):
+            return handlers.run(model, args, kwargs, key=key, params=params, values={summed.name: value},
+                                replay_trace=guide_trace)
+
+        kept, marginal, scale = sum_out(run, summed)
+        return [Term(-value, plates, float("inf")) for value, plates in kept] + [
+            Term(-scale * marginal, summed.plates, float("inf"))
+        ]
+
+    return summed_cost_terms
 
 
-def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
+def check_model_and_guide(model_trace: dict, guide_trace: dict, summed: tuple[str, ...] = ()) -> None:
     """Clear errors for a guide that does not match its model, and NumPyro's warnings.
 
     Errors: an observed site in the guide; a latent site of the model the guide does not
@@ -68,7 +210,7 @@ def check_model_and_guide(model_trace: dict, guide_trace: dict) -> None:
                 "model only: drop `obs=` from the guide's numpyro.sample."
             )
     for name, site in model_trace.items():
-        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace:
+        if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace and name not in summed:
             raise ValueError(missing_guide_site(site))
     for name, site in model_trace.items():
         guide_site = guide_trace.get(name)
@@ -87,21 +229,20 @@ def _unconstrained(constraint) -> bool:
 
 def missing_guide_site(site: dict) -> str:
     """The error for a latent model site the guide does not sample, with the fix that fits
-    it: a discrete site (NumPyro's ``infer={"enumerate": "parallel"}`` marks one that
-    ``TraceEnum_ELBO`` sums out in the model) gets a discrete guide site, which mcgrad's
-    default sums exactly over its values; a continuous one, a guide site or an autoguide."""
+    it: a discrete site can be summed out of the model (marked as for NumPyro's
+    ``TraceEnum_ELBO``) or sampled by a discrete guide site, which mcgrad's default sums
+    exactly over its values; a continuous one needs a guide site or an autoguide."""
     name = site["name"]
     if not site["fn"].support.is_discrete:
         return (f"the guide has no sample site for the model's latent site {describe_site(site)}. Add "
                 f"numpyro.sample('{name}', ...) to the guide, or use an autoguide such as "
                 "numpyro.infer.autoguide.AutoNormal(model).")
-    enumerated = (f" It is marked infer={{'enumerate': {site['infer']['enumerate']!r}}}: mcgrad does not sum out "
-                  "model-only sites as NumPyro's TraceEnum_ELBO does." if site["infer"].get("enumerate") else "")
-    return (f"the guide has no sample site for the model's discrete latent site {describe_site(site)}.{enumerated} "
-            f"Give the guide a discrete '{name}' (e.g. numpyro.sample('{name}', dist.Categorical(logits="
-            "numpyro.param(...))) in the same plate; one label per datum is then summed exactly over its values "
-            "by default), or marginalise it in the model (e.g. dist.MixtureSameFamily). Autoguides such as "
-            "AutoNormal cover continuous sites only: block it from them with "
+    return (f"the guide has no sample site for the model's discrete latent site {describe_site(site)}. Sum it out "
+            f"of the model: mark it numpyro.sample('{name}', ..., infer={{'enumerate': 'parallel'}}) (one label per "
+            f"datum; NumPyro's TraceEnum_ELBO marks it so); or give the guide a discrete '{name}' (e.g. "
+            f"numpyro.sample('{name}', dist.Categorical(logits=numpyro.param(...))) in the same plate, summed "
+            "exactly over its values by default); or marginalise it in the model (e.g. dist.MixtureSameFamily). "
+            "Autoguides such as AutoNormal cover continuous sites only: block it from them with "
             f"numpyro.handlers.block(model, hide=['{name}']).")
 
 
@@ -166,7 +307,9 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
     params = constrain(param_info.unconstrained, param_info.constraints)
     guide_trace, key_table = count_site_keys(guide, params, key, args, kwargs)
     model_trace = handlers.run(model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
-    check_model_and_guide(model_trace, guide_trace)
+    summed = summed_out_site(model, model_trace, guide_trace, params, key, args, kwargs)
+    check_model_and_guide(model_trace, guide_trace, () if summed is None else (summed.name,))
+    terms = model_terms(model, summed)
     check_observations(model_trace, args, kwargs)
     # replay copies the guide's `infer` onto the model's sites, so read the model's own
     # `infer={"estimator": ...}` annotations from a run that substitutes the guide's draws.
@@ -179,12 +322,12 @@ def bind_variational(model, guide, args, kwargs, estimators, key, num_particles,
     }
     def coupled(sites):  # any estimator that draws plainly will do: only the data flow counts
         plain = {site["name"]: score_function() for site in latent_sites(guide_trace)}
-        return coupled_sites(Program(guide, model_terms(model), plain, keys=key_table), params, key, args, kwargs,
+        return coupled_sites(Program(guide, terms, plain, keys=key_table), params, key, args, kwargs,
                              sites)
 
     chosen = resolve_estimators(guide_trace, annotated, estimators, num_particles,
                                 independent_rows=independent_particles, coupled_sites=coupled)
-    program = Program(guide, model_terms(model), chosen, keys=key_table)
+    program = Program(guide, terms, chosen, keys=key_table)
     partner_flags(program, num_particles)  # an odd count for antithetic pairs fails here, not at the first step
     return Variational(param_info, program, guide_trace)
 
@@ -201,6 +344,11 @@ def elbo(num_particles: int = 1, sticking_the_landing: bool = False) -> Objectiv
     Rao-Blackwellized over the program order and plates (see
     :mod:`mcgrad.inference.particles`). For a site whose draw carries no gradient the
     zero-mean term ``∇ log q(z)|_z`` is dropped.
+
+    A discrete site of the model that the guide does not sample, marked
+    ``infer={"enumerate": "parallel"}`` (as for NumPyro's ``TraceEnum_ELBO``), is summed
+    out of the model, one slice at a time (:func:`summed_out_site`): the bound is then the
+    model's with that site marginalised.
 
     Args:
         num_particles: samples ``M`` from the guide per step (a whole number ``≥ 1``).
