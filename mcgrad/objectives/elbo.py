@@ -68,10 +68,12 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
     """The model's site marked ``infer={"enumerate": "parallel"}`` that the guide does not
     sample (NumPyro's ``TraceEnum_ELBO`` sums such a site out), or ``None``.
 
-    Requires: one such site, a Bernoulli or Categorical (at most 256 values); every
-    log-density term that reads it is split along each of its plates (one mixture label
-    per datum, not a label that a term outside its plate sums over), and scaled like it.
-    Anything else is a clear error naming the site."""
+    Requires: one such site, a Bernoulli or Categorical (at most 256 values) with one
+    value per slice of its plates; every log-density term that reads it is split along
+    each of its plates (one mixture label per datum, not a label that a term outside its
+    plate sums over), and scaled like it. Anything else is a clear error naming the site.
+    (Like the engine's own coupling check, the data flow is traced array by array: a term
+    that reads another slice's label inside the plate, a shifted copy say, is not seen.)"""
     marked = [
         site for name, site in model_trace.items()
         if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace
@@ -87,13 +89,15 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
         )
     site = marked[0]
     name = site["name"]
-    if not summable(site["fn"]):
+    if not summable(site["fn"]) or site["fn"].event_shape != ():
         raise ValueError(
             f"site {describe_site(site)} is marked for enumeration, but mcgrad sums out only a Bernoulli or "
-            f"Categorical of at most {MAX_SUMMED_VALUES} values. Sample it in the guide instead."
+            f"Categorical of at most {MAX_SUMMED_VALUES} values, one value per slice of its plates (no to_event). "
+            "Sample it in the guide instead."
         )
     value = jnp.asarray(site["value"])
     plates = site_plates(site)
+    own_shape = jnp.shape(site_log_prob(site, scaled=False))
 
     def log_probs(draw):  # every sample site's log-density with the site's every slice at `draw`
         trace = handlers.run(model, args, kwargs, key=key, params=params, values={name: draw},
@@ -107,7 +111,7 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
             continue
         shape, other_plates = jnp.shape(site_log_prob(other, scaled=False)), site_plates(other)
         split = all(plate in other_plates and (-plate[1] <= len(shape) and shape[plate[1]] > 1
-                                               or -plate[1] <= len(value.shape) and value.shape[plate[1]] == 1)
+                                               or -plate[1] <= len(own_shape) and own_shape[plate[1]] == 1)
                     for plate in plates)
         if not split:
             raise ValueError(
@@ -120,8 +124,7 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
                 raise ValueError(f"site {describe_site(other)} is scaled unlike the summed-out site '{name}' "
                                  "(subsampled in another plate); sample it in the guide instead.")
     num_values = int(site["fn"].enumerate_support(expand=False).shape[0])
-    return SummedSite(name, num_values, value.shape, value.dtype, plates,
-                      jnp.shape(site_log_prob(site, scaled=False)), reads)
+    return SummedSite(name, num_values, value.shape, value.dtype, plates, own_shape, reads)
 
 
 def sum_out(run: Callable[[Array], dict], summed: SummedSite) -> tuple[list[tuple[Array, Plates]], Array, Any]:

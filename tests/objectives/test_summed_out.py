@@ -32,18 +32,41 @@ def mixture(x, batch_size=None):
         numpyro.sample("x", dist.MixtureSameFamily(dist.Categorical(WEIGHTS), dist.Normal(locs, 1.0)), obs=x[index])
 
 
+def coin_labelled(x, batch_size=None):
+    locs = numpyro.sample("locs", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+    with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as index:
+        b = numpyro.sample("c", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})  # float values 0., 1.
+        numpyro.sample("x", dist.Normal(jnp.where(b > 0.5, locs[1], locs[0]), 1.0), obs=x[index])
+
+
+def coin_mixture(x, batch_size=None):
+    locs = numpyro.sample("locs", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+    with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as index:
+        mixing = dist.Categorical(jnp.array([0.7, 0.3]))
+        numpyro.sample("x", dist.MixtureSameFamily(mixing, dist.Normal(locs, 1.0)), obs=x[index])
+
+
 def fit(model, objective, batch_size=None, num_steps=60):
     guide = autoguide.AutoNormal(numpyro.handlers.block(model, hide=["c"]))
     return mg.fit(model, guide, X, batch_size, key=jax.random.key(0), num_steps=num_steps,
                   optimizer=optax.adam(0.05), objective=objective, progress_bar=False)
 
 
-@pytest.mark.parametrize(("objective", "batch_size"), [(mg.elbo(2), None), (mg.iwae(3), None), (mg.elbo(2), 5)])
-def test_the_summed_label_is_the_mixture(objective, batch_size):
+@pytest.mark.parametrize(
+    ("labelled_model", "mixture_model", "objective", "batch_size"),
+    [
+        (labelled, mixture, mg.elbo(2), None),
+        (labelled, mixture, mg.iwae(3), None),
+        (labelled, mixture, mg.elbo(2), 5),
+        (coin_labelled, coin_mixture, mg.elbo(2), None),
+    ],
+)
+def test_the_summed_label_is_the_mixture(labelled_model, mixture_model, objective, batch_size):
     """The same guide draws, the same minibatches: the loss of every step and the fitted
     parameters agree with the MixtureSameFamily model to float rounding (the subsampled
-    case checks the plate scale: log Σ_k of the unscaled terms, then scaled)."""
-    summed, marginal = fit(labelled, objective, batch_size), fit(mixture, objective, batch_size)
+    case checks the plate scale: log Σ_k of the unscaled terms, then scaled; the coin, a
+    Bernoulli label of float values)."""
+    summed, marginal = fit(labelled_model, objective, batch_size), fit(mixture_model, objective, batch_size)
     np.testing.assert_allclose(summed.losses, marginal.losses, rtol=1e-5)
     np.testing.assert_allclose(summed.params["locs_auto_loc"], marginal.params["locs_auto_loc"], rtol=1e-4, atol=1e-5)
     assert summed.losses[-1] < summed.losses[0] - 1.0  # it trains
@@ -88,12 +111,20 @@ def counts(x):
         numpyro.sample("x", dist.Normal(locs[0] + n, 1.0), obs=x)
 
 
+def bits(x):
+    locs = numpyro.sample("locs", dist.Normal(0.0, 3.0).expand([3]).to_event(1))
+    with numpyro.plate("data", x.shape[0]):
+        b = numpyro.sample("b", dist.Bernoulli(0.5).expand([2]).to_event(1), infer={"enumerate": "parallel"})
+        numpyro.sample("x", dist.Normal(locs[0] + b.sum(-1), 1.0), obs=x)
+
+
 @pytest.mark.parametrize(
     ("model", "message"),
     [
         (two_labels, r"marks \['c', 'd'\] for enumeration.* mcgrad sums out one model-only site"),
         (labels_summed_outside, r"site 'total' \(Normal\) reads the summed-out site 'c' across its plates \['data'\]"),
         (counts, r"site 'n' \(Poisson.*\) is marked for enumeration, but mcgrad sums out only a Bernoulli or Categorical"),
+        (bits, r"site 'b' \(Bernoulli.*\) is marked for enumeration, .* one value per slice of its plates"),
     ],
 )
 def test_what_cannot_be_summed_slice_by_slice_is_named(model, message):
