@@ -23,8 +23,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from mcgrad.inference import handlers
 from mcgrad.inference.costs import site_log_prob
+from mcgrad.objectives.elbo import sum_out, summed_out_site
 
 Array = jax.Array
 
@@ -236,27 +238,36 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
     for site in list(model_trace.values()) + list(guide_trace.values()):
         if site["type"] == "sample":
             _check_full_data(site)
+    summed = summed_out_site(model, model_trace, guide_trace, params, trace_key, args, kwargs)
     missing = [
-        n for n, s in model_trace.items() if s["type"] == "sample" and not s["is_observed"] and n not in guide_trace
+        n for n, s in model_trace.items()
+        if s["type"] == "sample" and not s["is_observed"] and n not in guide_trace and (summed is None or n != summed.name)
     ]
     if missing:
-        marked = [n for n in missing if model_trace[n]["infer"].get("enumerate")]
-        why = (f" iwae_bound does not sum a site out of the model yet ({marked} marked for enumeration): score "
-               "the model written with dist.MixtureSameFamily, or sample the site in the guide." if marked else "")
-        raise ValueError(f"the guide has no sample site for the model's latent sites {missing}.{why}")
+        raise ValueError(f"the guide has no sample site for the model's latent sites {missing}.")
     data_plate = _data_plate(observed, plate)
     num_data = _num_data(observed, data_plate)
 
     def log_weights(sample_key):
         q_trace = handlers.run(guide, args, kwargs, key=sample_key, params=params)
         p_trace = handlers.run(model, args, kwargs, key=sample_key, params=params, replay_trace=q_trace)
+        p_sites = [site for site in p_trace.values() if site["type"] == "sample"]
+        reads = summed.reads if summed is not None else (False,) * len(p_sites)
+        # (log-density, its site for the plates, sign): a summed-out site's readers as one marginal term
+        terms = [(site_log_prob(site, scaled=False), site, 1.0) for site, read in zip(p_sites, reads, strict=True)
+                 if not read]
+        terms += [(site_log_prob(site, scaled=False), site, -1.0) for site in q_trace.values()
+                  if site["type"] == "sample" and not site["is_observed"]]
+        if summed is not None:
+            def run(value):
+                return handlers.run(model, args, kwargs, key=sample_key, params=params, values={summed.name: value},
+                                    replay_trace=q_trace)
+
+            terms.append((sum_out(run, summed)[1], model_trace[summed.name], 1.0))
         local, shared = jnp.zeros(num_data), jnp.zeros(())
-        for trace, sign in ((p_trace, 1.0), (q_trace, -1.0)):
-            for site in trace.values():
-                if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
-                    continue
-                per, rest = _per_datum(site_log_prob(site, scaled=False), site, data_plate, num_data)
-                local, shared = local + sign * per, shared + sign * rest
+        for log_prob, site, sign in terms:
+            per, rest = _per_datum(log_prob, site, data_plate, num_data)
+            local, shared = local + sign * per, shared + sign * rest
         return local, shared
 
     keys = jax.random.split(key, num_samples)
