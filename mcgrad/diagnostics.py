@@ -311,13 +311,14 @@ def diagnose(
     """
     _check_counts(num_samples, num_repeats, num_timing_runs)
     settings = {"num_samples": num_samples, "num_repeats": num_repeats, "exact": exact, "num_timing_runs": num_timing_runs}
-    check_estimator(estimator)
-    return _diagnose(cost_fn, dist_fn, estimator, params, key, label=estimator.name, **settings)
+    return _diagnose(cost_fn, dist_fn, estimator, params, key, label=None, **settings)
 
 
 def _diagnose(cost_fn, dist_fn, estimator, params, key, *, num_samples, num_repeats, exact, num_timing_runs, label):
-    """:func:`diagnose`, with ``label`` the estimator's name in the warning for a flag."""
+    """:func:`diagnose`, with ``label`` the estimator's name in the warning for a flag
+    (``None``: its own name)."""
     check_estimator(estimator, f"the estimator '{label}'" if label else "estimator")
+    label = label or estimator.name
     estimate_fn = estimate(cost_fn, dist_fn, estimator=estimator, num_samples=num_samples)
 
     def one(p, k):

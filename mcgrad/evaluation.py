@@ -251,11 +251,10 @@ def _iwae_bound(model, guide, params, args, kwargs, key, num_samples, plate, bat
     def log_weights(sample_key):
         q_trace = handlers.run(guide, args, kwargs, key=sample_key, params=params)
         p_trace = handlers.run(model, args, kwargs, key=sample_key, params=params, replay_trace=q_trace)
-        p_sites = [site for site in p_trace.values() if site["type"] == "sample"]
-        reads = summed.reads if summed is not None else (False,) * len(p_sites)
+        readers = summed.readers if summed is not None else frozenset()
         # (log-density, its site for the plates, sign): a summed-out site's readers as one marginal term
-        terms = [(site_log_prob(site, scaled=False), site, 1.0) for site, read in zip(p_sites, reads, strict=True)
-                 if not read]
+        terms = [(site_log_prob(site, scaled=False), site, 1.0) for site in p_trace.values()
+                 if site["type"] == "sample" and site["name"] not in readers]
         terms += [(site_log_prob(site, scaled=False), site, -1.0) for site in q_trace.values()
                   if site["type"] == "sample" and not site["is_observed"]]
         if summed is not None:

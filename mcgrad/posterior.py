@@ -105,10 +105,10 @@ def _summed_out_site(result, params, guide_trace: dict, key: jax.Array):
 
     args, kwargs = result.args, result.kwargs
     model_trace = program_handlers.run(result.model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
-    return summed_out_site(result.model, model_trace, guide_trace, params, key, args, kwargs)
+    return summed_out_site(result.model, model_trace, guide_trace, params, key, args, kwargs), model_trace
 
 
-def _summed_out_likelihood(result, params, guide_trace: dict, samples: dict, key: jax.Array, summed) -> dict:
+def _summed_out_likelihood(result, params, model_trace: dict, samples: dict, key: jax.Array, summed) -> dict:
     """For a model with a site summed out of it (:func:`mcgrad.objectives.elbo.summed_out_site`),
     the pointwise log-likelihood of the observed site that reads it, marginal over it:
     ``log Σ_k p(c = k) p(x_n | c = k, z)`` per slice and draw. NumPyro's ``log_likelihood``
@@ -120,9 +120,7 @@ def _summed_out_likelihood(result, params, guide_trace: dict, samples: dict, key
     from mcgrad.objectives.elbo import sum_out
 
     args, kwargs = result.args, result.kwargs
-    model_trace = program_handlers.run(result.model, args, kwargs, key=key, params=params, replay_trace=guide_trace)
-    sites = [s for s in model_trace.values() if s["type"] == "sample"]
-    readers = [s for s, read in zip(sites, summed.reads, strict=True) if read and s["name"] != summed.name]
+    readers = [site for name, site in model_trace.items() if name in summed.readers and name != summed.name]
     observed = [s["name"] for s in readers if s["is_observed"]]
     if len(readers) != 1 or len(observed) != 1:
         warnings.warn(f"to_inference_data: {[s['name'] for s in readers]} read the summed-out site "
@@ -155,12 +153,12 @@ def _one_chain(result, params, num_samples: int, key: jax.Array):
         samples = {}
         posterior = {name: np.asarray(value)[None] for name, value in params.items()}
     if samples:
-        summed = _summed_out_site(result, params, guide_trace, key)
+        summed, model_trace = _summed_out_site(result, params, guide_trace, key)
         if summed is not None:  # NumPyro's log_likelihood would need the site: any value, then the marginal
             model = handlers.substitute(model, data={summed.name: jnp.zeros(summed.shape, summed.dtype)})
         likelihood = log_likelihood(model, samples, *result.args, **result.kwargs)
         if summed is not None:
-            likelihood.update(_summed_out_likelihood(result, params, guide_trace, samples, key, summed))
+            likelihood.update(_summed_out_likelihood(result, params, model_trace, samples, key, summed))
     else:
         likelihood = {n: v[None] for n, v in log_likelihood(model, {}, *result.args, batch_ndims=0, **result.kwargs).items()}
     model_trace = program_handlers.run(result.model, result.args, result.kwargs, key=key, params=params)

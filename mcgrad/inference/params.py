@@ -33,8 +33,8 @@ def _initial_value_error(name: str, value, problem: str) -> ValueError:
     return ValueError(f"numpyro.param('{name}'): its initial value ({shown}) {problem}.")
 
 
-_OUTSIDE = "lies outside its constraint {} or on its boundary, where its unconstrained value is not finite; " \
-    "give an initial value strictly inside it"
+_OUTSIDE = ("lies outside its constraint {} or on its boundary, where its unconstrained value is not finite; "
+            "give an initial value strictly inside it")
 
 
 class CheckInitialValues(Messenger):

@@ -52,8 +52,8 @@ Array = jax.Array
 class SummedSite(NamedTuple):
     """A discrete site of the model that the guide does not sample, summed out of the model
     (:func:`summed_out_site`): its values, its value's shape and dtype, its plates and the
-    shape of its log-density, and which of the model's sample sites (in trace order) read
-    it, all read once from the traces at setup."""
+    shape of its log-density, and the names of the model's sample sites that read it (its
+    own included), all read once from the traces at setup."""
 
     name: str
     num_values: int
@@ -61,7 +61,7 @@ class SummedSite(NamedTuple):
     dtype: Any
     plates: Plates
     log_prob_shape: tuple[int, ...]
-    reads: tuple[bool, ...]
+    readers: frozenset[str]
 
 
 def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, args, kwargs) -> SummedSite | None:
@@ -106,8 +106,9 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
 
     reads = tuple(dependent_outputs(log_probs, value))
     sample_sites = [s for s in model_trace.values() if s["type"] == "sample"]
-    for other, read in zip(sample_sites, reads, strict=True):
-        if not read:
+    readers = frozenset(s["name"] for s, read in zip(sample_sites, reads, strict=True) if read)
+    for other in sample_sites:
+        if other["name"] not in readers:
             continue
         shape, other_plates = jnp.shape(site_log_prob(other, scaled=False)), site_plates(other)
         split = all(plate in other_plates and (-plate[1] <= len(shape) and shape[plate[1]] > 1
@@ -124,7 +125,7 @@ def summed_out_site(model, model_trace: dict, guide_trace: dict, params, key, ar
                 raise ValueError(f"site {describe_site(other)} is scaled unlike the summed-out site '{name}' "
                                  "(subsampled in another plate); sample it in the guide instead.")
     num_values = int(site["fn"].enumerate_support(expand=False).shape[0])
-    return SummedSite(name, num_values, value.shape, value.dtype, plates, own_shape, reads)
+    return SummedSite(name, num_values, value.shape, value.dtype, plates, own_shape, readers)
 
 
 def sum_out(run: Callable[[Array], dict], summed: SummedSite) -> tuple[list[tuple[Array, Plates]], Array, Any]:
@@ -146,9 +147,9 @@ def sum_out(run: Callable[[Array], dict], summed: SummedSite) -> tuple[list[tupl
 
     per_value = jax.vmap(log_densities)(values)  # each [K, ...]
     kept, joint, scale = [], jnp.zeros((summed.num_values, *summed.log_prob_shape)), 1.0
-    for site, (scaled, unscaled), read in zip(sites, per_value, summed.reads, strict=True):
+    for site, (scaled, unscaled) in zip(sites, per_value, strict=True):
         plates = site_plates(site)
-        if not read:
+        if site["name"] not in summed.readers:
             kept.append((scaled[0], plates))
             continue
         scale = site["scale"] if site.get("scale") is not None else scale
